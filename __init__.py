@@ -1,0 +1,16 @@
+"""FISEdit for ComfyUI: fast, exact-outside-the-region prompt edits of a generated image.
+
+Registers the nodes; nothing else happens at import.
+"""
+import os
+import sys
+
+# The engine is imported by its absolute name (`fisedit_engine`) from the node layer, the tests and the scripts, so
+# there is one registry per process. Appended, never prepended: the host's own modules keep precedence.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,89 @@
+"""What the nodes call: one function per node action."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import comfy_adapter as host
+from . import persistence
+from .cache import CacheError, FisEditCache
+from .capture import CacheHandle, attach_capture, seal
+from .registry import registry
+
+CACHE_SUFFIX = ".safetensors"
+
+
+def cache_name_for(cache_name: str, node_id: str | None, prompt: dict | None, extra_pnginfo: dict | None) -> str:
+    """The user's name, or one derived from the workflow and node, so two workflows never share a cache."""
+    name = (cache_name or "").strip()
+    if name:
+        return name
+    workflow = host.workflow_identity(extra_pnginfo, prompt)
+    if workflow is None:
+        # API-format prompts carry no workflow id: use the graph's shape (node ids and types, not widget values,
+        # so that editing the prompt text keeps the name).
+        shape = sorted((nid, n.get("class_type")) for nid, n in (prompt or {}).items())
+        workflow = hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
+    return f"wf-{workflow[:12]}-node{node_id}"
+
+
+def capture(model, cache_name: str):
+    handle = CacheHandle(cache_name, registry())
+    return attach_capture(model, handle), handle
+
+
+def resolve_cache_path(save_path: str) -> Path:
+    """A path inside the cache folder; absolute paths, '..' and links that leave the folder are refused."""
+    folder = Path(host.cache_folder()).resolve()
+    rel = Path(save_path.strip())
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise CacheError(f"save_path '{save_path}' must be a plain name or relative path inside the FISEdit cache "
+                         f"folder ({folder}); absolute paths and '..' are not allowed")
+    if rel.suffix != CACHE_SUFFIX:
+        rel = rel.with_name(rel.name + CACHE_SUFFIX)
+    target = (folder / rel).resolve()
+    if folder not in target.parents:
+        raise CacheError(f"save_path '{save_path}' leads outside the FISEdit cache folder ({folder})")
+    return target
+
+
+def store(handle: CacheHandle, latent: dict, save_path: str = "") -> FisEditCache:
+    if not isinstance(handle, CacheHandle):
+        raise CacheError("FISEditCacheStore takes the FISEDIT_CACHE output of FISEditCacheCapture")
+    target = resolve_cache_path(save_path) if save_path and save_path.strip() else None
+    cache = seal(handle, latent["samples"])
+    if target is not None:
+        persistence.save(cache, target)
+    return cache
+
+
+def list_cache_files() -> list[str]:
+    folder = Path(host.cache_folder())
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(f"*{CACHE_SUFFIX}")
+                  if not p.name.startswith("."))
+
+
+def load(cache_file: str) -> CacheHandle:
+    path = resolve_cache_path(cache_file)
+    if not path.is_file():
+        raise CacheError(f"no cache file '{cache_file}' in {host.cache_folder()}")
+    name = f"file:{Path(cache_file).with_suffix('').as_posix()}"
+    cache = persistence.load(path, name=name)
+    registry().put(cache)
+    return CacheHandle(name, registry())
+
+
+def cache_file_mtime(cache_file: str) -> float:
+    try:
+        return os.path.getmtime(resolve_cache_path(cache_file))
+    except (CacheError, OSError):
+        return float("nan")  # unequal to itself, so ComfyUI re-runs the load and reports the error
+
+
+def summary(handle: CacheHandle) -> str:
+    return handle.get().summary_text()
+

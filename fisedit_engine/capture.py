@@ -1,0 +1,356 @@
+"""Recording a generation's activations during an ordinary sampler run.
+
+`attach_capture(model, handle)` returns a clone of the MODEL with two keyed wrappers:
+- OUTER_SAMPLE: for each sampling run, checks the sampler, starts a Recording on the handle, registers forward
+  hooks on the UNet modules named by the layout, runs the sampler, and removes the hooks in `finally`;
+- APPLY_MODEL: per model call, works out the step index and the CFG chunks from `transformer_options`, records the
+  latent, and publishes the step context to the hooks through a ContextVar (multi-GPU ComfyUI calls the model from
+  worker threads, so no global).
+The hooks only read activations (copies go to host memory), so sampling stays bit-identical (invariant I1).
+What cannot be recorded faithfully (several positive conditionings, area conds, a sampler that evaluates the model
+between schedule steps) fails the recording with a reason that FISEditCacheStore reports; samplers known to
+evaluate the model several times per step are refused before sampling starts.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import comfy_adapter as host
+from .cache import STATS_DTYPE, CacheError, FisEditCache, SamplingSettings, StepTensors
+from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
+from .layout import DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, Target, UNetLayout, UnsupportedUNet
+from .registry import CacheRegistry
+
+log = logging.getLogger("FISEdit")
+
+# Samplers that call the model more than once per step (at sigmas between the schedule's steps).
+MULTI_EVALUATION_SAMPLERS = frozenset({
+    "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpm_fast", "dpm_adaptive", "seeds_2", "seeds_3", "sa_solver_pece",
+    "exp_heun_2_x0", "exp_heun_2_x0_sde",
+})
+
+
+@dataclass
+class StepContext:
+    recording: "Recording"
+    step: int
+    chunks: list[int]     # cond_or_uncond of this model call: rows [i*batch:(i+1)*batch] belong to chunks[i]
+    batch: int
+
+
+_step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
+
+
+class Recording:
+    """One sampling run being recorded into host memory."""
+
+    def __init__(self, name: str, registry: CacheRegistry, steps: int, batch: int, sigmas: torch.Tensor,
+                 targets: list[Target]):
+        self.name = name
+        self.registry = registry
+        self.store = StepTensors(steps, batch)
+        self.sigmas = sigmas.detach().float().cpu()
+        self.targets = targets
+        self.reserved = 0
+        self.state = "recording"          # recording -> complete | failed; complete -> sealed
+        self.failure: str | None = None
+        self.evaluated: set[tuple[int, int]] = set()
+        self.last_step = -1
+        self.partial_settings: dict = {}
+        self.noise = self.latent_image = self.final_latent = self.output_latent = None
+        self.conds: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return self.state == "recording"
+
+    # --- per model call ------------------------------------------------------------------------------
+    def step_context(self, x: torch.Tensor, transformer_options: dict) -> StepContext | None:
+        chunks = list(transformer_options.get("cond_or_uncond", []))
+        sigmas = transformer_options.get("sigmas")
+        if not chunks or sigmas is None:
+            self.fail("the model was called without ComfyUI's sampling context (cond_or_uncond, sigmas)")
+            return None
+        sigma = float(sigmas.reshape(-1)[0])
+        schedule = self.sigmas[:-1]
+        step = int(torch.argmin((schedule - sigma).abs()))
+        if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
+            self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
+                      f"samplers that evaluate the model once per step are supported")
+            return None
+        if len(set(chunks)) != len(chunks) or any(c not in host.CHUNK_NAMES for c in chunks):
+            self.fail("this generation has several positive or negative conditionings in one step (combined or "
+                      "area conditioning); FISEdit supports one positive and one negative conditioning")
+            return None
+        batch = x.shape[0] // len(chunks)
+        if batch != self.store.batch or x.shape[-2:] != self.noise.shape[-2:]:
+            self.fail(f"a model call covered {tuple(x.shape)} but the latent is {tuple(self.noise.shape)} "
+                      f"(area conditioning crops the input); FISEdit needs whole-image conditioning")
+            return None
+        for c in chunks:
+            if (step, c) in self.evaluated:
+                self.fail(f"the model was evaluated twice at step {step} for the {host.CHUNK_NAMES[c]} chunk "
+                          f"(a multi-evaluation sampler, or several conditionings of one kind)")
+                return None
+            self.evaluated.add((step, c))
+        self.last_step = max(self.last_step, step)
+        return StepContext(self, step, chunks, batch)
+
+    def record(self, key: str, ctx: StepContext, rows: torch.Tensor) -> None:
+        """Copies each chunk's rows of `rows` ([chunks*batch, ...]) into host memory at ctx.step."""
+        if not self.active:
+            return
+        b = ctx.batch
+        if rows.shape[0] != b * len(ctx.chunks):
+            self.fail(f"'{key}' had {rows.shape[0]} rows, expected {b * len(ctx.chunks)}")
+            return
+        for i, chunk in enumerate(ctx.chunks):
+            self._write(key, chunk, ctx.step, rows[i * b:(i + 1) * b])
+
+    def record_latent(self, ctx: StepContext, x: torch.Tensor) -> None:
+        written = self.store.written.get((LATENT_KEY, host.COND))
+        if written is None or not written[ctx.step]:
+            self._write(LATENT_KEY, host.COND, ctx.step, x[:ctx.batch])
+
+    def _write(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        if (key, chunk) not in self.store.tensors:
+            nbytes = StepTensors.bytes_for(self.store.steps, self.store.batch, value.shape[1:], value.dtype)
+            self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
+            self.reserved += nbytes
+        slot = self.store.slot(key, chunk, value.shape[1:], value.dtype)
+        slot[step].copy_(value.detach(), non_blocking=True)
+        self.store.written[(key, chunk)][step] = True
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def fail(self, reason: str) -> None:
+        if self.state == "failed":
+            return
+        self.state = "failed"
+        self.failure = reason
+        self._free()
+        log.warning("FISEdit: not recording this generation into '%s': %s", self.name, reason)
+
+    def abort(self, exc: BaseException) -> None:
+        if self.state != "recording":
+            return
+        steps = self.store.steps
+        if host.is_interrupt(exc):
+            self.fail(f"sampling was interrupted after step {self.last_step + 1} of {steps}; re-run the sampler")
+        else:
+            self.fail(f"sampling stopped after step {self.last_step + 1} of {steps} with "
+                      f"{type(exc).__name__}: {exc}; re-run the sampler")
+
+    def finish(self, final_latent: torch.Tensor, output_latent: torch.Tensor) -> None:
+        if self.state != "recording":
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before anyone reads them
+        missing = self.store.missing()
+        if missing:
+            key, chunk, step = missing[0]
+            self.fail(f"the run left {len(missing)} (tensor, chunk, step) entries unrecorded, e.g. '{key}' "
+                      f"{host.CHUNK_NAMES[chunk]} step {step}; the sampler skipped steps")
+            return
+        self.final_latent = final_latent.detach().cpu()
+        self.output_latent = output_latent.detach().cpu()
+        self.state = "complete"
+
+    def _free(self) -> None:
+        self.store.tensors.clear()
+        self.store.written.clear()
+        self.registry.release(self.reserved)
+        self.reserved = 0
+
+    def seal(self, settings: SamplingSettings) -> FisEditCache:
+        cache = FisEditCache(self.name, settings, self.store, self.noise, self.latent_image, self.final_latent,
+                             self.conds)
+        self.registry.put(cache, reserved=self.reserved)
+        self.reserved = 0
+        self.state = "sealed"
+        return cache
+
+
+class CacheHandle:
+    """FISEDIT_CACHE: names a cache in the registry; a capture handle also carries the run being recorded.
+
+    ComfyUI deep-copies model options on every clone; the handle must stay one object, so copies return self."""
+
+    def __init__(self, name: str, registry: CacheRegistry, min_sparse_positions: int = DEFAULT_MIN_SPARSE_POSITIONS):
+        self.name = name
+        self.registry = registry
+        self.min_sparse_positions = min_sparse_positions
+        self.recording: Recording | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def get(self) -> FisEditCache:
+        return self.registry.get(self.name)
+
+    def __repr__(self):
+        return f"CacheHandle({self.name!r})"
+
+
+class _CaptureWrapper:
+    """Base for the wrappers: holds the handle; copies are the same object (see CacheHandle)."""
+
+    def __init__(self, handle: CacheHandle):
+        self.handle = handle
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class CaptureOuterSample(_CaptureWrapper):
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        a = host.outer_sample_args(args, kwargs)
+        sampler = host.sampler_name(a["sampler"])
+        if sampler in MULTI_EVALUATION_SAMPLERS:
+            raise CacheError(f"FISEdit cannot cache sampler '{sampler}': it evaluates the model several times per "
+                             f"step. Use a single-evaluation sampler (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, "
+                             f"ddim, uni_pc, lcm, ...) with FISEditCacheCapture")
+        if a.get("denoise_mask") is not None:
+            raise CacheError("FISEdit cannot cache an inpainting run (the latent has a noise mask); remove "
+                             "SetLatentNoiseMask, or sample without FISEditCacheCapture")
+        unet = host.diffusion_model_of_guider(guider)
+        try:
+            layout = UNetLayout.from_unet(unet)
+        except UnsupportedUNet as e:
+            raise CacheError(f"FISEdit supports SD1.x/SD2.x/SDXL UNets; this model is not one: {e}") from e
+        noise, sigmas = a["noise"], a["sigmas"]
+        batch, _, height, width = noise.shape
+        sparse = layout.sparse_levels(height, width, self.handle.min_sparse_positions)
+        rec = Recording(self.handle.name, self.handle.registry, len(sigmas) - 1, batch, sigmas, layout.targets(sparse))
+        rec.noise = noise.detach().cpu()
+        rec.latent_image = a["latent_image"].detach().cpu()
+        rec.conds = host.guider_conds(guider)
+        rec.partial_settings = dict(
+            sampler=sampler, sampler_extra_options=host.sampler_extra_options(a["sampler"]),
+            sampler_inpaint_options=host.sampler_inpaint_options(a["sampler"]),
+            seed=a.get("seed"), sigmas=tuple(float(s) for s in rec.sigmas), cfg=float(getattr(guider, "cfg", 1.0)),
+            sparse_levels=tuple(sparse), min_sparse_positions=self.handle.min_sparse_positions,
+            model_fingerprint=model_fingerprint(guider.model_patcher),
+            negative_fingerprint=conditioning_fingerprint(rec.conds.get("negative")),
+            positive_fingerprint=conditioning_fingerprint(rec.conds.get("positive")),
+            noise_fingerprint=tensor_fingerprint(rec.noise),
+            latent_image_fingerprint=tensor_fingerprint(rec.latent_image),
+        )
+        previous, self.handle.recording = self.handle.recording, rec
+        if previous is not None and previous.state in ("recording", "complete"):
+            previous.fail("superseded by a newer run of the captured model")
+        hooks = _install_hooks(unet, rec)
+        try:
+            out = executor(*args, **kwargs)
+            # outer_sample returns the LATENT as nodes see it; the cache keeps the model-space latent as well.
+            rec.finish(guider.model_patcher.model.process_latent_in(out), out)
+            return out
+        except BaseException as e:
+            rec.abort(e)
+            raise
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+class CaptureApplyModel(_CaptureWrapper):
+    def __call__(self, executor, *args, **kwargs):
+        rec = self.handle.recording
+        if rec is None or not rec.active:
+            return executor(*args, **kwargs)
+        x, transformer_options = host.apply_model_args(args, kwargs)
+        ctx = rec.step_context(x, transformer_options)
+        if ctx is None:
+            return executor(*args, **kwargs)
+        rec.record_latent(ctx, x)
+        token = _step_context.set(ctx)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _step_context.reset(token)
+
+
+def _current(rec: Recording) -> StepContext | None:
+    ctx = _step_context.get()
+    return ctx if ctx is not None and ctx.recording is rec and rec.active else None
+
+
+def _group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, groups, 2]: mean and biased variance per sample and group, in fp32, as GroupNorm computes them."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).to(STATS_DTYPE), dim=-1, unbiased=False)
+    return torch.stack([mean, var], dim=-1)
+
+
+def _install_hooks(unet, rec: Recording) -> list:
+    modules = dict(unet.named_modules())
+    handles = []
+    for t in rec.targets:
+        module = modules.get(t.module_path)
+        if module is None:
+            raise CacheError(f"FISEdit layout names '{t.module_path}', which this UNet does not have")
+        key = t.key
+        if t.what == "stats":
+            groups = module.num_groups
+
+            def hook(m, inputs, key=key, groups=groups):
+                ctx = _current(rec)
+                if ctx is not None:
+                    rec.record(key, ctx, _group_stats(inputs[0], groups))
+            handles.append(module.register_forward_pre_hook(hook))
+        elif t.what == "input":
+            def hook(m, inputs, key=key):
+                ctx = _current(rec)
+                if ctx is not None:
+                    rec.record(key, ctx, inputs[0])
+            handles.append(module.register_forward_pre_hook(hook))
+        else:  # a module's output: block outputs, attention keys / values, the model output
+            def hook(m, inputs, output, key=key):
+                ctx = _current(rec)
+                if ctx is not None:
+                    rec.record(key, ctx, output)
+            handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def attach_capture(model, handle: CacheHandle):
+    """A clone of `model` that records every sampling run into `handle`; the input model is left untouched."""
+    patched = model.clone()
+    host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
+    host.add_apply_model_wrapper(patched, CaptureApplyModel(handle))
+    return patched
+
+
+def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
+    """Checks the handle's last run is complete and produced `latent_samples`; registers it as a sealed cache."""
+    rec = handle.recording
+    if rec is None:
+        raise CacheError("nothing was recorded into this cache: connect FISEditCacheCapture's MODEL output to the "
+                         "sampler whose LATENT output goes into FISEditCacheStore")
+    if rec.state == "failed":
+        raise CacheError(f"the captured generation cannot be cached: {rec.failure}")
+    if rec.state == "recording":
+        raise CacheError(f"the captured generation is incomplete (sampling stopped after step {rec.last_step + 1} "
+                         f"of {rec.store.steps}); re-run the sampler")
+    produced = rec.output_latent
+    given = latent_samples.detach().cpu().to(produced.dtype)
+    if given.shape != produced.shape or not torch.equal(given, produced):
+        raise CacheError(f"this LATENT ({tuple(given.shape)}) is not the output of the sampler that ran the captured "
+                         f"model ({tuple(produced.shape)}); connect that sampler's LATENT to FISEditCacheStore")
+    if rec.state == "sealed":
+        return handle.get()
+    dtype = next((t.dtype for (k, _), t in rec.store.tensors.items() if not k.endswith(":stats")), torch.float32)
+    chunks = tuple(sorted({c for _, c in rec.evaluated}))
+    settings = SamplingSettings(latent_shape=tuple(rec.noise.shape), dtype=str(dtype).removeprefix("torch."),
+                                chunks=chunks, **rec.partial_settings)
+    cache = rec.seal(settings)
+    log.info("%s", cache.summary_text())
+    return cache

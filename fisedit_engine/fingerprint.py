@@ -1,0 +1,97 @@
+"""Content fingerprints that decide whether a cache belongs to a model, a conditioning or a noise tensor.
+
+A model's fingerprint covers what changes its output: the architecture config, a strided sample of every base
+weight (the unpatched value, so it does not depend on whether a LoRA clone is loaded right now), every weight patch
+(LoRA and friends: strengths and a sample of the patch tensors), other packs' object patches, model-option patches
+and wrappers. Sampling keeps it cheap (~256 values per tensor) while any retrained or swapped model changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .comfy_adapter import WRAPPER_KEY, foreign_wrapper_keys
+
+_SAMPLES_PER_TENSOR = 256
+
+
+def _update_with_tensor(h, t: torch.Tensor, full: bool = False) -> None:
+    t = t.detach()
+    flat = t.reshape(-1)
+    if not full and flat.numel() > _SAMPLES_PER_TENSOR:
+        idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+        flat = flat[idx]
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def _update_with_object(h, obj, full_tensors: bool) -> None:
+    """Hashes nested tensors / numbers / strings; other objects by type name (their behaviour is code)."""
+    if isinstance(obj, torch.Tensor):
+        _update_with_tensor(h, obj, full_tensors)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _update_with_object(h, obj[k], full_tensors)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for v in obj:
+            _update_with_object(h, v, full_tensors)
+    elif isinstance(obj, (int, float, str, bool, type(None))):
+        h.update(repr(obj).encode())
+    elif hasattr(obj, "weights"):  # comfy.weight_adapter adapters (LoRA, LoHa, ...)
+        h.update(type(obj).__name__.encode())
+        _update_with_object(h, obj.weights, full_tensors)
+    else:
+        h.update(type(obj).__qualname__.encode())
+
+
+def tensor_fingerprint(t: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    if t is None:
+        h.update(b"none")
+    else:
+        _update_with_tensor(h, t, full=True)
+    return h.hexdigest()[:16]
+
+
+def conditioning_fingerprint(cond: list | None) -> str:
+    """Exact over the embeddings and pooled outputs; other extras by key and value type."""
+    h = hashlib.sha256()
+    _update_with_object(h, cond or [], full_tensors=True)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(patcher) -> str:
+    model = patcher.model
+    h = hashlib.sha256()
+    config = getattr(getattr(model, "model_config", None), "unet_config", {})
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(f"{type(model).__name__}:{getattr(model, 'model_type', None)}".encode())
+    sampling = getattr(model, "model_sampling", None)
+    if sampling is not None:
+        h.update(type(sampling).__name__.encode())
+        for name in ("sigmas", "log_sigmas"):
+            if isinstance(getattr(sampling, name, None), torch.Tensor):
+                _update_with_tensor(h, getattr(sampling, name))
+    backup = getattr(patcher, "backup", {})
+    for name, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
+        full_name = f"diffusion_model.{name}"
+        original = backup[full_name].weight if full_name in backup else tensor
+        h.update(full_name.encode())
+        _update_with_tensor(h, original)
+    for key in sorted(patcher.patches):
+        h.update(key.encode())
+        _update_with_object(h, [list(p) for p in patcher.patches[key]], full_tensors=False)
+    h.update(json.dumps(sorted(k for k in patcher.object_patches if WRAPPER_KEY not in str(k))).encode())
+    h.update(json.dumps(foreign_wrapper_keys(patcher)).encode())
+    to = patcher.model_options.get("transformer_options", {})
+    h.update(json.dumps({k: sorted(map(str, v)) for k, v in to.get("patches", {}).items()}, sort_keys=True).encode())
+    h.update(json.dumps(sorted(map(str, to.get("patches_replace", {}))), sort_keys=True).encode())
+    for fn in ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+               "model_function_wrapper"):
+        if fn in patcher.model_options:
+            h.update(fn.encode())
+    return h.hexdigest()[:16]

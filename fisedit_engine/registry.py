@@ -1,0 +1,132 @@
+"""Host-memory registry of sealed caches, by name, under a byte budget with least-recently-used eviction.
+
+The budget defaults to half of the RAM available when the registry is created; `FISEDIT_CACHE_BUDGET` (bytes, or
+with a K/M/G/T suffix, or a percentage of available RAM such as "30%") overrides it. Recordings in progress
+reserve their bytes up front, so that a capture fails in its first step, not after a full sampling run.
+The registry is the only process-wide state of the engine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+from .cache import CacheError, FisEditCache
+
+log = logging.getLogger("FISEdit")
+
+DEFAULT_BUDGET_FRACTION = 0.5
+_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class CacheBudgetError(CacheError):
+    pass
+
+
+class CacheEvictedError(CacheError):
+    pass
+
+
+def parse_budget(text: str, available: int) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text.endswith("%"):
+        return int(available * float(text[:-1]) / 100)
+    if text and text[-1] in _SUFFIX:
+        return int(float(text[:-1]) * _SUFFIX[text[-1]])
+    return int(float(text))
+
+
+def default_budget() -> int:
+    import psutil
+    available = psutil.virtual_memory().available
+    env = os.environ.get("FISEDIT_CACHE_BUDGET")
+    return parse_budget(env, available) if env else int(available * DEFAULT_BUDGET_FRACTION)
+
+
+class CacheRegistry:
+    def __init__(self, budget_bytes: int | None = None):
+        self._caches: OrderedDict[str, FisEditCache] = OrderedDict()
+        self._reserved = 0
+        self._lock = threading.RLock()
+        self.budget = default_budget() if budget_bytes is None else int(budget_bytes)
+
+    # --- sealed caches ---------------------------------------------------------------------------------
+    def put(self, cache: FisEditCache, reserved: int = 0) -> None:
+        """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own."""
+        with self._lock:
+            self._reserved -= reserved
+            old = self._caches.pop(cache.name, None)
+            try:
+                self._make_room(cache.nbytes, protect=cache.name)
+            except CacheBudgetError:
+                if old is not None:
+                    self._caches[cache.name] = old
+                raise
+            self._caches[cache.name] = cache
+
+    def get(self, name: str) -> FisEditCache:
+        with self._lock:
+            cache = self._caches.get(name)
+            if cache is None:
+                raise CacheEvictedError(
+                    f"no cache named '{name}' in memory (it was evicted to stay within the {self.budget / 2**30:.1f} GiB "
+                    f"budget, or this server restarted): re-run the generation with FISEditCacheCapture, or load a "
+                    f"saved cache with FISEditCacheLoad")
+            self._caches.move_to_end(name)
+            return cache
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._caches
+
+    def names(self) -> list[str]:
+        return list(self._caches)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._caches.pop(name, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._caches.clear()
+            self._reserved = 0
+
+    @property
+    def used(self) -> int:
+        return sum(c.nbytes for c in self._caches.values()) + self._reserved
+
+    # --- recordings in progress ------------------------------------------------------------------------
+    def reserve(self, nbytes: int, what: str) -> None:
+        with self._lock:
+            self._make_room(nbytes, protect=None, what=what)
+            self._reserved += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
+
+    def _make_room(self, nbytes: int, protect: str | None, what: str | None = None) -> None:
+        if nbytes > self.budget - self._reserved:
+            raise CacheBudgetError(
+                f"{what or 'the cache'} needs {nbytes / 2**30:.2f} GiB of host memory but the FISEdit budget is "
+                f"{self.budget / 2**30:.2f} GiB ({self._reserved / 2**30:.2f} GiB reserved by captures in progress): "
+                f"set FISEDIT_CACHE_BUDGET higher (for example 80%), or capture fewer steps or a smaller image")
+        while self.used + nbytes > self.budget:
+            victim = next((n for n in self._caches if n != protect), None)
+            if victim is None:
+                break
+            evicted = self._caches.pop(victim)
+            log.info("FISEdit: evicted cache '%s' (%.1f MiB, least recently used) to stay within the %.1f GiB budget",
+                     victim, evicted.nbytes / 2**20, self.budget / 2**30)
+
+
+_registry: CacheRegistry | None = None
+_registry_lock = threading.Lock()
+
+
+def registry() -> CacheRegistry:
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = CacheRegistry()
+        return _registry

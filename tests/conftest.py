@@ -1,0 +1,27 @@
+"""Test tiers: tests/unit (engine without ComfyUI), tests/host (the real ComfyUI), tests/gpu (skipped without CUDA)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT / "scripts", ROOT / "tests", ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """The real ComfyUI backend, booted once per test session with this plugin loaded; returns `nodes`."""
+    import comfy_host
+    return comfy_host.boot(work_dir=tmp_path_factory.mktemp("comfy"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)

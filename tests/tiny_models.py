@@ -1,0 +1,75 @@
+"""Tiny random-weight models with the structures of SD1.5, SD2.1-v and SDXL, built by ComfyUI's own classes.
+
+Small enough for CPU tests (a UNet call takes milliseconds) while keeping what the engine meets in real models:
+two or three resolution levels, ResBlocks with and without skip convs, Down/Upsample, SpatialTransformers with 1x1-
+conv (SD1.5) or linear (SD2/SDXL) projections, several transformer blocks per level (SDXL), label embedding (SDXL),
+epsilon and v prediction.
+"""
+from __future__ import annotations
+
+import torch
+
+ARCHS = ("sd15", "sd21v", "sdxl")
+
+_BASE = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+             channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+             transformer_depth_output=[1, 1, 1, 1], use_spatial_transformer=True, legacy=False,
+             use_temporal_resblock=False, use_temporal_attention=False, use_checkpoint=False)
+
+CONFIGS = {
+    "sd15": dict(_BASE, context_dim=64, use_linear_in_transformer=False, adm_in_channels=None,
+                 num_heads=4, num_head_channels=-1),
+    "sd21v": dict(_BASE, context_dim=96, use_linear_in_transformer=True, adm_in_channels=None,
+                  num_heads=-1, num_head_channels=16),
+    # three levels, two transformer blocks at the middle level (SDXL stacks several), label embedding
+    "sdxl": dict(_BASE, context_dim=128, use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                 num_heads=-1, num_head_channels=16, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[1, 2, 0], transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 2, 2, 0, 0]),
+}
+
+
+def build(arch: str = "sd15", seed: int = 0, dtype=torch.float32):
+    """A ComfyUI ModelPatcher around a random-weight tiny UNet of the given structure."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    cfg = dict(CONFIGS[arch])
+    extra = {"num_heads": cfg.pop("num_heads"), "num_head_channels": cfg.pop("num_head_channels")}
+
+    class TinyConfig(comfy.supported_models_base.BASE):
+        unet_config = {}
+        unet_extra_config = extra
+        latent_format = comfy.latent_formats.SDXL if arch == "sdxl" else comfy.latent_formats.SD15
+        memory_usage_factor = 1.0
+
+    model_config = TinyConfig(cfg)
+    model_config.set_inference_dtype(dtype, None)
+    model_type = comfy.model_base.ModelType.V_PREDICTION if arch == "sd21v" else comfy.model_base.ModelType.EPS
+    model_cls = comfy.model_base.SDXL if arch == "sdxl" else comfy.model_base.BaseModel
+    model = model_cls(model_config, model_type=model_type, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim == 1:  # norms scale 1 +- noise, biases small: keeps activations O(1) through the net
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel()
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / fan_in ** 0.5)
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def conditioning(arch: str, seed: int, batch: int = 1):
+    """A random CONDITIONING for the tiny model (with the pooled output and sizes SDXL's label embedding needs)."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx = CONFIGS[arch]["context_dim"]
+    extras = {}
+    if arch == "sdxl":
+        extras = {"pooled_output": torch.randn(batch, 1280, generator=gen), "width": 256, "height": 256}
+    return [[torch.randn(batch, 77, ctx, generator=gen), extras]]

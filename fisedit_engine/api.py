@@ -49,14 +49,15 @@ def resolve_cache_path(save_path: str) -> Path:
     return target
 
 
-def store(handle: CacheHandle, latent: dict, save_path: str = "") -> FisEditCache:
+def store(handle: CacheHandle, latent: dict, save_path: str = "") -> tuple[FisEditCache, Path | None]:
+    """Seals the handle's run; saves it when `save_path` is given. Returns the cache and the file written."""
     if not isinstance(handle, CacheHandle):
         raise CacheError("FISEditCacheStore takes the FISEDIT_CACHE output of FISEditCacheCapture")
     target = resolve_cache_path(save_path) if save_path and save_path.strip() else None
     cache = seal(handle, latent["samples"])
     if target is not None:
         persistence.save(cache, target)
-    return cache
+    return cache, target
 
 
 def list_cache_files() -> list[str]:

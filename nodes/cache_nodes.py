@@ -61,8 +61,11 @@ class FISEditCacheStore:
         }
 
     def execute(self, cache, latent, save_path=""):
-        sealed = api.store(cache, latent, save_path)
-        return {"ui": {"text": [sealed.summary_text()]}, "result": (cache,)}
+        sealed, saved = api.store(cache, latent, save_path)
+        ui = {"text": [sealed.summary_text() + (f"; saved to {saved}" if saved else "")]}
+        if saved:
+            ui["files"] = [str(saved)]
+        return {"ui": ui, "result": (cache,)}
 
 
 class FISEditCacheLoad:

@@ -1,13 +1,16 @@
 """One cache, one file: safetensors tensors plus a JSON header (in the safetensors metadata) with the settings.
 
-Written to a temporary name in the target folder, flushed to disk, then renamed over the target, so a crash leaves
-either the previous file or the new one, never a half file under the real name. Never pickle: conditioning
+Written to a temporary name in the target folder, flushed, marked sealed (one byte of the header flips from "0" to
+"1"), flushed again, then renamed over the target: a crash leaves the previous file under the real name, and a
+temporary file that no reader accepts unless it was complete. The header also carries a CRC32 per tensor, checked
+on load, so a file damaged later fails to load too. Never pickle: conditioning
 extras that are not tensors or plain JSON values are refused with a message.
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -18,7 +21,12 @@ from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 
 FORMAT = "fisedit-cache"
 FORMAT_VERSION = 1
+_SEALED_KEY = "fisedit_sealed"
 _JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+def _crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _encode_conds(conds: dict, tensors: dict) -> dict:
@@ -44,15 +52,15 @@ def _encode_conds(conds: dict, tensors: dict) -> dict:
     return out
 
 
-def _decode_conds(header: dict, f) -> dict:
+def _decode_conds(header: dict, tensor) -> dict:
     conds = {}
     for kind, items in header.items():
         decoded = []
         for i, entry in enumerate(items):
-            cross_attn = f.get_tensor(f"cond/{kind}/{i}/cross_attn") if entry["has_cross_attn"] else None
+            cross_attn = tensor(f"cond/{kind}/{i}/cross_attn") if entry["has_cross_attn"] else None
             extras = dict(entry["extras"])
             for name in entry["tensor_extras"]:
-                extras[name] = f.get_tensor(f"cond/{kind}/{i}/{name}")
+                extras[name] = tensor(f"cond/{kind}/{i}/{name}")
             decoded.append([cross_attn, extras])
         conds[kind] = decoded
     return conds
@@ -75,16 +83,31 @@ def save(cache: FisEditCache, path: str | os.PathLike) -> Path:
         "steps": cache.store.steps, "batch": cache.store.batch,
         "conds": _encode_conds(cache.conds, tensors),
     }
+    header["crc32"] = {name: _crc32(t) for name, t in tensors.items()}
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"fisedit": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"fisedit": json.dumps(header), _SEALED_KEY: "0"})
         with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+            _mark_sealed(fh)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _mark_sealed(fh) -> None:
+    header_len = int.from_bytes(fh.read(8), "little")
+    header = fh.read(header_len)
+    token = f'"{_SEALED_KEY}":"0"'.encode()
+    at = header.find(token)
+    if at < 0 or header.find(token, at + 1) >= 0:
+        raise CacheError("cannot seal the cache file: unexpected safetensors header layout")
+    fh.seek(8 + at + len(token) - 2)
+    fh.write(b"1")
+    fh.flush()
 
 
 def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
@@ -94,21 +117,33 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
             meta = f.metadata() or {}
             if "fisedit" not in meta:
                 raise CacheError(f"{path.name} is not a FISEdit cache file (no FISEdit header)")
+            if meta.get(_SEALED_KEY) != "1":
+                raise CacheError(f"{path.name} is an unfinished write (the process saving it stopped); it cannot "
+                                 f"be used: re-save the cache")
             header = json.loads(meta["fisedit"])
             if header.get("format") != FORMAT:
                 raise CacheError(f"{path.name} is not a FISEdit cache file")
             if header.get("version") != FORMAT_VERSION:
                 raise CacheError(f"{path.name} has cache format version {header.get('version')}; this FISEdit reads "
                                  f"version {FORMAT_VERSION}: re-capture the generation")
+            checksums = header["crc32"]
+
+            def tensor(tensor_name: str) -> torch.Tensor:
+                t = f.get_tensor(tensor_name)
+                if _crc32(t) != checksums[tensor_name]:
+                    raise CacheError(f"{path.name} is corrupted ('{tensor_name}' fails its checksum; the file may "
+                                     f"be a partial write): re-capture or re-save the cache")
+                return t
+
             store = StepTensors(header["steps"], header["batch"])
             for i, entry in enumerate(header["store"]):
                 key = (entry["key"], entry["chunk"])
-                store.tensors[key] = f.get_tensor(f"store/{i}")
+                store.tensors[key] = tensor(f"store/{i}")
                 store.written[key] = torch.ones(store.steps, dtype=torch.bool)
             return FisEditCache(
                 name=name or header["name"], settings=SamplingSettings.from_json(header["settings"]), store=store,
-                noise=f.get_tensor("noise"), latent_image=f.get_tensor("latent_image"),
-                final_latent=f.get_tensor("final_latent"), conds=_decode_conds(header["conds"], f))
+                noise=tensor("noise"), latent_image=tensor("latent_image"), final_latent=tensor("final_latent"),
+                conds=_decode_conds(header["conds"], tensor))
     except CacheError:
         raise
     except Exception as e:  # truncated, corrupted or foreign files surface as safetensors/json errors

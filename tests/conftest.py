@@ -25,3 +25,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def models_dir(host):
+    """A folder with the built-in sd15-small checkpoint (deterministic; built once and reused, as the demo does)."""
+    import make_test_checkpoint
+    folder = ROOT / ".cache" / "models"
+    ckpt = folder / "sd15-small.safetensors"
+    if not ckpt.is_file():
+        make_test_checkpoint.write_checkpoint(ckpt, "sd15-small", seed=0)
+    return folder

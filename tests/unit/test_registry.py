@@ -1,0 +1,70 @@
+"""The host-memory registry: budget, LRU eviction, reservations for captures in progress (no ComfyUI needed)."""
+import logging
+
+import pytest
+import torch
+
+from fisedit_engine.cache import FisEditCache, SamplingSettings, StepTensors
+from fisedit_engine.registry import CacheBudgetError, CacheEvictedError, CacheRegistry, parse_budget
+
+MiB = 2**20
+
+
+def fake_cache(name: str, mib: int) -> FisEditCache:
+    store = StepTensors(steps=1, batch=1)
+    store.tensors[("out", 0)] = torch.zeros(1, 1, mib * MiB // 4)
+    settings = SamplingSettings(
+        sampler="euler", sampler_extra_options={}, sampler_inpaint_options={}, seed=0, sigmas=(1.0, 0.0), cfg=7.0,
+        latent_shape=(1, 4, 8, 8), dtype="float32", chunks=(0,), sparse_levels=(0,), min_sparse_positions=256,
+        model_fingerprint="m", negative_fingerprint="n", positive_fingerprint="p", noise_fingerprint="z",
+        latent_image_fingerprint="l")
+    empty = torch.zeros(0)
+    return FisEditCache(name, settings, store, empty, empty, empty)
+
+
+def test_lru_eviction_is_logged_and_keeps_recently_used(caplog):
+    reg = CacheRegistry(budget_bytes=10 * MiB)
+    for name in "abc":
+        reg.put(fake_cache(name, 3))
+    reg.get("a")  # a is now the most recently used; b is the oldest
+    with caplog.at_level(logging.INFO, logger="FISEdit"):
+        reg.put(fake_cache("d", 3))
+    assert reg.names() == ["c", "a", "d"]
+    assert "evicted cache 'b'" in caplog.text
+    with pytest.raises(CacheEvictedError, match="re-run the generation with FISEditCacheCapture"):
+        reg.get("b")
+    assert reg.used <= reg.budget
+
+
+def test_a_cache_larger_than_the_budget_is_refused_and_nothing_is_lost():
+    reg = CacheRegistry(budget_bytes=10 * MiB)
+    reg.put(fake_cache("keep", 4))
+    with pytest.raises(CacheBudgetError, match="FISEDIT_CACHE_BUDGET"):
+        reg.put(fake_cache("huge", 11))
+    assert reg.names() == ["keep"]
+
+
+def test_replacing_a_cache_by_name_frees_the_old_one():
+    reg = CacheRegistry(budget_bytes=10 * MiB)
+    reg.put(fake_cache("x", 6))
+    reg.put(fake_cache("x", 7))
+    assert reg.names() == ["x"] and reg.used == 7 * MiB
+
+
+def test_reservations_count_against_the_budget_and_evict():
+    reg = CacheRegistry(budget_bytes=10 * MiB)
+    reg.put(fake_cache("old", 6))
+    reg.reserve(5 * MiB, what="a capture")
+    assert reg.names() == []  # evicted to make room for the recording
+    with pytest.raises(CacheBudgetError, match="a capture needs"):
+        reg.reserve(6 * MiB, what="a capture")
+    reg.put(fake_cache("new", 5), reserved=5 * MiB)  # the recording becomes the sealed cache
+    assert reg.used == 5 * MiB
+    reg.release(1 * MiB)
+    assert reg.used == 5 * MiB
+
+
+@pytest.mark.parametrize("text, expected", [("1024", 1024), ("2G", 2 * 2**30), ("512MiB", 512 * MiB),
+                                            ("1.5k", 1536), ("25%", 250)])
+def test_parse_budget(text, expected):
+    assert parse_budget(text, available=1000) == expected

@@ -23,7 +23,7 @@ import torch
 from . import comfy_adapter as host
 from .cache import STATS_DTYPE, CacheError, FisEditCache, SamplingSettings, StepTensors
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
-from .layout import DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, Target, UNetLayout, UnsupportedUNet
+from .layout import DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet
 from .registry import CacheRegistry
 
 log = logging.getLogger("FISEdit")
@@ -347,8 +347,8 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
                          f"model ({tuple(produced.shape)}); connect that sampler's LATENT to FISEditCacheStore")
     if rec.state == "sealed":
         return handle.get()
-    dtype = next((t.dtype for (k, _), t in rec.store.tensors.items() if not k.endswith(":stats")), torch.float32)
     chunks = tuple(sorted({c for _, c in rec.evaluated}))
+    dtype = rec.store.tensors[(MODEL_OUTPUT_KEY, chunks[0])].dtype  # activations' dtype; the latent is always fp32
     settings = SamplingSettings(latent_shape=tuple(rec.noise.shape), dtype=str(dtype).removeprefix("torch."),
                                 chunks=chunks, **rec.partial_settings)
     cache = rec.seal(settings)

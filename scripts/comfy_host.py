@@ -4,9 +4,9 @@ Used by scripts/run_workflow.py, the demo and the host tests. Which ComfyUI: `CO
 ComfyUI this checkout sits in (…/ComfyUI/custom_nodes/<this>); else `.comfyui/` made by scripts/setup_host.sh.
 
 Host quirks handled here (see the README's "Host" section):
-- torchvision/torchaudio have no CPU build on some machines; ComfyUI imports them at module level for model
-  families we never load, so when they are missing an import-time placeholder is registered (calling into it
-  raises). This happens only in this harness, never in the plugin.
+- torchvision/torchaudio have no CPU build on some machines, and some GPU images lack PyAV; ComfyUI imports them
+  at module level for model families and video types we never load, so when one is missing an import-time
+  placeholder is registered (calling into it raises). This happens only in this harness, never in the plugin.
 - `comfy.cli_args.args` must be set before `comfy.model_management` is imported (CPU mode, SDPA attention).
 - `utils.extra_config` is imported before `nodes`, which puts `comfy/` first on sys.path.
 """
@@ -74,7 +74,7 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def _install_placeholders():
     missing = []
-    for name in ("torchvision", "torchaudio"):
+    for name in ("torchvision", "torchaudio", "av"):
         try:
             importlib.import_module(name)
         except Exception:  # absent, or a CUDA build that fails to load its ops on this machine

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 ARCHS = ("sd15", "sd21v", "sdxl")
+STEPS = 4
 
 _BASE = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
              channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
@@ -73,3 +74,13 @@ def conditioning(arch: str, seed: int, batch: int = 1):
     if arch == "sdxl":
         extras = {"pooled_output": torch.randn(batch, 1280, generator=gen), "width": 256, "height": 256}
     return [[torch.randn(batch, 77, ctx, generator=gen), extras]]
+
+
+def sample(model, arch, batch=1, cfg=7.0, sampler="euler", seed=3, size=16, steps=STEPS, callback=None):
+    import comfy.sample
+    latent = torch.zeros(batch, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos, neg = conditioning(arch, 11), conditioning(arch, 12)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", pos, neg, latent, seed=seed,
+                                   callback=callback, disable_pbar=True)

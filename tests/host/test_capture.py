@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import tiny_models
+from tiny_models import sample
 
-STEPS = 4
+STEPS = tiny_models.STEPS
 
 
 @pytest.fixture(scope="module")
@@ -16,16 +17,6 @@ def engine(host):
 @pytest.fixture(scope="module")
 def models(host):
     return {arch: tiny_models.build(arch, seed=1) for arch in tiny_models.ARCHS}
-
-
-def sample(model, arch, batch=1, cfg=7.0, sampler="euler", seed=3, size=16, steps=STEPS, callback=None):
-    import comfy.sample
-    latent = torch.zeros(batch, 4, size, size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    pos, neg = tiny_models.conditioning(arch, 11), tiny_models.conditioning(arch, 12)
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", pos, neg, latent, seed=seed,
-                                   callback=callback, disable_pbar=True)
 
 
 def capture_run(engine, model, arch, name, **kw):
@@ -68,6 +59,7 @@ def test_cache_holds_every_layer_step_chunk(engine, models, arch, cfg):
     assert list(cache.settings.sparse_levels) == sparse and sparse == [0]  # 16x16 = 256 positions; 8x8 runs dense
     chunks = (0,) if cfg == 1.0 else (0, 1)
     assert cache.settings.chunks == chunks
+    assert cache.settings.dtype == "float32"  # the model's dtype on CPU
     modules = dict(unet.named_modules())
     expected_keys = {t.key for t in lay.targets(sparse)} | {layout_mod.LATENT_KEY}
     assert set(cache.keys()) == expected_keys
@@ -101,15 +93,16 @@ def test_recorded_values_match_the_model(engine, models):
     cache, _ = api.store(handle, {"samples": out})
     unet = models["sd15"].model.diffusion_model
     seen = {}
-    hooks = [unet.input_blocks[1][0].register_forward_hook(lambda m, i, o: seen.__setitem__("res", o.clone())),
+    hooks = [unet.input_blocks[1][0].register_forward_hook(lambda m, i, o: seen.__setitem__("res", o.cpu())),
              unet.input_blocks[1][1].transformer_blocks[0].attn1.to_k.register_forward_hook(
-                 lambda m, i, o: seen.__setitem__("k", o.clone()))]
+                 lambda m, i, o: seen.__setitem__("k", o.cpu()))]
     try:
         model = models["sd15"].model
         step = 2
-        sigma = torch.tensor([cache.settings.sigmas[step]])
-        x = cache.read("x", step)
-        ctx = torch.cat([cache.conds["positive"][0][0]])
+        device = next(unet.parameters()).device  # where the last sampling run left the model
+        sigma = torch.tensor([cache.settings.sigmas[step]], device=device)
+        x = cache.read("x", step).to(device)
+        ctx = cache.conds["positive"][0][0].to(device)
         with torch.inference_mode():
             model.apply_model(x, sigma, c_crossattn=ctx, transformer_options={})
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_models
-from test_capture import sample
+from tiny_models import sample
 
 
 @pytest.fixture(scope="module")

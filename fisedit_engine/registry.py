@@ -59,7 +59,8 @@ class CacheRegistry:
             old = self._caches.pop(cache.name, None)
             try:
                 self._make_room(cache.nbytes, protect=cache.name)
-            except CacheBudgetError:
+            except CacheBudgetError:  # nothing changes: the old cache and the recording's reservation stay
+                self._reserved += reserved
                 if old is not None:
                     self._caches[cache.name] = old
                 raise

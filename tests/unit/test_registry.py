@@ -44,6 +44,15 @@ def test_a_cache_larger_than_the_budget_is_refused_and_nothing_is_lost():
     assert reg.names() == ["keep"]
 
 
+def test_a_failed_put_keeps_the_reservation_and_the_old_cache():
+    reg = CacheRegistry(budget_bytes=10 * MiB)
+    reg.put(fake_cache("x", 2))
+    reg.reserve(3 * MiB, what="a capture")
+    with pytest.raises(CacheBudgetError):
+        reg.put(fake_cache("x", 12), reserved=3 * MiB)
+    assert reg.names() == ["x"] and reg.used == 5 * MiB
+
+
 def test_replacing_a_cache_by_name_frees_the_old_one():
     reg = CacheRegistry(budget_bytes=10 * MiB)
     reg.put(fake_cache("x", 6))

@@ -88,3 +88,30 @@ def cache_file_mtime(cache_file: str) -> float:
 def summary(handle: CacheHandle) -> str:
     return handle.get().summary_text()
 
+
+
+def user_mask_edit(model, cache: CacheHandle, positive: list, user_mask, dilate: int):
+    """FISEditDifferenceMask in user mode: the edit spec, the mask at image resolution, and a preview image."""
+    import torch.nn.functional as F
+    from .edit import EditSpec, check_model, latent_mask
+    if not isinstance(cache, CacheHandle):
+        raise CacheError("connect a FISEDIT_CACHE (from FISEditCacheStore or FISEditCacheLoad) to 'cache'")
+    if user_mask is None:
+        raise CacheError("mask_mode 'user' needs a user_mask: connect a MASK of the image's size")
+    source = cache.get()
+    check_model(model, source)
+    batch, _, h, w = source.settings.latent_shape
+    if user_mask.dim() == 3 and user_mask.shape[0] not in (1, batch):
+        raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}")
+    mask = latent_mask(user_mask, (h, w), dilate)
+    image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
+    preview = image_mask[..., None].expand(*image_mask.shape, 3).contiguous()
+    return EditSpec(cache, positive, mask, mode="user"), image_mask, preview
+
+
+def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):
+    from .edit import EditSpec, run_edit
+    if not isinstance(edit, EditSpec):
+        raise CacheError("connect the FISEDIT_EDIT output of FISEditDifferenceMask to 'edit'")
+    samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics, tile_size=tile_size)
+    return {"samples": samples}, handle

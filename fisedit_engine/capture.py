@@ -42,6 +42,7 @@ class StepContext:
     step: int
     chunks: list[int]     # cond_or_uncond of this model call: rows [i*batch:(i+1)*batch] belong to chunks[i]
     batch: int
+    edit: object = None   # edit.EditState while an edit runs: the sparse forwards read it
 
 
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
@@ -263,6 +264,10 @@ class CaptureOuterSample(_CaptureWrapper):
 
 
 class CaptureApplyModel(_CaptureWrapper):
+    def __init__(self, handle: CacheHandle, edit=None):
+        super().__init__(handle)
+        self.edit = edit
+
     def __call__(self, executor, *args, **kwargs):
         rec = self.handle.recording
         if rec is None or not rec.active:
@@ -272,11 +277,17 @@ class CaptureApplyModel(_CaptureWrapper):
         if ctx is None:
             return executor(*args, **kwargs)
         rec.record_latent(ctx, x)
+        ctx.edit = self.edit
         token = _step_context.set(ctx)
         try:
             return executor(*args, **kwargs)
         finally:
             _step_context.reset(token)
+
+
+def current_step() -> StepContext | None:
+    """The model call in progress, as the APPLY_MODEL wrapper published it (None outside FISEdit runs)."""
+    return _step_context.get()
 
 
 def _current(rec: Recording) -> StepContext | None:

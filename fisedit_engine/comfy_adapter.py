@@ -130,3 +130,44 @@ def cache_folder() -> str:
     if "fisedit_caches" not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths["fisedit_caches"] = ([path], {".safetensors"})
     return folder_paths.get_folder_paths("fisedit_caches")[0]
+
+
+class cast_weights:
+    """Context manager: a module's (weight, bias) cast for `like`'s device and dtype, through ComfyUI's casting
+    (LoRA weight functions, low-VRAM offload, fp8 and dynamic-VRAM weights), released on exit."""
+
+    def __init__(self, module, like):
+        self.module, self.like = module, like
+
+    def __enter__(self):
+        import comfy.ops
+        self.weight, self.bias, self._handle = comfy.ops.cast_bias_weight(self.module, self.like, offloadable=True)
+        return self.weight, self.bias
+
+    def __exit__(self, *exc):
+        import comfy.ops
+        comfy.ops.uncast_bias_weight(self.module, self.weight, self.bias, self._handle)
+        return False
+
+
+def attention():
+    """ComfyUI's attention function, the same one its CrossAttention layers call."""
+    from comfy.ldm.modules.attention import optimized_attention
+    return optimized_attention
+
+
+def make_sampler(name: str, extra_options: dict, inpaint_options: dict):
+    """The KSAMPLER a cache was captured with, rebuilt from its recorded name and options."""
+    import comfy.samplers
+    if name in ("uni_pc", "uni_pc_bh2"):
+        from comfy.extra_samplers import uni_pc
+        fn = uni_pc.sample_unipc if name == "uni_pc" else uni_pc.sample_unipc_bh2
+        return comfy.samplers.KSAMPLER(fn, extra_options, inpaint_options)
+    return comfy.samplers.ksampler(name, extra_options, inpaint_options)
+
+
+def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image, seed, callback=None):
+    """What SamplerCustom runs: the guider, sampler and sigmas given, no noise mask."""
+    import comfy.sample
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
+                                      callback=callback, disable_pbar=False, seed=seed)

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from .comfy_adapter import WRAPPER_KEY, foreign_wrapper_keys
+from .comfy_adapter import foreign_wrapper_keys
 
 _SAMPLES_PER_TENSOR = 256
 
@@ -85,7 +85,9 @@ def model_fingerprint(patcher) -> str:
     for key in sorted(patcher.patches):
         h.update(key.encode())
         _update_with_object(h, [list(p) for p in patcher.patches[key]], full_tensors=False)
-    h.update(json.dumps(sorted(k for k in patcher.object_patches if WRAPPER_KEY not in str(k))).encode())
+    # other packs' object patches change the model; FISEdit's own sparse forwards (marked) do not
+    h.update(json.dumps(sorted(k for k, v in patcher.object_patches.items()
+                               if not getattr(v, "fisedit_patch", False))).encode())
     h.update(json.dumps(foreign_wrapper_keys(patcher)).encode())
     to = patcher.model_options.get("transformer_options", {})
     h.update(json.dumps({k: sorted(map(str, v)) for k, v in to.get("patches", {}).items()}, sort_keys=True).encode())

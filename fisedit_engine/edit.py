@@ -1,0 +1,157 @@
+"""The edit run: the cached generation re-sampled with the edited prompt, computing only the edit's region.
+
+The sampler, its options, the noise, the input latent, the sigmas, cfg and the negative conditioning all come from
+the cache, so the run is the original generation except for the positive prompt. A clone of the model carries:
+- the capture wrappers, recording the edited run into a new cache (the base for a chained edit): outside the
+  active region its values are the source cache's, inside they are the edit's;
+- the sparse forwards (sparse.py) on every block of the sparse levels and on the output head.
+With a user mask the run is sparse from step 0; the last `dense_tail` fraction of the steps can run dense (the
+whole UNet, fresh context everywhere) to soften seams. The output head composites with the mask in every step,
+sparse or dense, so outside the mask the model output, and with it the latent of every step, is exactly the
+cached one (invariant I4).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import comfy_adapter as host
+from .cache import CacheError, FisEditCache
+from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, StepContext, seal
+from .fingerprint import conditioning_fingerprint, model_fingerprint
+from .kernels import reference as R
+from .layout import UNetLayout
+from .plan import DEFAULT_TILE, EditPlan
+from .registry import registry
+from .sparse import SPARSE_FORWARDS, SparseOutput
+
+log = logging.getLogger("FISEdit")
+
+STATS_MODES = ("exact", "cached")
+
+
+@dataclass
+class EditSpec:
+    """FISEDIT_EDIT: what to edit (the cache), how (the edited positive conditioning) and where (the mask)."""
+    cache: CacheHandle
+    positive: list
+    mask: torch.Tensor                      # [B or 1, H, W] bool at latent resolution, dilated
+    mode: str = "user"
+    info: dict = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass
+class EditState:
+    """What the sparse forwards read during an edit run."""
+    plan: EditPlan
+    source: FisEditCache
+    dense_from: int
+    stats_mode: str = "exact"
+    _mask_rows: dict = field(default_factory=dict)
+
+    def is_dense(self, step: int) -> bool:
+        return step >= self.dense_from
+
+    def cached(self, ctx: StepContext, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The source cache's `key` at this step, rows ordered like the model call's chunks."""
+        parts = [self.source.read(key, ctx.step, chunk) for chunk in ctx.chunks]
+        return torch.cat(parts).to(like.device, like.dtype, non_blocking=True)
+
+    def group_stats(self, ctx: StepContext, gn_path: str, x: torch.Tensor, groups: int) -> torch.Tensor:
+        if self.stats_mode == "cached":
+            stats = torch.cat([self.source.read(f"{gn_path}:stats", ctx.step, c) for c in ctx.chunks]).to(x.device)
+        else:
+            stats = R.group_stats(x, groups)
+        ctx.recording.record(f"{gn_path}:stats", ctx, stats)
+        return stats
+
+    def mask_rows(self, ctx: StepContext, device) -> torch.Tensor:
+        """[rows, 1, H, W] bool: each batch row's mask, repeated per CFG chunk."""
+        key = (len(ctx.chunks), ctx.batch, str(device))
+        if key not in self._mask_rows:
+            mask = self.plan.mask
+            mask = mask.expand(ctx.batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+            self._mask_rows[key] = mask.repeat(len(ctx.chunks), 1, 1)[:, None].to(device)
+        return self._mask_rows[key]
+
+
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
+    """An image-resolution MASK [B, H, W] (or [H, W]) -> [B, h, w] bool at latent resolution: a latent pixel is
+    in the mask when any of its image pixels is above 0.5; then dilated by `dilate` latent pixels."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    h, w = latent_hw
+    if tuple(mask.shape[-2:]) != (h * 8, w * 8):
+        raise CacheError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the cached image is {w * 8}x{h * 8}: "
+                         f"give a mask of the image's size (or resize it with a mask node)")
+    binary = (mask.float() > 0.5)[:, None].float()
+    m = F.max_pool2d(binary, 8)
+    if dilate > 0:
+        m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m[:, 0] > 0
+
+
+def check_model(model, source: FisEditCache) -> None:
+    if model_fingerprint(model) != source.settings.model_fingerprint:
+        raise CacheError(f"this model is not the one cache '{source.name}' was captured with (its weights, LoRAs or "
+                         f"patches differ): edit with the model that made the image, or re-capture")
+
+
+def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
+             tile_size: int = DEFAULT_TILE, callback=None) -> tuple[torch.Tensor, CacheHandle]:
+    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache."""
+    source = spec.cache.get()
+    s = source.settings
+    if stats_mode not in STATS_MODES:
+        raise CacheError(f"GroupNorm statistics mode '{stats_mode}' is not one of {STATS_MODES}")
+    if not 0.0 <= dense_tail <= 1.0:
+        raise CacheError(f"dense_tail is a fraction of the steps, between 0 and 1 (got {dense_tail})")
+    check_model(model, source)
+    batch = s.latent_shape[0]
+    if spec.mask.shape[0] not in (1, batch) or tuple(spec.mask.shape[-2:]) != tuple(s.latent_shape[-2:]):
+        raise CacheError(f"the edit mask {tuple(spec.mask.shape)} does not fit the cached latent "
+                         f"{s.latent_shape} ({s.describe()})")
+    process_out = model.model.process_latent_out
+    if not spec.mask.any():  # nothing to recompute: the original, exactly
+        return process_out(source.final_latent.clone()), spec.cache
+
+    unet = model.model.diffusion_model
+    layout = UNetLayout.from_unet(unet)
+    plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
+    dense_steps = round(dense_tail * s.steps)
+    state = EditState(plan, source, s.steps - dense_steps, stats_mode)
+
+    name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
+    handle = CacheHandle(name, registry(), s.min_sparse_positions)
+    patched = model.clone()
+    host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
+    host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
+    modules = dict(unet.named_modules())
+    for block in layout.blocks:
+        if block.level in plan.levels:
+            patched.add_object_patch(f"diffusion_model.{block.path}.forward",
+                                     SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
+    patched.add_object_patch("diffusion_model.out.forward", SparseOutput(unet.out, layout.blocks[0], "out"))
+
+    sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
+    t0 = time.perf_counter()
+    samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
+                                 source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
+    seconds = time.perf_counter() - t0
+    seal(handle, samples)
+    log.info("FISEdit edit of '%s': mask %.1f%% of the latent, %d sparse + %d dense steps, %.2fs; %s",
+             source.name, 100 * float(spec.mask.float().mean()), s.steps - dense_steps, dense_steps, seconds,
+             plan.describe())
+    return samples, handle
+
+
+def _mask_id(mask: torch.Tensor) -> str:
+    return hashlib.sha256(mask.to(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:6]

@@ -1,0 +1,73 @@
+"""Pure-torch reference ops of the sparse path, on any device. The GPU kernels are checked against these.
+
+Tile patches are [N, C, tiles, P, Q]: per batch row and channel, the input patch of each active tile. Patch
+coordinates come from the plan's index maps, -1 meaning "outside the input" (the conv's zero padding).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STATS_DTYPE = torch.float32
+
+
+def gather_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, tiles, P, Q]; positions with index -1 read zero."""
+    padded = F.pad(x, (1, 0, 1, 0))  # a leading zero row and column: index -1 + 1 = 0 reads zero
+    return padded[:, :, (rows + 1)[:, :, None], (cols + 1)[:, None, :]]
+
+
+def valid_patch_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[tiles, P, Q] bool: which patch positions lie inside the input."""
+    return (rows >= 0)[:, :, None] & (cols >= 0)[:, None, :]
+
+
+def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, groups, 2]: mean and biased variance per row and group, in fp32, as GroupNorm computes them."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).to(STATS_DTYPE), dim=-1, unbiased=False)
+    return torch.stack([mean, var], dim=-1)
+
+
+def group_norm_silu_patches(patches: torch.Tensor, stats: torch.Tensor, weight, bias, eps: float,
+                            valid: torch.Tensor | None, silu: bool = True) -> torch.Tensor:
+    """GroupNorm with the given statistics (+ SiLU) on patches; positions outside the input become zero again,
+    because the conv that follows pads its (post-activation) input with zeros."""
+    n, c = patches.shape[:2]
+    groups = stats.shape[1]
+    mean = stats[..., 0].repeat_interleave(c // groups, dim=1)
+    rstd = torch.rsqrt(stats[..., 1] + eps).repeat_interleave(c // groups, dim=1)
+    scale = rstd * (weight.float() if weight is not None else 1.0)
+    shift = (bias.float() if bias is not None else 0.0) - mean * scale
+    y = patches.float() * scale.view(n, c, 1, 1, 1) + shift.view(n, c, 1, 1, 1)
+    if silu:
+        y = F.silu(y)
+    if valid is not None:
+        y = y * valid.to(y.dtype)
+    return y.to(patches.dtype)
+
+
+def conv_patches(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:
+    """A conv with padding 0 over every patch: [N, C, tiles, P, Q] -> [N, C', tiles, P', Q']."""
+    n, c, t, p, q = patches.shape
+    flat = patches.permute(0, 2, 1, 3, 4).reshape(n * t, c, p, q)
+    out = F.conv2d(flat, weight, bias, stride=stride)
+    return out.view(n, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def scatter_tiles(base: torch.Tensor, tiles_out: torch.Tensor, tiles: torch.Tensor, tile: int) -> torch.Tensor:
+    """A copy of `base` [N, C, H, W] with each active tile's block replaced by `tiles_out` [N, C, tiles, T, T]."""
+    n, c, h, w = base.shape
+    gh, gw = -(-h // tile), -(-w // tile)
+    out = F.pad(base, (0, gw * tile - w, 0, gh * tile - h))
+    view = out.view(n, c, gh, tile, gw, tile).permute(0, 1, 2, 4, 3, 5)
+    view[:, :, tiles[:, 0], tiles[:, 1]] = tiles_out.to(out.dtype)
+    return out[:, :, :h, :w]
+
+
+def tiles_of(x: torch.Tensor, tiles: torch.Tensor, tile: int) -> torch.Tensor:
+    """The inverse of scatter_tiles' placement: [N, C, H, W] -> [N, C, tiles, T, T] (zeros past the border)."""
+    n, c, h, w = x.shape
+    gh, gw = -(-h // tile), -(-w // tile)
+    padded = F.pad(x, (0, gw * tile - w, 0, gh * tile - h))
+    view = padded.view(n, c, gh, tile, gw, tile).permute(0, 1, 2, 4, 3, 5)
+    return view[:, :, tiles[:, 0], tiles[:, 1]]

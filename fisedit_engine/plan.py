@@ -1,0 +1,142 @@
+"""The per-edit plan: which tiles of each sparse UNet level are active, and the index maps the sparse ops gather by.
+
+Level 0's active set is every tile that touches the (dilated) edit mask of any batch sample. Level l+1's is every
+tile touching the any-pooled (2x2) active set of level l, so a coarser level always covers the parents of the finer
+one. All blocks of one level share its active set: then every block's input outside the set is exactly the cached
+value (the previous block's cached output), which is what makes each sparse op exact (invariant I5).
+
+A sparse op reads an input patch per active tile: `rows`/`cols` [tiles, P] give, per tile, the input coordinates of
+the patch (the tile plus its halo for that op's geometry), -1 where the patch leaves the input (zero padding). They
+are built once per edit and per op geometry, on the device that runs the edit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TILE = 4
+
+
+@dataclass
+class LevelPlan:
+    level: int
+    height: int
+    width: int
+    tile: int
+    tiles: torch.Tensor            # [n, 2] (tile row, tile col), long
+    active: torch.Tensor           # [H, W] bool: the union of the active tiles, clipped to the map
+    _maps: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.active.all())
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.tiles.shape[0])
+
+    @property
+    def fraction(self) -> float:
+        return float(self.active.float().mean())
+
+    def tokens(self, device) -> torch.Tensor:
+        """Flat indices (row-major, as SpatialTransformer orders tokens) of the active positions."""
+        return self._cached(("tokens",), device, lambda: torch.nonzero(self.active.flatten()).flatten())
+
+    def patch_index(self, kind: str, device, in_size: tuple[int, int] | None = None):
+        """(rows, cols), each [tiles, P], for one op geometry:
+        - "conv3": a 3x3 stride-1 conv at this level (halo 1);
+        - "interior": the tile itself (1x1 convs, skip connections);
+        - "down": a 3x3 stride-2 padding-1 conv reading the finer level of size `in_size`;
+        - "up": nearest upsampling from the coarser level of size `in_size`, then a 3x3 conv (halo 1).
+        """
+        return self._cached((kind, in_size), device, lambda: self._patch_index(kind, in_size))
+
+    def _patch_index(self, kind, in_size):
+        t = self.tile
+        starts_r, starts_c = self.tiles[:, 0] * t, self.tiles[:, 1] * t
+        if kind == "conv3":
+            off, lim, src = torch.arange(-1, t + 1), (self.height, self.width), None
+        elif kind == "interior":
+            off, lim, src = torch.arange(t), (self.height, self.width), None
+        elif kind == "down":
+            off, lim, src = None, in_size, None
+        elif kind == "up":
+            off, lim, src = torch.arange(-1, t + 1), (self.height, self.width), in_size
+        else:
+            raise ValueError(kind)
+        out = []
+        for starts, axis in ((starts_r, 0), (starts_c, 1)):
+            if kind == "down":
+                idx = 2 * starts[:, None] + torch.arange(-1, 2 * t)[None, :]
+                valid = (idx >= 0) & (idx < in_size[axis])
+            else:
+                idx = starts[:, None] + off[None, :]
+                valid = (idx >= 0) & (idx < lim[axis])
+                if src is not None:  # nearest: output p reads input floor(p * in / out)
+                    idx = torch.div(idx * src[axis], lim[axis], rounding_mode="floor")
+            out.append(torch.where(valid, idx, torch.full_like(idx, -1)))
+        return tuple(out)
+
+    def _cached(self, key, device, make):
+        key = (key, str(device))
+        if key not in self._maps:
+            value = make()
+            self._maps[key] = tuple(v.to(device) for v in value) if isinstance(value, tuple) else value.to(device)
+        return self._maps[key]
+
+
+def tiles_covering(active: torch.Tensor, tile: int) -> torch.Tensor:
+    """[n, 2] tiles of size `tile` that contain any active position, row-major."""
+    h, w = active.shape
+    gh, gw = math.ceil(h / tile), math.ceil(w / tile)
+    padded = F.pad(active.float(), (0, gw * tile - w, 0, gh * tile - h))
+    hit = F.max_pool2d(padded[None, None], tile)[0, 0] > 0
+    return torch.nonzero(hit)
+
+
+def tile_region(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    region = torch.zeros(math.ceil(h / tile) * tile, math.ceil(w / tile) * tile, dtype=torch.bool)
+    view = region.view(region.shape[0] // tile, tile, region.shape[1] // tile, tile)
+    view[tiles[:, 0], :, tiles[:, 1], :] = True
+    return region[:h, :w]
+
+
+@dataclass
+class EditPlan:
+    mask: torch.Tensor                 # [B or 1, H, W] bool: the dilated edit mask at latent resolution
+    levels: dict[int, LevelPlan]       # the sparse levels
+    level_sizes: list[tuple[int, int]]
+
+    @classmethod
+    def build(cls, mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_levels,
+              tile_sizes: dict[int, int] | int = DEFAULT_TILE) -> "EditPlan":
+        if mask.shape[-2:] != tuple(level_sizes[0]):
+            raise ValueError(f"mask {tuple(mask.shape[-2:])} does not match the latent {tuple(level_sizes[0])}")
+        levels = {}
+        active = mask.any(dim=0) if mask.dim() == 3 else mask
+        for lvl in range(max(sparse_levels, default=-1) + 1):
+            size = level_sizes[lvl]
+            if lvl > 0:  # any-pool the finer level's active set onto this level's grid
+                prev = levels[lvl - 1].active if lvl - 1 in levels else active
+                ph, pw = prev.shape
+                prev = F.pad(prev.float(), (0, 2 * size[1] - pw, 0, 2 * size[0] - ph))
+                active = F.max_pool2d(prev[None, None], 2)[0, 0] > 0
+            if lvl in sparse_levels:
+                t = tile_sizes if isinstance(tile_sizes, int) else tile_sizes.get(lvl, DEFAULT_TILE)
+                tiles = tiles_covering(active, t)
+                levels[lvl] = LevelPlan(lvl, size[0], size[1], t, tiles, tile_region(tiles, t, size))
+        return cls(mask, levels, list(level_sizes))
+
+    def describe(self) -> str:
+        parts = [f"level {l} ({p.width}x{p.height}, tile {p.tile}): {p.n_tiles} tiles, {p.fraction:.0%}"
+                 for l, p in sorted(self.levels.items())]
+        return "; ".join(parts)

@@ -1,0 +1,190 @@
+"""Sparse forwards for the UNet blocks of the sparse levels, substituted through the model patcher.
+
+Each takes and returns the full activation map, like the block it replaces, so the UNet's own traversal (skip
+connections, concatenations, dense levels) runs unchanged. Outside the level's active tiles the output is the
+cached output of the same step and CFG chunk; inside, it is the block computed from its input, which outside the
+active tiles is itself the cached input (see plan.py). Internally:
+- ResBlock: gather x with a 1-px halo, GroupNorm (statistics of the whole assembled map) + SiLU, conv; add the
+  time embedding; assemble h with the cached h; the same for the second half; skip connection; scatter.
+- SpatialTransformer: GroupNorm, proj_in, transformer blocks and proj_out on the active tokens only; the self-
+  attention keys and values of the inactive tokens come from the cache (exact context); cross-attention and
+  feed-forward are token-wise.
+- conv_in, Downsample, Upsample and the output head: gather (with each op's geometry), conv, scatter. The output
+  head also composites with the edit mask itself, so the model output outside the mask is exactly the cached one.
+GroupNorm statistics are exact (over the assembled map: cached values outside, fresh inside) unless the edit asks
+for the paper's approximation, the cached statistics of the original run.
+Without an edit context (a model call outside an edit), in a dense step, and at a level whose active tiles cover
+the whole map, every forward is the module's own.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comfy_adapter as host
+from .cache import CacheError
+from .capture import StepContext, current_step
+from .kernels import reference as R
+from .layout import Block
+
+
+class SparseForward:
+    """A module's substituted forward. Marked so that model fingerprints ignore it."""
+    fisedit_patch = True
+
+    def __init__(self, module, block: Block, path: str):
+        self.module, self.block, self.path = module, block, path
+
+    def original(self, *args, **kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        ctx = current_step()
+        if ctx is None or ctx.edit is None or ctx.edit.is_dense(ctx.step) or self.level(ctx).full:
+            return self.original(*args, **kwargs)  # a fully active level gains nothing from sparsity
+        return self.sparse(ctx, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def level(self, ctx: StepContext):
+        return ctx.edit.plan.levels[self.block.level]
+
+    def sparse(self, ctx, *args, **kwargs):
+        raise NotImplementedError
+
+
+def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, stride=1):
+    """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T]."""
+    rows, cols = lp.patch_index(kind, x.device, in_size)
+    patches = R.gather_patches(x, rows, cols)
+    if norm is not None:
+        with host.cast_weights(norm, x) as (gw, gb):
+            patches = R.group_norm_silu_patches(patches, stats, gw, gb, norm.eps, R.valid_patch_mask(rows, cols))
+    with host.cast_weights(conv, patches) as (w, b):
+        return R.conv_patches(patches, w, b, stride)
+
+
+class SparseResBlock(SparseForward):
+    def sparse(self, ctx, x, emb):
+        m, lp = self.module, self.level(ctx)
+        in_norm, in_conv = m.in_layers[0], m.in_layers[2]
+        out_norm, out_conv = m.out_layers[0], m.out_layers[3]
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.in_layers.0", x, in_norm.num_groups)
+        h = _sparse_conv(ctx, x, in_conv, lp, "conv3", in_norm, stats)
+        h = h + m.emb_layers(emb).type(h.dtype)[:, :, None, None, None]
+        h_full = R.scatter_tiles(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp.tiles, lp.tile)
+        ctx.recording.record(f"{self.path}:h", ctx, h_full)
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups)
+        out = _sparse_conv(ctx, h_full, out_conv, lp, "conv3", out_norm, stats)
+        skip = R.tiles_of(x, lp.tiles, lp.tile)
+        if not isinstance(m.skip_connection, torch.nn.Identity):
+            with host.cast_weights(m.skip_connection, skip) as (w, b):
+                skip = R.conv_patches(skip, w, b)
+        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), skip + out, lp.tiles, lp.tile)
+
+
+class SparseConv(SparseForward):
+    """conv_in: a 3x3 conv at level 0."""
+
+    def sparse(self, ctx, x):
+        lp = self.level(ctx)
+        out = _sparse_conv(ctx, x, self.module, lp, "conv3")
+        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+
+
+class SparseDownsample(SparseForward):
+    def sparse(self, ctx, x):
+        lp = self.level(ctx)
+        out = _sparse_conv(ctx, x, self.module.op, lp, "down", in_size=tuple(x.shape[-2:]), stride=2)
+        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+
+
+class SparseUpsample(SparseForward):
+    def sparse(self, ctx, x, output_shape=None):
+        lp = self.level(ctx)
+        size = tuple(output_shape[2:4]) if output_shape is not None else (x.shape[2] * 2, x.shape[3] * 2)
+        if size != (lp.height, lp.width):
+            raise CacheError(f"{self.path}: upsampling to {size}, but the plan's level is {lp.height}x{lp.width}")
+        out = _sparse_conv(ctx, x, self.module.conv, lp, "up", in_size=tuple(x.shape[-2:]))
+        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+
+
+class SparseOutput(SparseForward):
+    """The output head (GroupNorm, SiLU, conv), composited with the edit mask: outside it, the cached output."""
+
+    def __call__(self, h):
+        ctx = current_step()
+        if ctx is None or ctx.edit is None:
+            return self.original(h)
+        dense = ctx.edit.is_dense(ctx.step) or ctx.edit.plan.levels[0].full
+        fresh = self.original(h) if dense else self.sparse(ctx, h)
+        cached = ctx.edit.cached(ctx, "out", fresh)
+        return torch.where(ctx.edit.mask_rows(ctx, fresh.device), fresh, cached)
+
+    def sparse(self, ctx, h):
+        norm, conv = self.module[0], self.module[2]
+        lp = ctx.edit.plan.levels[0]
+        stats = ctx.edit.group_stats(ctx, "out.0", h, norm.num_groups)
+        out = _sparse_conv(ctx, h, conv, lp, "conv3", norm, stats)
+        return R.scatter_tiles(ctx.edit.cached(ctx, "out", h), out, lp.tiles, lp.tile)
+
+
+class SparseSpatialTransformer(SparseForward):
+    def sparse(self, ctx, x, context=None, transformer_options={}):
+        m, lp = self.module, self.level(ctx)
+        if transformer_options.get("patches") or transformer_options.get("patches_replace"):
+            raise CacheError("another node pack patches attention in this model; FISEdit's sparse sampler cannot "
+                             "honour such patches: remove them from the model used for the edit")
+        blocks = m.transformer_blocks
+        contexts = context if isinstance(context, list) else [context] * len(blocks)
+        n, c, height, width = x.shape
+        tokens_idx = lp.tokens(x.device)
+        x_active = x.flatten(2)[:, :, tokens_idx]                      # [N, C, P]
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.norm", x, m.norm.num_groups)
+        with host.cast_weights(m.norm, x) as (gw, gb):
+            t = R.group_norm_silu_patches(x_active[..., None, None], stats, gw, gb, m.norm.eps, None, silu=False)
+        t = t[..., 0, 0]
+        if m.use_linear:
+            t = m.proj_in(t.transpose(1, 2))
+        else:
+            t = m.proj_in(t[..., None]).squeeze(-1).transpose(1, 2)    # a 1x1 conv on the active tokens
+        for j, block in enumerate(blocks):
+            transformer_options["block_index"] = j
+            t = self._block(ctx, block, f"{self.path}.transformer_blocks.{j}", t, contexts[j], tokens_idx,
+                            transformer_options)
+        if m.use_linear:
+            t = m.proj_out(t).transpose(1, 2)
+        else:
+            t = m.proj_out(t.transpose(1, 2)[..., None]).squeeze(-1)
+        out = ctx.edit.cached(ctx, self.path, x).flatten(2).clone()
+        out[:, :, tokens_idx] = (t + x_active).to(out.dtype)
+        return out.view(n, -1, height, width)
+
+    @staticmethod
+    def _block(ctx, block, path, x, context, tokens_idx, transformer_options):
+        if block.ff_in or block.disable_self_attn or block.attn2 is None or block.switch_temporal_ca_to_sa:
+            raise CacheError(f"{path}: this transformer block variant is not supported by FISEdit")
+        attn1 = block.attn1
+        n = block.norm1(x)
+        q = attn1.to_q(n)
+        k = ctx.edit.cached(ctx, f"{path}.attn1:k", n).clone()
+        v = ctx.edit.cached(ctx, f"{path}.attn1:v", n).clone()
+        # not attn1.to_k(n): the recording hooks on to_k / to_v expect every token; the full K/V is recorded below
+        for full, proj in ((k, attn1.to_k), (v, attn1.to_v)):
+            with host.cast_weights(proj, n) as (w, b):
+                full[:, tokens_idx] = torch.nn.functional.linear(n, w, b).to(full.dtype)
+        ctx.recording.record(f"{path}.attn1:k", ctx, k)
+        ctx.recording.record(f"{path}.attn1:v", ctx, v)
+        a = host.attention()(q, k, v, attn1.heads, attn_precision=attn1.attn_precision,
+                             transformer_options=transformer_options)
+        x = attn1.to_out(a) + x
+        x = block.attn2(block.norm2(x), context=context, transformer_options=transformer_options) + x
+        x_skip = x
+        x = block.ff(block.norm3(x))
+        return x_skip + x if block.is_res else x
+
+
+SPARSE_FORWARDS = {
+    "resblock": SparseResBlock, "transformer": SparseSpatialTransformer, "conv_in": SparseConv,
+    "downsample": SparseDownsample, "upsample": SparseUpsample,
+}

@@ -1,0 +1,85 @@
+"""Edit nodes: where to edit (FISEditDifferenceMask) and the sparse re-sampling itself (FISEditSparseKSampler)."""
+from __future__ import annotations
+
+from fisedit_engine import api
+from fisedit_engine.edit import STATS_MODES
+from fisedit_engine.plan import DEFAULT_TILE
+
+from .cache_nodes import CACHE_TYPE, CATEGORY
+
+EDIT_TYPE = "FISEDIT_EDIT"
+
+
+class FISEditDifferenceMask:
+    DESCRIPTION = ("Decides where the edited prompt may change the cached image. Mode 'user': your mask, dilated. "
+                   "The automatic modes come in a later version.")
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = (EDIT_TYPE, "MASK", "IMAGE")
+    RETURN_NAMES = ("edit", "mask", "preview")
+    OUTPUT_TOOLTIPS = ("The edit: connect it to FISEditSparseKSampler.",
+                       "The region that will be recomputed, at image resolution (dilated).",
+                       "The same region as an image, for a preview node.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model of the cached generation."}),
+                "cache": (CACHE_TYPE, {"tooltip": "The cached generation to edit (FISEditCacheStore or Load)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The edited prompt, encoded with the generation's CLIP."}),
+                "mask_mode": (["user"], {"tooltip": "user: recompute the region of user_mask."}),
+                "dilate": ("INT", {"default": 1, "min": 0, "max": 64, "tooltip": (
+                    "Grow the mask by this many latent pixels (8 image pixels each) so the edit can blend in.")}),
+            },
+            "optional": {
+                "user_mask": ("MASK", {"tooltip": "The region to edit, at the image's size (white = edit)."}),
+            },
+        }
+
+    def execute(self, model, cache, positive, mask_mode, dilate, user_mask=None):
+        return api.user_mask_edit(model, cache, positive, user_mask, dilate)
+
+
+class FISEditSparseKSampler:
+    DESCRIPTION = ("Re-runs the cached generation with the edited prompt, computing only the edit's region; "
+                   "everything outside the mask stays exactly as it was. Sampler, steps, seed, cfg and the negative "
+                   "prompt come from the cache.")
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = ("LATENT", CACHE_TYPE)
+    RETURN_NAMES = ("latent", "cache")
+    OUTPUT_TOOLTIPS = ("The edited latent: decode it with VAEDecode (or FISEditDecode).",
+                       "The edited result as a new cache: the base for the next edit.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The same model the cached generation used."}),
+                "edit": (EDIT_TYPE, {"tooltip": "The edit from FISEditDifferenceMask."}),
+            },
+            "optional": {
+                "dense_tail": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "Fraction of the last steps to compute densely (fresh context everywhere) to soften seams; "
+                    "outside the mask the result stays exact either way. 0 = fastest.")}),
+                "gn_statistics": (list(STATS_MODES), {"default": "exact", "tooltip": (
+                    "exact: GroupNorm statistics of the whole map (cached outside, fresh inside). cached: the "
+                    "original run's statistics (the paper's approximation).")}),
+                "tile_size": ("INT", {"default": DEFAULT_TILE, "min": 1, "max": 64, "tooltip": (
+                    "Side of the tiles the sparse levels are computed in, in latent pixels.")}),
+            },
+        }
+
+    def execute(self, model, edit, dense_tail=0.0, gn_statistics="exact", tile_size=DEFAULT_TILE):
+        return api.sparse_sample(model, edit, dense_tail, gn_statistics, tile_size)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FISEditDifferenceMask": FISEditDifferenceMask,
+    "FISEditSparseKSampler": FISEditSparseKSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FISEditDifferenceMask": "FISEdit Difference Mask",
+    "FISEditSparseKSampler": "FISEdit Sparse KSampler",
+}

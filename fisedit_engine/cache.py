@@ -111,7 +111,7 @@ class FisEditCache:
     store: StepTensors
     noise: torch.Tensor               # the sampler's initial noise [B, C, H, W]
     latent_image: torch.Tensor        # the sampler's input latent (zeros for txt2img; img2img source otherwise)
-    final_latent: torch.Tensor        # the sampler's output, model space
+    final_latent: torch.Tensor        # the sampler's LATENT output, exactly as nodes received it
     conds: dict = field(default_factory=dict)  # "positive"/"negative" -> CONDITIONING ([[tensor, extras], ...])
 
     def read(self, key: str, step: int, chunk: int = COND, sample: int | None = None) -> torch.Tensor:

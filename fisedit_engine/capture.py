@@ -64,7 +64,7 @@ class Recording:
         self.evaluated: set[tuple[int, int]] = set()
         self.last_step = -1
         self.partial_settings: dict = {}
-        self.noise = self.latent_image = self.final_latent = self.output_latent = None
+        self.noise = self.latent_image = self.final_latent = None
         self.conds: dict = {}
 
     @property
@@ -147,7 +147,7 @@ class Recording:
             self.fail(f"sampling stopped after step {self.last_step + 1} of {steps} with "
                       f"{type(exc).__name__}: {exc}; re-run the sampler")
 
-    def finish(self, final_latent: torch.Tensor, output_latent: torch.Tensor) -> None:
+    def finish(self, final_latent: torch.Tensor) -> None:
         if self.state != "recording":
             return
         if torch.cuda.is_available():
@@ -159,7 +159,6 @@ class Recording:
                       f"{host.CHUNK_NAMES[chunk]} step {step}; the sampler skipped steps")
             return
         self.final_latent = final_latent.detach().cpu()
-        self.output_latent = output_latent.detach().cpu()
         self.state = "complete"
 
     def _free(self) -> None:
@@ -187,6 +186,7 @@ class CacheHandle:
         self.registry = registry
         self.min_sparse_positions = min_sparse_positions
         self.recording: Recording | None = None
+        self.edit_summary: str | None = None  # set on the handle an edit returns
 
     def __deepcopy__(self, memo):
         return self
@@ -252,8 +252,7 @@ class CaptureOuterSample(_CaptureWrapper):
         hooks = _install_hooks(unet, rec)
         try:
             out = executor(*args, **kwargs)
-            # outer_sample returns the LATENT as nodes see it; the cache keeps the model-space latent as well.
-            rec.finish(guider.model_patcher.model.process_latent_in(out), out)
+            rec.finish(out)  # outer_sample returns the LATENT as nodes receive it
             return out
         except BaseException as e:
             rec.abort(e)
@@ -351,7 +350,7 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
     if rec.state == "recording":
         raise CacheError(f"the captured generation is incomplete (sampling stopped after step {rec.last_step + 1} "
                          f"of {rec.store.steps}); re-run the sampler")
-    produced = rec.output_latent
+    produced = rec.final_latent
     given = latent_samples.detach().cpu().to(produced.dtype)
     if given.shape != produced.shape or not torch.equal(given, produced):
         raise CacheError(f"this LATENT ({tuple(given.shape)}) is not the output of the sampler that ran the captured "

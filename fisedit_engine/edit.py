@@ -119,9 +119,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     if spec.mask.shape[0] not in (1, batch) or tuple(spec.mask.shape[-2:]) != tuple(s.latent_shape[-2:]):
         raise CacheError(f"the edit mask {tuple(spec.mask.shape)} does not fit the cached latent "
                          f"{s.latent_shape} ({s.describe()})")
-    process_out = model.model.process_latent_out
     if not spec.mask.any():  # nothing to recompute: the original, exactly
-        return process_out(source.final_latent.clone()), spec.cache
+        return source.final_latent.clone(), spec.cache
 
     unet = model.model.diffusion_model
     layout = UNetLayout.from_unet(unet)
@@ -147,9 +146,10 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
                                  source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
     seconds = time.perf_counter() - t0
     seal(handle, samples)
-    log.info("FISEdit edit of '%s': mask %.1f%% of the latent, %d sparse + %d dense steps, %.2fs; %s",
-             source.name, 100 * float(spec.mask.float().mean()), s.steps - dense_steps, dense_steps, seconds,
-             plan.describe())
+    handle.edit_summary = (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of "
+                           f"the latent, {s.steps - dense_steps} sparse + {dense_steps} dense steps, {seconds:.2f}s; "
+                           f"{plan.describe()}")
+    log.info("%s", handle.edit_summary)
     return samples, handle
 
 

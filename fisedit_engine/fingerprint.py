@@ -21,7 +21,8 @@ def _update_with_tensor(h, t: torch.Tensor, full: bool = False) -> None:
     t = t.detach()
     flat = t.reshape(-1)
     if not full and flat.numel() > _SAMPLES_PER_TENSOR:
-        idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+        # integer spacing: float32 linspace cannot address the last element of tensors over 2**24 elements
+        idx = torch.arange(_SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // (_SAMPLES_PER_TENSOR - 1)
         flat = flat[idx]
     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
     h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -72,7 +72,12 @@ class FISEditSparseKSampler:
         }
 
     def execute(self, model, edit, dense_tail=0.0, gn_statistics="exact", tile_size=DEFAULT_TILE):
-        return api.sparse_sample(model, edit, dense_tail, gn_statistics, tile_size)
+        latent, cache = api.sparse_sample(model, edit, dense_tail, gn_statistics, tile_size)
+        if cache is edit.cache:
+            summary = "FISEdit: the mask is empty; the original is returned unchanged"
+        else:
+            summary = cache.edit_summary
+        return {"ui": {"text": [summary]}, "result": (latent, cache)}
 
 
 NODE_CLASS_MAPPINGS = {

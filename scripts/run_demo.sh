@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: sets up the host, builds the built-in random-weight SD1.5-structured checkpoint, and runs the example
-# workflow (generate + FISEdit capture + store) in a real ComfyUI, headless. Outputs land in out/demo/.
+# edit workflow in a real ComfyUI, headless: generate + capture + store, then edit the prompt inside a user mask with
+# the sparse sampler. Outputs land in out/demo/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_host.sh"
@@ -10,5 +11,5 @@ if [ ! -f "$CKPT" ]; then
     mkdir -p "$MODELS"
     "$ROOT/.venv/bin/python" "$ROOT/scripts/make_test_checkpoint.py" "$CKPT" --arch sd15-small --seed 0
 fi
-exec "$ROOT/.venv/bin/python" "$ROOT/scripts/run_workflow.py" "$ROOT/workflows/capture_store_api.json" \
+exec "$ROOT/.venv/bin/python" "$ROOT/scripts/run_workflow.py" "$ROOT/workflows/edit_user_mask_api.json" \
     --models "$MODELS" --out "${FISEDIT_DEMO_OUT:-$ROOT/out/demo}"

@@ -76,11 +76,12 @@ def conditioning(arch: str, seed: int, batch: int = 1):
     return [[torch.randn(batch, 77, ctx, generator=gen), extras]]
 
 
-def sample(model, arch, batch=1, cfg=7.0, sampler="euler", seed=3, size=16, steps=STEPS, callback=None):
+def sample(model, arch, batch=1, cfg=7.0, sampler="euler", seed=3, size=16, steps=STEPS, callback=None,
+           prompt_seed=11):
     import comfy.sample
     latent = torch.zeros(batch, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
-    pos, neg = conditioning(arch, 11), conditioning(arch, 12)
+    pos, neg = conditioning(arch, prompt_seed), conditioning(arch, 12)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", pos, neg, latent, seed=seed,
                                    callback=callback, disable_pbar=True)

@@ -32,9 +32,8 @@ def test_capture_store_workflow_runs_and_saves_a_loadable_cache(models_dir, tmp_
     assert cache.settings.steps == 8 and cache.settings.chunks == (0, 1) and cache.settings.seed == 42
     from safetensors.torch import load_file
     saved_latent = load_file(latent)["latent_tensor"]
-    assert saved_latent.shape == cache.final_latent.shape == (1, 4, 16, 16)
-    # the cache keeps the model-space latent; the LATENT is it divided by SD1.5's scale factor
-    assert torch.allclose(saved_latent, cache.final_latent / 0.18215, rtol=1e-6, atol=1e-6)
+    assert saved_latent.shape == (1, 4, 16, 16)
+    assert torch.equal(saved_latent, cache.final_latent)  # the cache keeps the sampler's LATENT exactly
 
 
 def test_a_node_error_fails_with_the_hosts_message(models_dir, tmp_path):
@@ -45,3 +44,21 @@ def test_a_node_error_fails_with_the_hosts_message(models_dir, tmp_path):
     proc, summary = run(bad, models_dir, tmp_path / "out")
     assert proc.returncode == 1 and not summary["ok"]
     assert "node 6 (KSampler)" in proc.stderr and "steps" in proc.stderr
+
+
+def test_edit_workflow_with_a_user_mask(models_dir, tmp_path):
+    """Capture, store, edit with a user mask, save the latents: outside the dilated mask the edited latent is the
+    original, exactly (I4); inside it changed."""
+    from safetensors.torch import load_file
+    proc, summary = run(ROOT / "workflows" / "edit_user_mask_api.json", models_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = summary["nodes"]
+    original = load_file(nodes["19"]["files"][0])["latent_tensor"]
+    edited = load_file(nodes["20"]["files"][0])["latent_tensor"]
+    assert all(Path(f).is_file() for n in ("9", "17", "18") for f in nodes[n]["files"])
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[:, 4 - 1:9 + 1, 5 - 1:11 + 1] = True  # the 48x40 px box at (40, 32) in latent pixels, dilated by 1
+    outside = ~mask[:, None].expand_as(edited)
+    assert torch.equal(edited[outside], original[outside])
+    assert not torch.equal(edited[~outside], original[~outside])
+    assert nodes["15"]["seconds"] > 0

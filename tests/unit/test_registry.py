@@ -77,3 +77,4 @@ def test_reservations_count_against_the_budget_and_evict():
                                             ("1.5k", 1536), ("25%", 250)])
 def test_parse_budget(text, expected):
     assert parse_budget(text, available=1000) == expected
+

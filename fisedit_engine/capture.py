@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from . import comfy_adapter as host
-from .cache import STATS_DTYPE, CacheError, FisEditCache, SamplingSettings, StepTensors
+from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
+from .kernels.reference import group_stats
 from .layout import DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet
 from .registry import CacheRegistry
 
@@ -294,12 +295,6 @@ def _current(rec: Recording) -> StepContext | None:
     return ctx if ctx is not None and ctx.recording is rec and rec.active else None
 
 
-def _group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[N, groups, 2]: mean and biased variance per sample and group, in fp32, as GroupNorm computes them."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).to(STATS_DTYPE), dim=-1, unbiased=False)
-    return torch.stack([mean, var], dim=-1)
-
-
 def _install_hooks(unet, rec: Recording) -> list:
     modules = dict(unet.named_modules())
     handles = []
@@ -314,7 +309,7 @@ def _install_hooks(unet, rec: Recording) -> list:
             def hook(m, inputs, key=key, groups=groups):
                 ctx = _current(rec)
                 if ctx is not None:
-                    rec.record(key, ctx, _group_stats(inputs[0], groups))
+                    rec.record(key, ctx, group_stats(inputs[0], groups))
             handles.append(module.register_forward_pre_hook(hook))
         elif t.what == "input":
             def hook(m, inputs, key=key):

@@ -51,7 +51,7 @@ def outer_sample_args(args: tuple, kwargs: dict) -> dict:
     """Names CFGGuider.outer_sample's arguments (noise, latent_image, sampler, sigmas, denoise_mask, callback,
     disable_pbar, seed)."""
     names = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
-    named = dict(zip(names, args))
+    named = dict(zip(names, args, strict=False))  # later ComfyUI versions pass more
     named.update({k: v for k, v in kwargs.items() if k in names})
     return named
 

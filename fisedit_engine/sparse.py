@@ -130,8 +130,9 @@ class SparseOutput(SparseForward):
 
 
 class SparseSpatialTransformer(SparseForward):
-    def sparse(self, ctx, x, context=None, transformer_options={}):
+    def sparse(self, ctx, x, context=None, transformer_options=None):
         m, lp = self.module, self.level(ctx)
+        transformer_options = {} if transformer_options is None else transformer_options
         if transformer_options.get("patches") or transformer_options.get("patches_replace"):
             raise CacheError("another node pack patches attention in this model; FISEdit's sparse sampler cannot "
                              "honour such patches: remove them from the model used for the edit")

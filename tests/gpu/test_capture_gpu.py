@@ -21,7 +21,7 @@ def test_capture_on_gpu_is_bit_identical_and_pinned(host, arch, dtype):
     assert torch.equal(ref, out)
     cache, _ = api.store(handle, {"samples": out})
     assert cache.settings.dtype == str(dtype).removeprefix("torch.")
-    for (key, chunk), t in cache.store.tensors.items():
+    for (key, _), t in cache.store.tensors.items():
         assert t.is_pinned(), key
         assert t.dtype == (torch.float32 if key.endswith(":stats") or key == "x" else dtype), key
         assert torch.isfinite(t.float()).all(), key

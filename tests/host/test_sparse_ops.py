@@ -129,9 +129,9 @@ def test_spatial_transformer(models, arch, hw, tile, seed):
                 cached = rand(n, h * w, inner, seed=20 + 2 * j + (what == "v"))
                 source.set(f"{block.path}.transformer_blocks.{j}.attn1:{what}", cached)
 
-                def replace_inactive(mod, inp, out, cached=cached):  # the dense reference's exact context
+                def replace_inactive(mod, inp, out, cached=cached, inactive=inactive_tokens):  # exact context
                     out = out.clone()
-                    out[:, inactive_tokens] = cached[:, inactive_tokens]
+                    out[:, inactive] = cached[:, inactive]
                     return out
                 hooks.append(proj.register_forward_hook(replace_inactive))
         try:

@@ -93,6 +93,7 @@ def summary(handle: CacheHandle) -> str:
 def user_mask_edit(model, cache: CacheHandle, positive: list, user_mask, dilate: int):
     """FISEditDifferenceMask in user mode: the edit spec, the mask at image resolution, and a preview image."""
     import torch.nn.functional as F
+    from .decode import latent_preview
     from .edit import EditSpec, check_model, latent_mask
     if not isinstance(cache, CacheHandle):
         raise CacheError("connect a FISEDIT_CACHE (from FISEditCacheStore or FISEditCacheLoad) to 'cache'")
@@ -105,8 +106,7 @@ def user_mask_edit(model, cache: CacheHandle, positive: list, user_mask, dilate:
         raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}")
     mask = latent_mask(user_mask, (h, w), dilate)
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
-    preview = image_mask[..., None].expand(*image_mask.shape, 3).contiguous()
-    return EditSpec(cache, positive, mask, mode="user"), image_mask, preview
+    return EditSpec(cache, positive, mask, mode="user"), image_mask, latent_preview(model, source, mask)
 
 
 def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):
@@ -114,4 +114,15 @@ def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size:
     if not isinstance(edit, EditSpec):
         raise CacheError("connect the FISEDIT_EDIT output of FISEditDifferenceMask to 'edit'")
     samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics, tile_size=tile_size)
+    edit.result = handle if handle is not edit.cache else None
     return {"samples": samples}, handle
+
+
+def decode(vae, samples: dict, edit):
+    """FISEditDecode: the edited image, exactly the original outside the edit's dilated mask."""
+    from .decode import decode_edit
+    from .edit import EditSpec
+    if not isinstance(edit, EditSpec):
+        raise CacheError("connect the FISEDIT_EDIT output of FISEditDifferenceMask to 'edit'")
+    result = edit.result.get() if edit.result is not None else None
+    return decode_edit(vae, samples["samples"], edit.mask, edit.cache.get(), result)

@@ -111,6 +111,7 @@ class FisEditCache:
     latent_image: torch.Tensor        # the sampler's input latent (zeros for txt2img; img2img source otherwise)
     final_latent: torch.Tensor        # the sampler's LATENT output, exactly as nodes received it
     conds: dict = field(default_factory=dict)  # "positive"/"negative" -> CONDITIONING ([[tensor, extras], ...])
+    images: dict = field(default_factory=dict)  # VAE fingerprint -> decoded image [B, H, W, 3] (decode.py; in memory)
 
     def read(self, key: str, step: int, chunk: int = COND, sample: int | None = None) -> torch.Tensor:
         t = self.store.tensors.get((key, chunk))

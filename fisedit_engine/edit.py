@@ -42,7 +42,7 @@ class EditSpec:
     positive: list
     mask: torch.Tensor                      # [B or 1, H, W] bool at latent resolution, dilated
     mode: str = "user"
-    info: dict = field(default_factory=dict)
+    result: CacheHandle | None = None       # the edited result's cache, once FISEditSparseKSampler has run
 
     def __deepcopy__(self, memo):
         return self

@@ -98,3 +98,12 @@ def model_fingerprint(patcher) -> str:
         if fn in patcher.model_options:
             h.update(fn.encode())
     return h.hexdigest()[:16]
+
+
+def vae_fingerprint(vae) -> str:
+    """Which VAE decoded an image: a strided sample of its weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.first_stage_model.state_dict().items()):
+        h.update(name.encode())
+        _update_with_tensor(h, tensor)
+    return h.hexdigest()[:16]

@@ -55,10 +55,18 @@ def test_edit_workflow_with_a_user_mask(models_dir, tmp_path):
     nodes = summary["nodes"]
     original = load_file(nodes["19"]["files"][0])["latent_tensor"]
     edited = load_file(nodes["20"]["files"][0])["latent_tensor"]
-    assert all(Path(f).is_file() for n in ("9", "17", "18") for f in nodes[n]["files"])
+    assert all(Path(f).is_file() for n in ("9", "17", "18", "22") for f in nodes[n]["files"])
     mask = torch.zeros(1, 16, 16, dtype=torch.bool)
     mask[:, 4 - 1:9 + 1, 5 - 1:11 + 1] = True  # the 48x40 px box at (40, 32) in latent pixels, dilated by 1
     outside = ~mask[:, None].expand_as(edited)
     assert torch.equal(edited[outside], original[outside])
     assert not torch.equal(edited[~outside], original[~outside])
     assert nodes["15"]["seconds"] > 0
+    # FISEditDecode: outside the dilated mask the saved pixels are the original image's, bit for bit
+    import numpy as np
+    from PIL import Image
+    pixels = {n: np.asarray(Image.open(nodes[n]["files"][0])) for n in ("9", "17", "22")}
+    pixel_mask = mask[0].repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
+    assert (pixels["17"][~pixel_mask] == pixels["9"][~pixel_mask]).all()
+    assert (pixels["17"][pixel_mask] != pixels["9"][pixel_mask]).any()
+    assert (pixels["22"][~pixel_mask] != pixels["9"][~pixel_mask]).any()  # a plain VAEDecode changes more

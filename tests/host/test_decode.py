@@ -1,0 +1,94 @@
+"""FISEditDecode and the mask preview, with the real VAE of the sd15-small checkpoint."""
+import pytest
+import torch
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(models_dir):
+    import comfy.sd
+    model, _, vae = comfy.sd.load_checkpoint_guess_config(str(models_dir / "sd15-small.safetensors"),
+                                                          output_vae=True, output_clip=False)[:3]
+    return model, vae
+
+
+def cond(seed):
+    return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.fixture(scope="module")
+def source(checkpoint):
+    import comfy.sample
+    from fisedit_engine import api
+    model, _ = checkpoint
+    captured, handle = api.capture(model, "decode-src")
+    latent = torch.zeros(2, 4, 16, 24)
+    with torch.inference_mode():
+        out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, 5), STEPS, 7.0, "euler", "normal",
+                                  cond(1), cond(2), latent, seed=5, disable_pbar=True)
+    api.store(handle, {"samples": out})
+    return handle, out
+
+
+def edit_and_decode(checkpoint, handle, mask, prompt_seed):
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec
+    model, vae = checkpoint
+    spec = EditSpec(handle, cond(prompt_seed), mask)
+    with torch.inference_mode():
+        latent, result = api.sparse_sample(model, spec, 0.0, "exact", 4)
+        return api.decode(vae, latent, spec), spec, result
+
+
+def pixel_mask(mask):
+    return mask.repeat_interleave(8, 1).repeat_interleave(8, 2)
+
+
+def test_decode_is_the_original_outside_the_mask_bit_for_bit(checkpoint, source):
+    _, vae = checkpoint
+    handle, original_latent = source
+    with torch.inference_mode():
+        original = vae.decode(original_latent).cpu()
+    mask = torch.zeros(2, 16, 24, dtype=torch.bool)
+    mask[0, 3:8, 4:10] = True
+    mask[1, 9:14, 15:22] = True
+    image, _, _ = edit_and_decode(checkpoint, handle, mask, 77)
+    outside = ~pixel_mask(mask)
+    assert image.shape == original.shape
+    assert torch.equal(image[outside], original[outside])
+    assert not torch.equal(image[~outside], original[~outside])
+
+
+def test_a_chained_edit_keeps_the_first_edits_pixels(checkpoint, source):
+    handle, _ = source
+    first_mask = torch.zeros(2, 16, 24, dtype=torch.bool)
+    first_mask[:, 3:8, 4:10] = True
+    first, spec, first_result = edit_and_decode(checkpoint, handle, first_mask, 77)
+    assert spec.result is first_result
+    second_mask = torch.zeros_like(first_mask)
+    second_mask[:, 9:14, 14:20] = True
+    second, _, _ = edit_and_decode(checkpoint, first_result, second_mask, 78)
+    outside = ~pixel_mask(second_mask)
+    assert torch.equal(second[outside], first[outside])
+
+
+def test_an_empty_mask_decodes_to_the_original(checkpoint, source):
+    _, vae = checkpoint
+    handle, original_latent = source
+    image, _, _ = edit_and_decode(checkpoint, handle, torch.zeros(2, 16, 24, dtype=torch.bool), 77)
+    with torch.inference_mode():
+        assert torch.equal(image, vae.decode(original_latent).cpu())
+
+
+def test_preview_tints_the_mask_over_the_cached_image(checkpoint, source):
+    from fisedit_engine import api
+    model, _ = checkpoint
+    handle, _ = source
+    user_mask = torch.zeros(2, 128, 192)
+    user_mask[:, 24:64, 32:96] = 1.0
+    spec, mask, preview = api.user_mask_edit(model, handle, cond(3), user_mask, dilate=0)
+    assert mask.shape == (2, 128, 192) and torch.equal(mask > 0, user_mask > 0)
+    assert preview.shape == (2, 128, 192, 3) and 0 <= preview.min() and preview.max() <= 1
+    inside, outside = preview[:, 30, 40], preview[:, 100, 150]
+    assert (inside[:, 0] >= 0.5).all() and not torch.equal(inside, outside)

@@ -90,23 +90,46 @@ def summary(handle: CacheHandle) -> str:
 
 
 
-def user_mask_edit(model, cache: CacheHandle, positive: list, user_mask, dilate: int):
-    """FISEditDifferenceMask in user mode: the edit spec, the mask at image resolution, and a preview image."""
+MASK_MODES = ("auto", "auto+user", "user")
+THRESHOLDS = ("otsu", "edit_size")
+DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
+
+
+def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
+                    probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15):
+    """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
+
+    auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
+    `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50)."""
     import torch.nn.functional as F
     from .decode import latent_preview
     from .edit import EditSpec, check_model, latent_mask
+    from .mask import threshold_mask
+    from .probe import run_probe
     if not isinstance(cache, CacheHandle):
         raise CacheError("connect a FISEDIT_CACHE (from FISEditCacheStore or FISEditCacheLoad) to 'cache'")
-    if user_mask is None:
-        raise CacheError("mask_mode 'user' needs a user_mask: connect a MASK of the image's size")
+    if mask_mode not in MASK_MODES:
+        raise CacheError(f"mask_mode must be one of {MASK_MODES}, got '{mask_mode}'")
+    if threshold not in THRESHOLDS:
+        raise CacheError(f"threshold must be one of {THRESHOLDS}, got '{threshold}'")
     source = cache.get()
     check_model(model, source)
     batch, _, h, w = source.settings.latent_shape
-    if user_mask.dim() == 3 and user_mask.shape[0] not in (1, batch):
-        raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}")
-    mask = latent_mask(user_mask, (h, w), dilate)
+    masks, probe = [], None
+    if mask_mode in ("user", "auto+user"):
+        if user_mask is None:
+            raise CacheError(f"mask_mode '{mask_mode}' needs a user_mask: connect a MASK of the image's size")
+        if user_mask.dim() == 3 and user_mask.shape[0] not in (1, batch):
+            raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}")
+        masks.append(latent_mask(user_mask, (h, w), dilate))
+    if mask_mode in ("auto", "auto+user"):
+        steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
+        probe, _ = run_probe(model, source, positive, steps)
+        masks.append(threshold_mask(probe.difference, threshold, edit_size, dilate_px=dilate))
+    mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
-    return EditSpec(cache, positive, mask, mode="user"), image_mask, latent_preview(model, source, mask)
+    spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
+    return spec, image_mask, latent_preview(model, source, mask)
 
 
 def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):

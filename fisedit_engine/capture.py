@@ -115,6 +115,12 @@ class Recording:
         for i, chunk in enumerate(ctx.chunks):
             self._write(key, chunk, ctx.step, rows[i * b:(i + 1) * b])
 
+    def copy_step(self, source: StepTensors, ctx: StepContext, skip=()) -> None:
+        """Records, for this step and the call's chunks, every tensor of `source` (a step that ran no model)."""
+        for (key, chunk), t in source.tensors.items():
+            if key not in skip and chunk in ctx.chunks:
+                self._write(key, chunk, ctx.step, t[ctx.step])
+
     def record_latent(self, ctx: StepContext, x: torch.Tensor) -> None:
         written = self.store.written.get((LATENT_KEY, host.COND))
         if written is None or not written[ctx.step]:
@@ -278,6 +284,8 @@ class CaptureApplyModel(_CaptureWrapper):
             return executor(*args, **kwargs)
         rec.record_latent(ctx, x)
         ctx.edit = self.edit
+        if self.edit is not None and self.edit.replays(ctx.step):
+            return self.edit.replay(ctx, x, args[1] if len(args) > 1 else kwargs["t"], executor.class_obj.model_sampling)
         token = _step_context.set(ctx)
         try:
             return executor(*args, **kwargs)

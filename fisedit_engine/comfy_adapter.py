@@ -171,3 +171,27 @@ def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent
     import comfy.sample
     return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                       callback=callback, disable_pbar=False, seed=seed)
+
+
+def probe_guider(model, positive, negative, cfg: float, uncond_denoised):
+    """A CFG guider that runs the model on the positive conditioning only and takes the negative prediction from
+    `uncond_denoised(x, sigma)`, combining them exactly as ComfyUI's sampling_function does."""
+    import math
+    import comfy.samplers
+
+    class ProbeGuider(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+            cond = self.conds.get("positive")
+            cond_pred = comfy.samplers.calc_cond_batch(self.inner_model, [cond], x, timestep, model_options)[0]
+            cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+            # with cfg 1 ComfyUI skips the negative branch and combines with zeros; so do we
+            uncond_pred = cond_pred.new_zeros(cond_pred.shape) if cfg1 else uncond_denoised(x, timestep)
+            return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
+                                               model_options=model_options, cond=cond,
+                                               uncond=None if cfg1 else self.conds.get("negative"))
+
+    guider = ProbeGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+

@@ -25,8 +25,9 @@ from .cache import CacheError, FisEditCache
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, StepContext, seal
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .kernels import reference as R
-from .layout import UNetLayout
+from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
+from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput
 
@@ -42,6 +43,7 @@ class EditSpec:
     positive: list
     mask: torch.Tensor                      # [B or 1, H, W] bool at latent resolution, dilated
     mode: str = "user"
+    probe: ProbeState | None = None         # auto modes: the probe steps, replayed instead of recomputed
     result: CacheHandle | None = None       # the edited result's cache, once FISEditSparseKSampler has run
 
     def __deepcopy__(self, memo):
@@ -55,10 +57,29 @@ class EditState:
     source: FisEditCache
     dense_from: int
     stats_mode: str = "exact"
+    probe: ProbeState | None = None
     _mask_rows: dict = field(default_factory=dict)
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
+
+    def replays(self, step: int) -> bool:
+        return self.probe is not None and step < self.probe.steps
+
+    def replay(self, ctx: StepContext, x: torch.Tensor, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
+        """A probe step without a model call: inside the mask the probe's positive output, everywhere else (and
+        for the negative branch, as in the probe) the cached output. Inside the mask this retraces the probe,
+        outside it the original generation, bit for bit. The result cache takes the source's activations."""
+        outputs = []
+        for chunk in ctx.chunks:
+            cached = self.source.read(MODEL_OUTPUT_KEY, ctx.step, chunk)
+            if chunk == host.COND:
+                cached = torch.where(self.plan.mask[:, None], self.probe.cond_outputs[ctx.step], cached)
+            outputs.append(cached)
+        eps = torch.cat(outputs).to(x.device)
+        ctx.recording.record(MODEL_OUTPUT_KEY, ctx, eps)
+        ctx.recording.copy_step(self.source.store, ctx, skip=(MODEL_OUTPUT_KEY, LATENT_KEY))
+        return model_sampling.calculate_denoised(sigma, eps.float(), x)
 
     def cached(self, ctx: StepContext, key: str, like: torch.Tensor) -> torch.Tensor:
         """The source cache's `key` at this step, rows ordered like the model call's chunks."""
@@ -126,7 +147,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     layout = UNetLayout.from_unet(unet)
     plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
     dense_steps = round(dense_tail * s.steps)
-    state = EditState(plan, source, s.steps - dense_steps, stats_mode)
+    state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe)
+    replayed = spec.probe.steps if spec.probe is not None else 0
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
     handle = CacheHandle(name, registry(), s.min_sparse_positions)
@@ -147,8 +169,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     seconds = time.perf_counter() - t0
     seal(handle, samples)
     handle.edit_summary = (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of "
-                           f"the latent, {s.steps - dense_steps} sparse + {dense_steps} dense steps, {seconds:.2f}s; "
-                           f"{plan.describe()}")
+                           f"the latent, {replayed} probe steps replayed, {s.steps - dense_steps - replayed} sparse + "
+                           f"{dense_steps} dense steps, {seconds:.2f}s; {plan.describe()}")
     log.info("%s", handle.edit_summary)
     return samples, handle
 

@@ -11,13 +11,14 @@ EDIT_TYPE = "FISEDIT_EDIT"
 
 
 class FISEditDifferenceMask:
-    DESCRIPTION = ("Decides where the edited prompt may change the cached image. Mode 'user': your mask, dilated. "
-                   "The automatic modes come in a later version.")
+    DESCRIPTION = ("Finds where the edited prompt changes the cached image. auto: runs the first steps with the "
+                   "edited prompt (the probe) and keeps where the latent departs from the cached one; user: your "
+                   "mask; auto+user: both. The sparse sampler continues from the probe instead of redoing it.")
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     RETURN_TYPES = (EDIT_TYPE, "MASK", "IMAGE")
     RETURN_NAMES = ("edit", "mask", "preview")
-    OUTPUT_TOOLTIPS = ("The edit: connect it to FISEditSparseKSampler.",
+    OUTPUT_TOOLTIPS = ("The edit: connect it to FISEditSparseKSampler and FISEditDecode.",
                        "The region that will be recomputed, at image resolution (dilated).",
                        "The cached image (ComfyUI's fast latent preview) with the region tinted red.")
 
@@ -28,17 +29,28 @@ class FISEditDifferenceMask:
                 "model": ("MODEL", {"tooltip": "The model of the cached generation."}),
                 "cache": (CACHE_TYPE, {"tooltip": "The cached generation to edit (FISEditCacheStore or Load)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The edited prompt, encoded with the generation's CLIP."}),
-                "mask_mode": (["user"], {"tooltip": "user: recompute the region of user_mask."}),
+                "mask_mode": (list(api.MASK_MODES), {"default": "auto", "tooltip": (
+                    "auto: find the region from the prompt change. user: recompute the region of user_mask. "
+                    "auto+user: the union of both.")}),
+                "probe_steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": (
+                    "Steps run with the edited prompt to find the region (auto modes). 0: 20% of the cached steps, "
+                    "the paper's 10 of 50. They are not recomputed later.")}),
+                "threshold": (list(api.THRESHOLDS), {"default": "otsu", "tooltip": (
+                    "otsu: split the difference map automatically. edit_size: keep the edit_size share of the "
+                    "area that changed most.")}),
+                "edit_size": ("FLOAT", {"default": 0.15, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
+                    "With threshold edit_size: the share of the image to recompute.")}),
                 "dilate": ("INT", {"default": 1, "min": 0, "max": 64, "tooltip": (
                     "Grow the mask by this many latent pixels (8 image pixels each) so the edit can blend in.")}),
             },
             "optional": {
-                "user_mask": ("MASK", {"tooltip": "The region to edit, at the image's size (white = edit)."}),
+                "user_mask": ("MASK", {"tooltip": "user modes: the region to edit, at the image's size (white = edit)."}),
             },
         }
 
-    def execute(self, model, cache, positive, mask_mode, dilate, user_mask=None):
-        return api.user_mask_edit(model, cache, positive, user_mask, dilate)
+    def execute(self, model, cache, positive, mask_mode, probe_steps, threshold, edit_size, dilate, user_mask=None):
+        return api.difference_mask(model, cache, positive, mask_mode, user_mask, dilate, probe_steps, threshold,
+                                   edit_size)
 
 
 class FISEditSparseKSampler:

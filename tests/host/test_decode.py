@@ -87,7 +87,7 @@ def test_preview_tints_the_mask_over_the_cached_image(checkpoint, source):
     handle, _ = source
     user_mask = torch.zeros(2, 128, 192)
     user_mask[:, 24:64, 32:96] = 1.0
-    spec, mask, preview = api.user_mask_edit(model, handle, cond(3), user_mask, dilate=0)
+    spec, mask, preview = api.difference_mask(model, handle, cond(3), "user", user_mask, dilate=0)
     assert mask.shape == (2, 128, 192) and torch.equal(mask > 0, user_mask > 0)
     assert preview.shape == (2, 128, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     inside, outside = preview[:, 30, 40], preview[:, 100, 150]

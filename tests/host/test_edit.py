@@ -158,11 +158,11 @@ def test_masks_that_do_not_fit_the_image_are_refused(models, source):
     handle, _ = source("sd15", "euler", 2, 7.0, (16, 24))
     positive = tiny_models.conditioning("sd15", EDITED_SEED)
     with pytest.raises(CacheError, match=r"the mask is 128x128 but the cached image is 192x128"):
-        api.user_mask_edit(models["sd15"], handle, positive, torch.ones(1, 128, 128), dilate=1)
+        api.difference_mask(models["sd15"], handle, positive, "user", torch.ones(1, 128, 128), dilate=1)
     with pytest.raises(CacheError, match="batch 2"):
-        api.user_mask_edit(models["sd15"], handle, positive, torch.ones(3, 128, 192), dilate=1)
+        api.difference_mask(models["sd15"], handle, positive, "user", torch.ones(3, 128, 192), dilate=1)
     with pytest.raises(CacheError, match="needs a user_mask"):
-        api.user_mask_edit(models["sd15"], handle, positive, None, dilate=1)
+        api.difference_mask(models["sd15"], handle, positive, "user", None, dilate=1)
 
 
 def test_user_mask_is_pooled_to_latent_pixels_and_dilated(models, source):
@@ -170,8 +170,8 @@ def test_user_mask_is_pooled_to_latent_pixels_and_dilated(models, source):
     handle, _ = source("sd15", "euler", 2, 7.0, (16, 24))
     image_mask = torch.zeros(1, 128, 192)
     image_mask[0, 40, 60] = 1.0  # one image pixel -> latent pixel (5, 7)
-    spec, mask, preview = api.user_mask_edit(models["sd15"], handle, tiny_models.conditioning("sd15", 1), image_mask,
-                                             dilate=1)
+    spec, mask, preview = api.difference_mask(models["sd15"], handle, tiny_models.conditioning("sd15", 1), "user",
+                                              image_mask, dilate=1)
     expected = torch.zeros(1, 16, 24, dtype=torch.bool)
     expected[0, 4:7, 6:9] = True
     assert torch.equal(spec.mask, expected)

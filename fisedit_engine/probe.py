@@ -1,0 +1,97 @@
+"""Probe steps: the first steps of the edited generation, run to find where the edit changes the image.
+
+The probe runs the cached generation's own sampler over its full schedule with the edited prompt, dense, computing
+only the positive branch; the negative prediction is the cached one (the same negative prompt; at step 0 the same
+latent too, later an approximation good enough to locate the change). It stops itself at step `steps` by raising
+inside the model call, so its trajectory is exactly the one the full edit run takes, for every sampler (a truncated
+schedule would change SDE noise and multistep coefficients). It keeps the latents it passed through and the
+positive branch's model outputs: the difference of the latents to the cached ones gives the mask, and the sparse
+run replays the outputs for the probe steps instead of recomputing them (edit.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import comfy_adapter as host
+from .cache import CacheError, FisEditCache
+from .layout import LATENT_KEY, MODEL_OUTPUT_KEY
+from .mask import difference_map
+
+
+@dataclass
+class ProbeState:
+    steps: int                   # K: the probe ran steps 0..K-1
+    cond_outputs: torch.Tensor   # [K, B, C, H, W]: the positive branch's model output at each probe step
+    latents: torch.Tensor        # [K + 1, B, C, H, W]: the latent entering steps 0..K
+    difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
+
+
+class _ProbeDone(Exception):
+    """Raised inside the model call of step K: the probe has what it needs."""
+
+
+class _ProbeRecorder:
+    """APPLY_MODEL wrapper of the probe: records each step's latent and positive output; stops at step K."""
+
+    def __init__(self, sigmas: torch.Tensor, steps: int, batch: int):
+        self.sigmas, self.steps, self.batch = sigmas, steps, batch
+        self.latents: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.calls: list[list[int]] = []  # cond_or_uncond of every model call, for the tests
+        self._last_output = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def on_output(self, module, inputs, output):
+        self._last_output = output
+
+    def __call__(self, executor, *args, **kwargs):
+        x, transformer_options = host.apply_model_args(args, kwargs)
+        step = int(torch.argmin((self.sigmas - float(transformer_options["sigmas"].reshape(-1)[0])).abs()))
+        self.calls.append(list(transformer_options.get("cond_or_uncond", [])))
+        self.latents[step] = x[:self.batch].detach().cpu()
+        if step >= self.steps:
+            raise _ProbeDone()
+        out = executor(*args, **kwargs)
+        self.outputs[step] = self._last_output[:self.batch].detach().cpu()
+        return out
+
+
+def run_probe(model, source: FisEditCache, positive: list, steps: int) -> tuple[ProbeState, list[list[int]]]:
+    """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks."""
+    s = source.settings
+    if not 1 <= steps < s.steps:
+        raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
+                         f"{steps}")
+    batch = s.latent_shape[0]
+    sigmas = torch.tensor(s.sigmas)
+    recorder = _ProbeRecorder(sigmas[:-1], steps, batch)
+    patched = model.clone()
+    host.add_apply_model_wrapper(patched, recorder)
+    model_sampling = patched.get_model_object("model_sampling")
+
+    def uncond_denoised(x, sigma):
+        step = int(torch.argmin((recorder.sigmas - float(sigma.reshape(-1)[0])).abs()))
+        eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device)
+        return model_sampling.calculate_denoised(sigma, eps.float(), x)
+
+    guider = host.probe_guider(patched, positive, source.conds.get("negative", []), s.cfg, uncond_denoised)
+    sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
+    unet_out = model.model.diffusion_model.out
+    hook = unet_out.register_forward_hook(recorder.on_output)
+    try:
+        guider.sample(source.noise, source.latent_image, sampler, sigmas, seed=s.seed, disable_pbar=True)
+    except _ProbeDone:
+        pass
+    else:
+        raise CacheError("the probe ran to the end of the schedule without reaching its last step")
+    finally:
+        hook.remove()
+    latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
+    cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
+    state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
+                       difference_map(list(latents[1:]), cached))
+    return state, recorder.calls

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: sets up the host, builds the built-in random-weight SD1.5-structured checkpoint, and runs the example
-# edit workflow in a real ComfyUI, headless: generate + capture + store, then edit the prompt inside a user mask with
-# the sparse sampler. Outputs land in out/demo/.
+# edit workflow in a real ComfyUI, headless: generate + capture + store, then edit the prompt with an automatic mask,
+# the sparse sampler and FISEditDecode, next to a stock regenerate; prints a short report. Outputs land in out/demo/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_host.sh"
@@ -11,5 +11,7 @@ if [ ! -f "$CKPT" ]; then
     mkdir -p "$MODELS"
     "$ROOT/.venv/bin/python" "$ROOT/scripts/make_test_checkpoint.py" "$CKPT" --arch sd15-small --seed 0
 fi
-exec "$ROOT/.venv/bin/python" "$ROOT/scripts/run_workflow.py" "$ROOT/workflows/edit_user_mask_api.json" \
-    --models "$MODELS" --out "${FISEDIT_DEMO_OUT:-$ROOT/out/demo}"
+OUT="${FISEDIT_DEMO_OUT:-$ROOT/out/demo}"
+"$ROOT/.venv/bin/python" "$ROOT/scripts/run_workflow.py" "$ROOT/workflows/edit_auto_api.json" \
+    --models "$MODELS" --out "$OUT" --summary "$OUT/summary.json"
+exec "$ROOT/.venv/bin/python" "$ROOT/scripts/demo_report.py" "$OUT/summary.json"

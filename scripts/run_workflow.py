@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=Path, action="append", default=[],
                         help="a folder searched first for checkpoints (and loras, vae); repeatable")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where outputs are written (default ./out)")
+    parser.add_argument("--summary", type=Path, help="also write the JSON summary to this file")
     a = parser.parse_args(argv)
     try:
         prompt = json.loads(a.workflow.read_text())
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
         }
         for text in (run.ui.get(node_id) or {}).get("text", []):  # FISEdit nodes' one-line summaries
             print(f"[{node_id} {node['class_type']}] {text}")
+    if a.summary:
+        a.summary.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
 

@@ -70,3 +70,28 @@ def test_edit_workflow_with_a_user_mask(models_dir, tmp_path):
     assert (pixels["17"][~pixel_mask] == pixels["9"][~pixel_mask]).all()
     assert (pixels["17"][pixel_mask] != pixels["9"][pixel_mask]).any()
     assert (pixels["22"][~pixel_mask] != pixels["9"][~pixel_mask]).any()  # a plain VAEDecode changes more
+
+
+def test_auto_edit_workflow_end_to_end(models_dir, tmp_path):
+    """Generate, capture, store, edit with an automatic (+user) mask, sample sparsely, decode with FISEditDecode,
+    next to a stock regenerate: the region contains the user box, and outside it the latent and the pixels are the
+    original's, bit for bit."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    proc, summary = run(ROOT / "workflows" / "edit_auto_api.json", models_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = summary["nodes"]
+    region = np.asarray(Image.open(nodes["27"]["files"][0]).convert("L")) > 127
+    assert region[32:72, 40:88].all()  # the user box (48x40 px at (40, 32))
+    latent_region = torch.from_numpy(region[::8, ::8].copy())[None]
+    original = load_file(nodes["19"]["files"][0])["latent_tensor"]
+    edited = load_file(nodes["20"]["files"][0])["latent_tensor"]
+    outside = ~latent_region[:, None].expand_as(edited)
+    assert torch.equal(edited[outside], original[outside])
+    pixels = {n: np.asarray(Image.open(nodes[n]["files"][0])) for n in ("9", "17")}
+    assert (pixels["17"][~region] == pixels["9"][~region]).all()
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_report.py"), str(tmp_path / "summary.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0 and "stock regenerate" in report.stdout and "% of the image" in report.stdout

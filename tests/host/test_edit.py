@@ -175,7 +175,8 @@ def test_user_mask_is_pooled_to_latent_pixels_and_dilated(models, source):
     expected = torch.zeros(1, 16, 24, dtype=torch.bool)
     expected[0, 4:7, 6:9] = True
     assert torch.equal(spec.mask, expected)
-    assert mask.shape == (1, 128, 192) and preview.shape == (1, 128, 192, 3) and mask.sum() == 9 * 64
+    assert mask.shape == (1, 128, 192) and mask.sum() == 9 * 64
+    assert preview.shape == (2, 128, 192, 3)  # one preview per cached image, the mask over each
 
 
 def test_an_edit_with_another_model_is_refused(models, source):

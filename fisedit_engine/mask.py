@@ -5,7 +5,9 @@ Per probe step, the channel-summed absolute difference between the edited and th
 steps, then thresholded: by Otsu's method (the cut that best separates two classes of values) or by the quantile
 that selects `edit_size` of the area. Cleaned with a 3x3 opening (odd, so centred: the authors' 2x2 opening shifted
 their mask by a latent pixel) and dilated. A step where nothing differs contributes nothing (the authors' min-max
-normalisation divided 0 by 0 there), so an unchanged prompt gives an empty mask.
+normalisation divided 0 by 0 there), so an unchanged prompt gives an empty mask. Differences below 1% of the
+latent's mean magnitude are rounding, not edits: the probe computes the positive branch alone, in another batch
+than the original run did, so on GPUs the last bits differ, and per-step normalisation would blow that up.
 """
 from __future__ import annotations
 
@@ -13,15 +15,19 @@ import torch
 import torch.nn.functional as F
 
 OTSU_BINS = 256
+NOISE_FLOOR = 1e-2  # of the latent's mean channel-summed magnitude
 
 
-def difference_map(edited: list[torch.Tensor], cached: list[torch.Tensor]) -> torch.Tensor:
+def difference_map(edited: list[torch.Tensor], cached: list[torch.Tensor],
+                   noise_floor: float = NOISE_FLOOR) -> torch.Tensor:
     """[B, H, W] in [0, steps]: per-step normalised channel-summed |edited - cached|, summed over the steps."""
     if len(edited) != len(cached) or not edited:
         raise ValueError("difference_map needs the same, non-zero number of edited and cached latents")
     total = None
     for e, c in zip(edited, cached, strict=True):
         d = (e.float() - c.float()).abs().sum(dim=1)                       # [B, H, W]
+        floor = noise_floor * c.float().abs().sum(dim=1).mean(dim=(1, 2), keepdim=True)
+        d = torch.where(d > floor, d, torch.zeros_like(d))
         lo = d.flatten(1).min(dim=1).values[:, None, None]
         span = d.flatten(1).max(dim=1).values[:, None, None] - lo
         normalised = torch.where(span > 0, (d - lo) / span.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(d))

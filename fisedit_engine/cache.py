@@ -78,11 +78,12 @@ class StepTensors:
     tensors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     written: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
-    def slot(self, key: str, chunk: int, sample_shape, dtype) -> torch.Tensor:
+    def slot(self, key: str, chunk: int, sample_shape, dtype, steps: int | None = None) -> torch.Tensor:
         t = self.tensors.get((key, chunk))
         if t is None:
-            t = self.tensors[(key, chunk)] = _pinned((self.steps, self.batch, *sample_shape), dtype)
-            self.written[(key, chunk)] = torch.zeros(self.steps, dtype=torch.bool)
+            steps = self.steps if steps is None else steps
+            t = self.tensors[(key, chunk)] = _pinned((steps, self.batch, *sample_shape), dtype)
+            self.written[(key, chunk)] = torch.zeros(steps, dtype=torch.bool)
         return t
 
     @staticmethod
@@ -117,9 +118,14 @@ class FisEditCache:
         t = self.store.tensors.get((key, chunk))
         if t is None:
             raise CacheError(f"the cache holds no '{key}' for the {CHUNK_NAMES.get(chunk, chunk)} chunk")
-        if not 0 <= step < self.settings.steps:
-            raise CacheError(f"step {step} is outside the cached {self.settings.steps} steps")
+        if not 0 <= step < t.shape[0]:
+            raise CacheError(f"'{key}' is cached for {t.shape[0]} of the {self.settings.steps} steps, not step {step}")
         return t[step] if sample is None else t[step, sample]
+
+    def cached_steps(self, key: str, chunk: int = COND) -> int:
+        """For how many steps `key` is cached for that chunk (0: not at all)."""
+        t = self.store.tensors.get((key, chunk))
+        return 0 if t is None else int(t.shape[0])
 
     def keys(self) -> list[str]:
         return sorted({k for k, _ in self.store.tensors})

@@ -24,7 +24,8 @@ from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
-from .layout import DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet
+from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
+                     is_probe_key, probe_record_steps)
 from .registry import CacheRegistry
 
 log = logging.getLogger("FISEdit")
@@ -57,6 +58,7 @@ class Recording:
         self.name = name
         self.registry = registry
         self.store = StepTensors(steps, batch)
+        self.probe_steps = probe_record_steps(steps)
         self.sigmas = sigmas.detach().float().cpu()
         self.targets = targets
         self.reserved = 0
@@ -112,13 +114,17 @@ class Recording:
         if rows.shape[0] != b * len(ctx.chunks):
             self.fail(f"'{key}' had {rows.shape[0]} rows, expected {b * len(ctx.chunks)}")
             return
+        probe_only = is_probe_key(key)
+        if probe_only and ctx.step >= self.probe_steps:
+            return
         for i, chunk in enumerate(ctx.chunks):
-            self._write(key, chunk, ctx.step, rows[i * b:(i + 1) * b])
+            if not probe_only or chunk == host.COND:
+                self._write(key, chunk, ctx.step, rows[i * b:(i + 1) * b])
 
     def copy_step(self, source: StepTensors, ctx: StepContext, skip=()) -> None:
         """Records, for this step and the call's chunks, every tensor of `source` (a step that ran no model)."""
         for (key, chunk), t in source.tensors.items():
-            if key not in skip and chunk in ctx.chunks:
+            if key not in skip and chunk in ctx.chunks and ctx.step < t.shape[0]:
                 self._write(key, chunk, ctx.step, t[ctx.step])
 
     def record_latent(self, ctx: StepContext, x: torch.Tensor) -> None:
@@ -127,11 +133,12 @@ class Recording:
             self._write(LATENT_KEY, host.COND, ctx.step, x[:ctx.batch])
 
     def _write(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        steps = self.probe_steps if is_probe_key(key) else self.store.steps
         if (key, chunk) not in self.store.tensors:
-            nbytes = StepTensors.bytes_for(self.store.steps, self.store.batch, value.shape[1:], value.dtype)
+            nbytes = StepTensors.bytes_for(steps, self.store.batch, value.shape[1:], value.dtype)
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
             self.reserved += nbytes
-        slot = self.store.slot(key, chunk, value.shape[1:], value.dtype)
+        slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True
 

@@ -94,6 +94,19 @@ class EditState:
         ctx.recording.record(f"{gn_path}:stats", ctx, stats)
         return stats
 
+    def record_probe_query(self, ctx: StepContext, key: str, fresh: torch.Tensor, tokens_idx: torch.Tensor) -> None:
+        """Keeps, for the result cache, the positive chunk's cross-attention queries of the early steps (the source's
+        with the active tokens' fresh ones), which attention control in a chained edit's probe reads."""
+        if ctx.step >= self.source.cached_steps(key, host.COND) or host.COND not in ctx.chunks:
+            return
+        cached = self.source.read(key, ctx.step, host.COND)
+        rows = torch.zeros(fresh.shape[0], *cached.shape[1:], dtype=fresh.dtype, device=fresh.device)
+        i = ctx.chunks.index(host.COND)
+        block = slice(i * ctx.batch, (i + 1) * ctx.batch)
+        rows[block] = cached.to(fresh.device, fresh.dtype)
+        rows[block, tokens_idx] = fresh[block]
+        ctx.recording.record(key, ctx, rows)
+
     def mask_rows(self, ctx: StepContext, device) -> torch.Tensor:
         """[rows, 1, H, W] bool: each batch row's mask, repeated per CFG chunk."""
         key = (len(ctx.chunks), ctx.batch, str(device))

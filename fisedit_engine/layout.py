@@ -12,6 +12,8 @@ What a sparse step reads across positions, and so what is cached per step and pe
 - the self-attention keys and values of every transformer block, so that active queries see the exact context of
   the inactive tokens without recomputing them;
 - per GroupNorm (every level) the mean and variance per sample and group, for the paper's cached-statistics mode;
+- for the first 30% of the steps and the positive chunk only, the cross-attention queries of every transformer
+  block at every level: attention control in the probe steps recomputes the original attention maps from them;
 - the model output and the latent, for compositing and for the difference mask.
 Token-wise layers (LayerNorm, cross-attention, feed-forward, proj_in/out) need nothing: an active token reads only
 itself.
@@ -25,6 +27,17 @@ DEFAULT_MIN_SPARSE_POSITIONS = 256
 
 LATENT_KEY = "x"
 MODEL_OUTPUT_KEY = "out"
+# Cross-attention queries for attention control in the probe steps: positive chunk only, the first 30% of the steps.
+PROBE_QUERY_SUFFIX = ":q"
+PROBE_RECORD_FRACTION = 0.3
+
+
+def probe_record_steps(steps: int) -> int:
+    return max(1, math.ceil(PROBE_RECORD_FRACTION * steps))
+
+
+def is_probe_key(key: str) -> bool:
+    return key.endswith(PROBE_QUERY_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,11 @@ class UNetLayout:
                     attn = f"{b.path}.transformer_blocks.{j}.attn1"
                     out.append(Target(f"{attn}:k", f"{attn}.to_k", "attn_k", b.level))
                     out.append(Target(f"{attn}:v", f"{attn}.to_v", "attn_v", b.level))
+        for b in self.blocks:
+            if b.kind == "transformer":
+                for j in range(b.depth):
+                    attn = f"{b.path}.transformer_blocks.{j}.attn2"
+                    out.append(Target(f"{attn}{PROBE_QUERY_SUFFIX}", f"{attn}.to_q", "probe_q", b.level))
         for gn in self.group_norms:
             out.append(Target(f"{gn}:stats", gn, "stats", -1))
         out.append(Target(MODEL_OUTPUT_KEY, "out", "output", 0))

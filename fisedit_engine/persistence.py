@@ -139,7 +139,7 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
             for i, entry in enumerate(header["store"]):
                 key = (entry["key"], entry["chunk"])
                 store.tensors[key] = tensor(f"store/{i}")
-                store.written[key] = torch.ones(store.steps, dtype=torch.bool)
+                store.written[key] = torch.ones(store.tensors[key].shape[0], dtype=torch.bool)
             return FisEditCache(
                 name=name or header["name"], settings=SamplingSettings.from_json(header["settings"]), store=store,
                 noise=tensor("noise"), latent_image=tensor("latent_image"), final_latent=tensor("final_latent"),

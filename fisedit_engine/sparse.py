@@ -179,7 +179,13 @@ class SparseSpatialTransformer(SparseForward):
         a = host.attention()(q, k, v, attn1.heads, attn_precision=attn1.attn_precision,
                              transformer_options=transformer_options)
         x = attn1.to_out(a) + x
-        x = block.attn2(block.norm2(x), context=context, transformer_options=transformer_options) + x
+        attn2, n = block.attn2, block.norm2(x)
+        with host.cast_weights(attn2.to_q, n) as (w, b):  # not attn2.to_q(n): its recording hook wants every token
+            q = torch.nn.functional.linear(n, w, b)
+        ctx.edit.record_probe_query(ctx, f"{path}.attn2:q", q, tokens_idx)
+        a = host.attention()(q, attn2.to_k(context), attn2.to_v(context), attn2.heads,
+                             attn_precision=attn2.attn_precision, transformer_options=transformer_options)
+        x = attn2.to_out(a) + x
         x_skip = x
         x = block.ff(block.norm3(x))
         return x_skip + x if block.is_res else x

@@ -63,17 +63,20 @@ def test_cache_holds_every_layer_step_chunk(engine, models, arch, cfg):
     modules = dict(unet.named_modules())
     expected_keys = {t.key for t in lay.targets(sparse)} | {layout_mod.LATENT_KEY}
     assert set(cache.keys()) == expected_keys
+    probe_steps = layout_mod.probe_record_steps(STEPS)
     for target in lay.targets(sparse):
-        for chunk in chunks:
+        probe_only = target.what == "probe_q"  # attention control's queries: positive chunk, early steps only
+        assert (target.key, 1) not in cache.store.tensors or not probe_only
+        for chunk in (0,) if probe_only else chunks:
             t = cache.store.tensors[(target.key, chunk)]
-            assert t.shape[:2] == (STEPS, batch)
+            assert t.shape[:2] == ((probe_steps if probe_only else STEPS), batch)
             assert cache.store.written[(target.key, chunk)].all()
             assert torch.isfinite(t).all()
             if target.what == "stats":
                 assert t.shape[2:] == (modules[target.module_path].num_groups, 2)
                 continue
             h, w = sizes[target.level]
-            if target.what in ("attn_k", "attn_v"):
+            if target.what in ("attn_k", "attn_v", "probe_q"):
                 assert t.shape[2] == h * w  # tokens
             else:
                 assert t.shape[-2:] == (h, w)

@@ -27,6 +27,9 @@ class FakeSource:
     def read(self, key, step, chunk=0, sample=None):
         return self.values[(key, chunk)]
 
+    def cached_steps(self, key, chunk=0):
+        return 1 if (key, chunk) in self.values else 0
+
 
 class Sink:
     def __init__(self):

@@ -96,7 +96,8 @@ DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
 
 
 def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
-                    probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15):
+                    probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
+                    attention_control: bool = True):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
@@ -124,7 +125,7 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         masks.append(latent_mask(user_mask, (h, w), dilate))
     if mask_mode in ("auto", "auto+user"):
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
-        probe, _ = run_probe(model, source, positive, steps)
+        probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control)
         masks.append(threshold_mask(probe.difference, threshold, edit_size, dilate_px=dilate))
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention_control
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache
-from .layout import LATENT_KEY, MODEL_OUTPUT_KEY
+from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .mask import difference_map
 
 
@@ -55,13 +56,20 @@ class _ProbeRecorder:
         self.latents[step] = x[:self.batch].detach().cpu()
         if step >= self.steps:
             raise _ProbeDone()
-        out = executor(*args, **kwargs)
+        token = attention_control.probe_step.set(step)
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            attention_control.probe_step.reset(token)
         self.outputs[step] = self._last_output[:self.batch].detach().cpu()
         return out
 
 
-def run_probe(model, source: FisEditCache, positive: list, steps: int) -> tuple[ProbeState, list[list[int]]]:
-    """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks."""
+def run_probe(model, source: FisEditCache, positive: list, steps: int,
+              attention_control_on: bool = False) -> tuple[ProbeState, list[list[int]]]:
+    """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
+    With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
+    original run's (attention_control.py)."""
     s = source.settings
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
@@ -71,6 +79,8 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int) -> tuple[
     recorder = _ProbeRecorder(sigmas[:-1], steps, batch)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
+    if attention_control_on:
+        attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source, positive, steps)
     model_sampling = patched.get_model_object("model_sampling")
 
     def uncond_denoised(x, sigma):

@@ -42,15 +42,20 @@ class FISEditDifferenceMask:
                     "With threshold edit_size: the share of the image to recompute.")}),
                 "dilate": ("INT", {"default": 1, "min": 0, "max": 64, "tooltip": (
                     "Grow the mask by this many latent pixels (8 image pixels each) so the edit can blend in.")}),
+                "attention_control": ("BOOLEAN", {"default": True, "tooltip": (
+                    "auto modes: during the probe, the cross-attention maps of the prompt positions the edit left "
+                    "unchanged (the common start of both prompts) are the original's, so the change concentrates "
+                    "where the edited words act.")}),
             },
             "optional": {
                 "user_mask": ("MASK", {"tooltip": "user modes: the region to edit, at the image's size (white = edit)."}),
             },
         }
 
-    def execute(self, model, cache, positive, mask_mode, probe_steps, threshold, edit_size, dilate, user_mask=None):
+    def execute(self, model, cache, positive, mask_mode, probe_steps, threshold, edit_size, dilate, attention_control,
+                user_mask=None):
         return api.difference_mask(model, cache, positive, mask_mode, user_mask, dilate, probe_steps, threshold,
-                                   edit_size)
+                                   edit_size, attention_control)
 
 
 class FISEditSparseKSampler:

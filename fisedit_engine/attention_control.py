@@ -1,0 +1,95 @@
+"""Cross-attention control in the probe steps (prompt-to-prompt), so that the latent difference concentrates where
+the edited words act.
+
+In every cross-attention layer, at the prompt positions the edit did not change, the attention probabilities are
+the original run's, recomputed from the captured queries of that step and layer and the original prompt's keys;
+the other positions keep the edited run's probabilities (as prompt-to-prompt's "refine": rows are not renormalised).
+The values are always the edited prompt's, which at unchanged positions equal the original's.
+
+Which positions are unchanged: ComfyUI's CONDITIONING holds embeddings, not tokens, so a position is unchanged when
+its edited embedding equals the original one exactly. Under CLIP's causal attention that is the common prefix of the
+two prompts (up to the first edited word) and nothing after it: words that follow an insertion or a change have
+other embeddings even when the words are the same, and are left uncontrolled.
+"""
+from __future__ import annotations
+
+import contextvars
+
+import torch
+
+from . import comfy_adapter as host
+from .cache import CacheError, FisEditCache
+
+probe_step: contextvars.ContextVar[int | None] = contextvars.ContextVar("fisedit_probe_step", default=None)
+
+
+def unchanged_positions(original: list, edited: list) -> torch.Tensor:
+    """[tokens] bool: prompt positions whose embedding the edit left exactly as it was."""
+    a, b = original[0][0], edited[0][0]
+    n = min(a.shape[1], b.shape[1])
+    same = torch.zeros(b.shape[1], dtype=torch.bool)
+    same[:n] = (a[0, :n] == b[0, :n].to(a.dtype)).all(dim=-1)
+    return same
+
+
+class ControlledCrossAttention:
+    """A cross-attention layer's forward during the probe: the original maps at the unchanged positions."""
+    fisedit_patch = True
+
+    def __init__(self, module, key: str, source: FisEditCache, original_context: torch.Tensor,
+                 unchanged: torch.Tensor):
+        self.module, self.key, self.source = module, key, source
+        self.original_context, self.unchanged = original_context, unchanged
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006 (ComfyUI's)
+        step = probe_step.get()
+        m = self.module
+        if step is None or mask is not None or context is None:
+            return type(m).forward(m, x, context=context, value=value, mask=mask,
+                                   transformer_options=transformer_options)
+        q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
+        q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype)
+        k_original = m.to_k(self.original_context.to(context.device, context.dtype))
+        probs = _probabilities(q, k, m.heads)
+        n = min(k.shape[1], k_original.shape[1], self.unchanged.shape[0])
+        unchanged = self.unchanged[:n].to(q.device)
+        probs[..., :n][..., unchanged] = _probabilities(q_original, k_original, m.heads)[..., :n][..., unchanged]
+        b, tokens, inner = q.shape
+        heads_v = v.reshape(v.shape[0], v.shape[1], m.heads, -1).transpose(1, 2).float()
+        out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
+        return m.to_out(out)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, heads, queries, keys] softmax attention probabilities, in fp32."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2).float()
+    return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
+
+
+def attach(patched, layout, source: FisEditCache, positive: list, steps: int) -> torch.Tensor:
+    """Substitutes every cross-attention of `patched` for the probe; returns the unchanged positions."""
+    original = source.conds.get("positive")
+    if not original:
+        raise CacheError("attention control needs the original prompt, which this cache does not hold")
+    unchanged = unchanged_positions(original, positive)
+    unet = patched.model.diffusion_model
+    modules = dict(unet.named_modules())
+    for block in layout.blocks:
+        if block.kind != "transformer":
+            continue
+        for j in range(block.depth):
+            path = f"{block.path}.transformer_blocks.{j}.attn2"
+            key = f"{path}:q"
+            if source.cached_steps(key, host.COND) < steps:
+                raise CacheError(f"attention control needs the cross-attention queries of the {steps} probe steps; "
+                                 f"this cache holds them for {source.cached_steps(key, host.COND)}: lower probe_steps "
+                                 f"or turn attention_control off")
+            patched.add_object_patch(f"diffusion_model.{path}.forward",
+                                     ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged))
+    return unchanged

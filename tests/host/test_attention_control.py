@@ -1,0 +1,89 @@
+"""Cross-attention control in the probe (fisedit_engine/attention_control.py)."""
+import pytest
+import torch
+
+import tiny_models
+
+TOKENS, EDITED = 10, 9
+
+
+class OneQuerySource:
+    """The captured queries of the original run for one layer and step."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def read(self, key, step, chunk=0, sample=None):
+        return self.q
+
+
+def layer_case(seed=0, side=16, dim=32):
+    """A cross-attention layer (ComfyUI's own) with identity projections, image tokens whose region R (the top-left
+    quarter) carries a direction u, and a prompt edit that replaces the last token by u: the edit is about R."""
+    import comfy.ops
+    from comfy.ldm.modules.attention import CrossAttention
+    gen = torch.Generator().manual_seed(seed)
+    layer = CrossAttention(query_dim=dim, context_dim=dim, heads=1, dim_head=dim, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for proj in (layer.to_q, layer.to_k, layer.to_v):
+            proj.weight.copy_(torch.eye(dim))
+        layer.to_out[0].weight.copy_(torch.eye(dim))
+        layer.to_out[0].bias.zero_()
+    u = torch.zeros(dim)
+    u[0] = 1.0
+    region = torch.zeros(side, side, dtype=torch.bool)
+    region[: side // 2, : side // 2] = True
+    x = torch.randn(1, side * side, dim, generator=gen) * 0.5
+    x[0, region.flatten()] += 4 * u
+    original = torch.randn(1, TOKENS, dim, generator=gen)
+    edited = original.clone()
+    edited[0, EDITED] = 4 * u
+    return layer, x, original, edited, region
+
+
+def test_the_controlled_layer_is_prompt_to_prompt_refine(host):
+    """At the prompt positions the edit left unchanged, the original run's probabilities (from its captured queries);
+    at the edited ones, the edited run's; values from the edited prompt; rows not renormalised."""
+    from fisedit_engine import attention_control as AC
+    layer, x, original, edited, _ = layer_case()
+    unchanged = AC.unchanged_positions([[original, {}]], [[edited, {}]])
+    assert unchanged.tolist() == [True] * EDITED + [False]
+    q_original = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))  # the original's features
+    with torch.no_grad():
+        controlled = AC.ControlledCrossAttention(layer, "q", OneQuerySource(q_original), original, unchanged)
+        token = AC.probe_step.set(0)
+        try:
+            actual = controlled(x, context=edited)
+        finally:
+            AC.probe_step.reset(token)
+        scale = x.shape[-1] ** -0.5  # one head, identity projections
+        p_edit = torch.softmax(x @ edited.transpose(1, 2) * scale, dim=-1)
+        p_original = torch.softmax(q_original @ original.transpose(1, 2) * scale, dim=-1)
+        p = torch.cat([p_original[..., :EDITED], p_edit[..., EDITED:]], dim=-1)
+        expected = p @ edited
+        uncontrolled = layer(x, context=edited)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(actual, uncontrolled, atol=1e-3)
+    with torch.no_grad():  # outside a probe step the layer is the module's own
+        assert torch.equal(controlled(x, context=edited), uncontrolled)
+
+
+def test_with_an_unchanged_prompt_the_controlled_probe_is_the_original(host):
+    from fisedit_engine import api
+    from fisedit_engine.probe import run_probe
+    model = tiny_models.build("sdxl", seed=1)
+    captured, handle = api.capture(model, "ac")
+    out = tiny_models.sample(captured, "sdxl", batch=2, size=16, sampler="dpmpp_2m", steps=6)
+    api.store(handle, {"samples": out})
+    with torch.inference_mode():
+        same, _ = run_probe(model, handle.get(), tiny_models.conditioning("sdxl", 11), 2, attention_control_on=True)
+        edited = tiny_models.conditioning("sdxl", 11)
+        edited[0][0] = edited[0][0].clone()
+        edited[0][0][:, 40:] += 1.0
+        on, _ = run_probe(model, handle.get(), edited, 2, attention_control_on=True)
+        off, _ = run_probe(model, handle.get(), edited, 2, attention_control_on=False)
+    assert torch.equal(same.difference, torch.zeros_like(same.difference))
+    assert not torch.equal(on.latents, off.latents)  # the control acts
+    with pytest.raises(Exception, match="queries of the 3 probe steps"):
+        with torch.inference_mode():
+            run_probe(model, handle.get(), edited, 3, attention_control_on=True)  # 30% of 6 steps: 2 recorded

@@ -3,7 +3,9 @@
 Runs each full-size UNet (ComfyUI's own UNetModel, built from the same configs as scripts/make_test_checkpoint.py)
 once on the `meta` device with forward hooks on exactly the modules a capture records (fisedit_engine.layout), so
 the figures come from the real layout without weights or compute. CFG batch (cond + uncond), batch size 1,
-activations in fp16 (the model dtype on GPU), GroupNorm statistics in fp32.
+activations in fp16 (the model dtype on GPU), GroupNorm statistics in fp32. The cross-attention queries for attention
+control are recorded for the positive chunk in the first 30% of the steps only; the table spreads them over all
+steps.
 
     python benchmarks/cache_bytes.py [--json benchmarks/results/cache_bytes.json] [--markdown FILE]
 """
@@ -30,7 +32,7 @@ def measure(arch: str, image_size: int) -> dict:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from make_test_checkpoint import unet_config
-    from fisedit_engine.layout import UNetLayout
+    from fisedit_engine.layout import PROBE_RECORD_FRACTION, UNetLayout
 
     cfg = unet_config(arch)
     unet = UNetModel(**cfg, dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
@@ -45,8 +47,11 @@ def measure(arch: str, image_size: int) -> dict:
     def account(target, tensor):
         per_row = math.prod(tensor.shape[1:])
         nbytes = per_row * CHUNKS * (8 if target.what == "stats" else ACT_BYTES)  # stats: 2 fp32 per group
+        if target.what == "probe_q":  # positive chunk only, in the first 30% of the steps: averaged per step
+            nbytes = per_row * ACT_BYTES * PROBE_RECORD_FRACTION
         kind = {"attn_k": "attention K/V", "attn_v": "attention K/V", "stats": "GroupNorm statistics",
-                "input": "ResBlock inner h"}.get(target.what, "block outputs" if target.key != "out" else "model output")
+                "input": "ResBlock inner h", "probe_q": "probe queries"}.get(
+            target.what, "block outputs" if target.key != "out" else "model output")
         per_kind[kind] = per_kind.get(kind, 0) + nbytes
 
     for t in targets:
@@ -75,7 +80,8 @@ def measure(arch: str, image_size: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    kinds = ["block outputs", "ResBlock inner h", "attention K/V", "GroupNorm statistics", "model output", "latent"]
+    kinds = ["block outputs", "ResBlock inner h", "attention K/V", "probe queries", "GroupNorm statistics",
+             "model output", "latent"]
     lines = ["| model @ size | sparse levels (dense) | tensors | MiB / step | " + " | ".join(kinds) +
              " | GiB for 20 / 50 steps |", "|" + "---|" * (len(kinds) + 5)]
     for label, r in results.items():

@@ -85,11 +85,6 @@ def cache_file_mtime(cache_file: str) -> float:
         return float("nan")  # unequal to itself, so ComfyUI re-runs the load and reports the error
 
 
-def summary(handle: CacheHandle) -> str:
-    return handle.get().summary_text()
-
-
-
 MASK_MODES = ("auto", "auto+user", "user")
 THRESHOLDS = ("otsu", "edit_size")
 DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50

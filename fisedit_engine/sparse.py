@@ -116,17 +116,21 @@ class SparseOutput(SparseForward):
         ctx = current_step()
         if ctx is None or ctx.edit is None:
             return self.original(h)
+        cached = ctx.edit.cached(ctx, "out", h)  # read once: the scatter base and the composite's outside
         dense = ctx.edit.is_dense(ctx.step) or ctx.edit.plan.levels[0].full
-        fresh = self.original(h) if dense else self.sparse(ctx, h)
-        cached = ctx.edit.cached(ctx, "out", fresh)
+        fresh = self.original(h) if dense else self._active_tiles(ctx, h, cached)
         return torch.where(ctx.edit.mask_rows(ctx, fresh.device), fresh, cached)
 
     def sparse(self, ctx, h):
+        """The sparse op alone: fresh on the active tiles, the cached output elsewhere (before the composite)."""
+        return self._active_tiles(ctx, h, ctx.edit.cached(ctx, "out", h))
+
+    def _active_tiles(self, ctx, h, cached):
         norm, conv = self.module[0], self.module[2]
         lp = ctx.edit.plan.levels[0]
         stats = ctx.edit.group_stats(ctx, "out.0", h, norm.num_groups)
         out = _sparse_conv(ctx, h, conv, lp, "conv3", norm, stats)
-        return R.scatter_tiles(ctx.edit.cached(ctx, "out", h), out, lp.tiles, lp.tile)
+        return R.scatter_tiles(cached, out, lp.tiles, lp.tile)
 
 
 class SparseSpatialTransformer(SparseForward):

@@ -22,6 +22,12 @@ class CacheError(ValueError):
     """A cache cannot be used as asked; the message says what to change."""
 
 
+def schedule_step(schedule: torch.Tensor, sigma) -> int:
+    """The index of the schedule's sigma nearest to `sigma` (a number or a tensor whose first value is the sigma)."""
+    value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return int(torch.argmin((schedule - value).abs()))
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Everything that must match between the captured generation and an edit of it."""

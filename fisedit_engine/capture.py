@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
+from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors, schedule_step
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -83,7 +83,7 @@ class Recording:
             return None
         sigma = float(sigmas.reshape(-1)[0])
         schedule = self.sigmas[:-1]
-        step = int(torch.argmin((schedule - sigma).abs()))
+        step = schedule_step(schedule, sigma)
         if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
             self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
                       f"samplers that evaluate the model once per step are supported")

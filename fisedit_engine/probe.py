@@ -16,7 +16,7 @@ import torch
 
 from . import attention_control
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache
+from .cache import CacheError, FisEditCache, schedule_step
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .mask import difference_map
 
@@ -51,7 +51,7 @@ class _ProbeRecorder:
 
     def __call__(self, executor, *args, **kwargs):
         x, transformer_options = host.apply_model_args(args, kwargs)
-        step = int(torch.argmin((self.sigmas - float(transformer_options["sigmas"].reshape(-1)[0])).abs()))
+        step = schedule_step(self.sigmas, transformer_options["sigmas"])
         self.calls.append(list(transformer_options.get("cond_or_uncond", [])))
         self.latents[step] = x[:self.batch].detach().cpu()
         if step >= self.steps:
@@ -84,7 +84,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int,
     model_sampling = patched.get_model_object("model_sampling")
 
     def uncond_denoised(x, sigma):
-        step = int(torch.argmin((recorder.sigmas - float(sigma.reshape(-1)[0])).abs()))
+        step = schedule_step(recorder.sigmas, sigma)
         eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device)
         return model_sampling.calculate_denoised(sigma, eps.float(), x)
 

@@ -74,8 +74,8 @@ def save(cache: FisEditCache, path: str | os.PathLike) -> Path:
         "final_latent": cache.final_latent.contiguous(),
     }
     entries = []
-    for i, ((key, chunk), t) in enumerate(sorted(cache.store.tensors.items())):
-        tensors[f"store/{i}"] = t
+    for i, (key, chunk) in enumerate(sorted(cache.store.tensors)):
+        tensors[f"store/{i}"] = cache.store.whole_tensor(key, chunk)  # an edit's delta is saved whole
         entries.append({"key": key, "chunk": chunk})
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "name": cache.name,

@@ -86,25 +86,18 @@ class EditState:
     def cached(self, ctx: StepContext, key: str, like: torch.Tensor) -> torch.Tensor:
         """The source cache's `key` at this step, rows ordered like the model call's chunks. A map of a sparse level
         comes from the feed: valid at the level's read region only, and the sparse op may write into it."""
-        if self.feed is not None and self.feed.has(key) and not self.is_dense(ctx.step):
-            self.feed.prepare(ctx.step, ctx.chunks, like.device, like.dtype)
+        if not self.is_dense(ctx.step) and self.feed.has(key):
+            self.feed.prepare(ctx.step, ctx.chunks, like.device)
             return self.feed.map(key)
-        parts = [self.source.read(key, ctx.step, chunk) for chunk in ctx.chunks]
-        return self._upload(torch.cat(parts), like.device, like.dtype)
-
-    def _upload(self, value: torch.Tensor, device, dtype=None) -> torch.Tensor:
-        if self.feed is not None:
-            self.feed.stats.bytes_uploaded += value.numel() * value.element_size()
-        return value.to(device, dtype or value.dtype, non_blocking=True)
+        parts = [self.source.read(key, ctx.step, chunk) for chunk in ctx.chunks]  # a dense step's model output
+        return torch.cat(parts).to(like.device)
 
     def group_stats(self, ctx: StepContext, gn_path: str, x: torch.Tensor, groups: int,
                     inputs: tuple[str, ...]) -> torch.Tensor:
         """Statistics of the GroupNorm at `gn_path`, whose input `x` is the channel concatenation of the maps
         `inputs` (cached outside the level's active region, fresh inside)."""
-        cached = self._upload(torch.cat([self.source.read(f"{gn_path}:stats", ctx.step, c) for c in ctx.chunks]),
-                              x.device)
+        cached = self.cached(ctx, f"{gn_path}:stats", x).float()
         if self.stats_mode == "exact":
-            self.feed.prepare(ctx.step, ctx.chunks, x.device, x.dtype)
             lp = self.plan.levels[self.feed.entries[inputs[0]].level]
             cached_active = torch.cat([self.feed.cached_active(k) for k in inputs], dim=1)
             fresh_active = x.flatten(2).index_select(2, lp.tokens(x.device))

@@ -11,8 +11,11 @@ self-attention keys and values (the attention context of every inactive token), 
 model output. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
 minus the cached values on the active region, plus the fresh ones (`kernels.reference.exact_group_stats`).
 
-Host side, a step's upload is one gather per map from the cache's pinned memory into pinned staging buffers, then
-asynchronous copies on a side stream; the compute stream waits on an event before the step's first read.
+A step's data moves in three stages: `stage` gathers it on the host into pinned buffers (a whole key needs no
+gather: its cache slice is pinned already), `upload` copies it to device landing buffers on a side stream, and
+`activate` (on the compute stream, after the upload's event) writes it into the canvases and whole buffers that the
+sparse ops read. Those keep their addresses for the whole edit, which is what lets a sparse step be replayed as a
+CUDA graph (graphs.py). `prepare` runs the three stages for one step.
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ class _Entry:
     key: str
     level: int
     whole: bool           # uploaded whole (and not at the read region only)
-    tokens: bool = False  # [B, tokens, C] attention keys/values rather than a [B, C, H, W] map
 
 
 @dataclass
@@ -51,70 +53,106 @@ class EditFeed:
     entries: dict[str, _Entry]
     stats: FeedStats = field(default_factory=FeedStats)
     _step: tuple | None = None
-    _device: dict = field(default_factory=dict)     # key -> the device tensor read this step (canvas or whole)
+    _host: dict = field(default_factory=dict)       # key -> [host tensors per chunk] staged for the next upload
+    _landing: dict = field(default_factory=dict)    # key -> device tensor the upload lands in
+    _device: dict = field(default_factory=dict)     # key -> what the sparse ops read (canvas or whole buffer)
     _staged: dict = field(default_factory=dict)     # key -> [rows, C, P] device values at the read positions
-    _canvases: dict = field(default_factory=dict)   # (key, rows) -> canvas
-    _staging: dict = field(default_factory=dict)    # (key, rows) -> pinned host buffer
-    _ready: object = None                           # the upload's CUDA event
+    _staging: dict = field(default_factory=dict)    # (key, chunk index) -> pinned host buffer of a gather
+    _uploaded: object = None                        # the last upload's CUDA event
 
     @classmethod
     def build(cls, plan: EditPlan, source: FisEditCache, layout: UNetLayout) -> "EditFeed":
         sparse = {lvl for lvl, lp in plan.levels.items() if not lp.full}
         entries = {}
+
+        def add(key, level, whole):
+            entries[key] = _Entry(key, level, whole)
+
         for b in layout.blocks:
             if b.level not in sparse:
                 continue
-            dense_reader = any(c.level not in sparse for c in layout.consumers(b.path))
-            entries[b.path] = _Entry(b.path, b.level, whole=dense_reader)
+            add(b.path, b.level, whole=any(c.level not in sparse for c in layout.consumers(b.path)))
             if b.kind == "resblock":
-                entries[f"{b.path}:h"] = _Entry(f"{b.path}:h", b.level, whole=False)
+                add(f"{b.path}:h", b.level, whole=False)
+                for gn in ("in_layers.0", "out_layers.0"):
+                    add(f"{b.path}.{gn}:stats", b.level, whole=True)
             elif b.kind == "transformer":
+                add(f"{b.path}.norm:stats", b.level, whole=True)
                 for j in range(b.depth):
                     for kv in ("k", "v"):
-                        key = f"{b.path}.transformer_blocks.{j}.attn1:{kv}"
-                        entries[key] = _Entry(key, b.level, whole=True, tokens=True)
+                        add(f"{b.path}.transformer_blocks.{j}.attn1:{kv}", b.level, whole=True)
+        if 0 in sparse:
+            add("out.0:stats", 0, whole=True)
+            add(MODEL_OUTPUT_KEY, 0, whole=True)
         return cls(plan, source, entries)
 
     def has(self, key: str) -> bool:
         return key in self.entries
 
-    def prepare(self, step: int, chunks: list[int], device, dtype) -> None:
-        """Uploads this step's region of every map (once per step and chunk layout)."""
+    # --- the three stages ---------------------------------------------------------------------------------------
+    def prepare(self, step: int, chunks: list[int], device) -> None:
+        """Makes this step's cached values readable on `device` (once per step and chunk layout)."""
         if self._step == (step, tuple(chunks)):
             return
+        self.stage(step, chunks)
+        self.upload(device)
+        self.activate(device)
         self._step = (step, tuple(chunks))
+
+    def stage(self, step: int, chunks: list[int]) -> None:
+        """Host side: the step's values per key and chunk, in pinned memory."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous upload has finished reading the staging buffers
+        for key, e in self.entries.items():
+            if e.whole:
+                self._host[key] = [self.source.read(key, step, c) for c in chunks]
+            else:
+                positions = self.plan.levels[e.level].read_positions("cpu")
+                self._host[key] = [self._gather(key, i, step, c, positions) for i, c in enumerate(chunks)]
+        self.stats.steps += 1
+        self.stats.bytes_uploaded += sum(p.numel() * p.element_size() for parts in self._host.values() for p in parts)
+
+    def upload(self, device) -> None:
+        """The staged values into device landing buffers, on a side stream when the device is a GPU."""
         cuda = torch.device(device).type == "cuda"
-        stream = torch.cuda.current_stream(device) if cuda else None
         copy_stream = _copy_stream(device) if cuda else None
         if cuda:
-            copy_stream.wait_stream(stream)  # the previous step's reads of the canvases are done
-        uploaded = 0
-        if self._ready is not None:
-            self._ready.synchronize()  # the previous upload out of the staging buffers has finished
+            copy_stream.wait_stream(torch.cuda.current_stream(device))  # the last reads of the landing buffers
         with torch.cuda.stream(copy_stream) if cuda else nullcontext():
-            for key, e in self.entries.items():
-                lp = self.plan.levels[e.level]
-                if e.whole:
-                    parts = [self.source.read(key, step, c) for c in chunks]
-                    self._device[key], self._staged[key] = self._upload(key, parts, device, dtype), None
-                else:
-                    positions = lp.read_positions("cpu")
-                    parts = [self.source.read_positions(key, step, c, positions) for c in chunks]
-                    staged = self._upload(key, parts, device, dtype)
-                    canvas = self._canvas(key, len(chunks), staged.shape[:2], (lp.height, lp.width), device, dtype)
-                    canvas.view(*canvas.shape[:2], -1).index_copy_(2, lp.read_positions(device), staged)
-                    self._device[key], self._staged[key] = canvas, staged
-                uploaded += sum(p.numel() * p.element_size() for p in parts)
+            for key, parts in self._host.items():
+                rows = sum(p.shape[0] for p in parts)
+                landing = self._landing.get(key)
+                if landing is None or landing.shape[0] != rows:
+                    landing = self._landing[key] = torch.empty((rows, *parts[0].shape[1:]), device=device,
+                                                               dtype=parts[0].dtype)
+                at = 0
+                for p in parts:
+                    landing[at:at + p.shape[0]].copy_(p, non_blocking=True)
+                    at += p.shape[0]
             if cuda:
-                self._ready = torch.cuda.Event()
-                self._ready.record(copy_stream)
-        if cuda:
-            stream.wait_event(self._ready)
-            for value in list(self._device.values()) + [v for v in self._staged.values() if v is not None]:
-                value.record_stream(stream)
-        self.stats.steps += 1
-        self.stats.bytes_uploaded += uploaded
+                self._uploaded = torch.cuda.Event()
+                self._uploaded.record(copy_stream)
 
+    def activate(self, device) -> None:
+        """Landing buffers into the canvases and whole buffers the sparse ops read (fixed addresses)."""
+        if self._uploaded is not None:
+            torch.cuda.current_stream(device).wait_event(self._uploaded)
+        for key, landing in self._landing.items():
+            e = self.entries[key]
+            target = self._device.get(key)
+            if e.whole:
+                if target is None or target.shape != landing.shape:
+                    target = self._device[key] = torch.empty_like(landing)
+                target.copy_(landing)
+            else:
+                lp = self.plan.levels[e.level]
+                shape = (*landing.shape[:2], lp.height, lp.width)
+                if target is None or target.shape != shape:
+                    target = self._device[key] = torch.full(shape, float("nan"), device=device, dtype=landing.dtype)
+                target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing)
+                self._staged[key] = landing
+
+    # --- what the sparse ops read -------------------------------------------------------------------------------
     def map(self, key: str) -> torch.Tensor:
         """The step's cached map (valid at the level's read region) or whole tensor; sparse ops write into it."""
         return self._device[key]
@@ -122,26 +160,23 @@ class EditFeed:
     def cached_active(self, key: str) -> torch.Tensor:
         """[rows, C, active positions]: the cached values of a map at its level's active positions."""
         lp = self.plan.levels[self.entries[key].level]
-        staged = self._staged[key]
-        if staged is None:
+        if self.entries[key].whole:
             return self._device[key].flatten(2).index_select(2, lp.tokens(self._device[key].device))
+        staged = self._staged[key]
         return staged.index_select(2, lp.active_in_read(staged.device))
 
-    def _upload(self, key: str, parts: list[torch.Tensor], device, dtype) -> torch.Tensor:
-        """Concatenates the chunks' rows into the key's pinned staging buffer and copies it to the device."""
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        buf = self._staging.get((key, len(parts)))
-        if buf is None or buf.shape != shape:
-            buf = self._staging[(key, len(parts))] = pinned(shape, parts[0].dtype)
-        torch.cat(parts, out=buf)
-        return buf.to(device, dtype, non_blocking=True)
+    def close(self) -> None:
+        """Lets go of every buffer (device memory is released when the edit ends)."""
+        for d in (self._host, self._landing, self._device, self._staged, self._staging):
+            d.clear()
+        self._uploaded = None
 
-    def _canvas(self, key, n_chunks, rows_channels, hw, device, dtype) -> torch.Tensor:
-        canvas = self._canvases.get((key, n_chunks))
-        if canvas is None:
-            canvas = torch.full((*rows_channels, *hw), float("nan"), device=device, dtype=dtype)
-            self._canvases[(key, n_chunks)] = canvas
-        return canvas
+    def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
+        values = self.source.read_positions(key, step, chunk, positions)
+        buf = self._staging.get((key, index))
+        if buf is None or buf.shape != values.shape:
+            buf = self._staging[(key, index)] = pinned(values.shape, values.dtype)
+        return buf.copy_(values)
 
 
 _streams: dict = {}

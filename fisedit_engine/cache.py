@@ -82,6 +82,14 @@ class Region:
     them in the stored per-step values (2 for maps kept as [B, C, P], 1 for tokens kept as [B, P, C])."""
     positions: torch.Tensor
     dim: int
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device) -> torch.Tensor:
+        """The positions on `device` (copied once: a sparse step may be running as a CUDA graph capture)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = self.positions.to(device)
+        return self._on[key]
 
     @classmethod
     def of(cls, like: torch.Tensor, positions: torch.Tensor) -> "Region":

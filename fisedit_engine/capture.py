@@ -74,6 +74,7 @@ class Recording:
         self.delta = delta
         if delta is not None:
             self.store.base = delta.base
+        self.deferred: list | None = None  # while a CUDA graph captures a step: (key, chunk, graph-owned value)
         self.probe_steps = probe_record_steps(steps)
         self.sigmas = sigmas.detach().float().cpu()
         self.targets = targets
@@ -152,13 +153,20 @@ class Recording:
         region = self.delta.region(key, step) if self.delta is not None else None
         if region is not None:
             self.store.regions[key] = region
-            value = take_positions(value, region.positions.to(value.device))
+            value = take_positions(value, region.on(value.device))
         elif self.delta is not None and key in self.delta.regions:  # a step that recomputed the whole map
             nbytes = value.numel() * value.element_size()
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
             self.reserved += nbytes
             self.store.whole[(key, chunk, step)] = pinned(value.shape, value.dtype).copy_(value, non_blocking=True)
-            value = take_positions(value, self.delta.regions[key].positions.to(value.device))  # keeps the delta whole
+            value = take_positions(value, self.delta.regions[key].on(value.device))  # keeps the delta whole
+        if self.deferred is not None:
+            # a CUDA graph is being captured: keep the graph's own copy, stored after each replay (flush)
+            self.deferred.append((key, chunk, value.clone()))
+            return
+        self._store(key, chunk, step, value)
+
+    def _store(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
         steps = self.probe_steps if is_probe_key(key) else self.store.steps
         if (key, chunk) not in self.store.tensors:
             nbytes = StepTensors.bytes_for(steps, self.store.batch, value.shape[1:], value.dtype)
@@ -167,6 +175,14 @@ class Recording:
         slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True
+
+    def flush(self, recorded: list, step: int) -> None:
+        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`)."""
+        if not self.active:
+            return
+        for key, chunk, value in recorded:
+            if not is_probe_key(key) or step < self.probe_steps:
+                self._store(key, chunk, step, value)
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
@@ -228,6 +244,7 @@ class CacheHandle:
         self.min_sparse_positions = min_sparse_positions
         self.delta = delta  # an edit's handle records its result as this delta over the source
         self.feed_stats = None  # an edit's handle: what its sparse steps uploaded (feed.FeedStats)
+        self.graph_replays = 0  # an edit's handle: sparse steps replayed as a CUDA graph
         self.recording: Recording | None = None
         self.edit_summary: str | None = None  # set on the handle an edit returns
 
@@ -325,6 +342,8 @@ class CaptureApplyModel(_CaptureWrapper):
             return self.edit.replay(ctx, x, args[1] if len(args) > 1 else kwargs["t"], executor.class_obj.model_sampling)
         token = _step_context.set(ctx)
         try:
+            if self.edit is not None:
+                return self.edit.run_step(ctx, executor, args, kwargs, x.device)
             return executor(*args, **kwargs)
         finally:
             _step_context.reset(token)

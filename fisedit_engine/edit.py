@@ -28,6 +28,7 @@ from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
 from .feed import EditFeed
+from .graphs import SparseStepGraph
 from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput
@@ -60,7 +61,21 @@ class EditState:
     stats_mode: str = "exact"
     probe: ProbeState | None = None
     feed: EditFeed | None = None
+    graph: SparseStepGraph | None = None    # None: every step runs eagerly
     _mask_rows: dict = field(default_factory=dict)
+
+    def run_step(self, ctx: StepContext, executor, args, kwargs, device) -> torch.Tensor:
+        """One model call of the edit: sparse steps through the CUDA graph when there is one."""
+        if self.graph is None or self.is_dense(ctx.step):
+            return executor(*args, **kwargs)
+        self.feed.prepare(ctx.step, ctx.chunks, device)  # outside the graph: a replay only runs kernels
+        return self.graph.run(ctx, executor, args, kwargs)
+
+    def close(self) -> None:
+        if self.graph is not None:
+            torch.cuda.synchronize()  # the last replay's copies to host memory have landed
+            self.graph.close()
+        self.feed.close()
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
@@ -147,8 +162,9 @@ def check_model(model, source: FisEditCache) -> None:
 
 
 def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
-             tile_size: int = DEFAULT_TILE, callback=None) -> tuple[torch.Tensor, CacheHandle]:
-    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache."""
+             tile_size: int = DEFAULT_TILE, callback=None, cuda_graph: bool = True) -> tuple[torch.Tensor, CacheHandle]:
+    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache. On a CUDA device
+    the sparse steps replay one captured CUDA graph unless `cuda_graph` is False."""
     source = spec.cache.get()
     s = source.settings
     if stats_mode not in STATS_MODES:
@@ -167,8 +183,9 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     layout = UNetLayout.from_unet(unet)
     plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
     dense_steps = round(dense_tail * s.steps)
+    graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout))
+                      feed=EditFeed.build(plan, source, layout), graph=graph)
     replayed = spec.probe.steps if spec.probe is not None else 0
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
@@ -186,18 +203,30 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()
-    samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
-                                 source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
+    try:
+        samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
+                                     source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
+    finally:
+        state.close()
     seconds = time.perf_counter() - t0
     seal(handle, samples)
     handle.feed_stats = state.feed.stats
+    handle.graph_replays = graph.replays if graph is not None else 0
     handle.edit_summary = (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of "
                            f"the latent, {replayed} probe steps replayed, {s.steps - dense_steps - replayed} sparse + "
                            f"{dense_steps} dense steps, {seconds:.2f}s, "
-                           f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step; "
-                           f"{plan.describe()}")
+                           f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step, "
+                           f"{_graph_note(state.graph)}; {plan.describe()}")
     log.info("%s", handle.edit_summary)
     return samples, handle
+
+
+def _graph_note(graph: SparseStepGraph | None) -> str:
+    if graph is None:
+        return "eager"
+    if graph.failure is not None:
+        return f"eager (no CUDA graph: {graph.failure})"
+    return f"{graph.replays} sparse steps replayed as a CUDA graph"
 
 
 def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:

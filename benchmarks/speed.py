@@ -176,6 +176,8 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
                     # the first sparse step builds the buffers (and the second captures the graph): not timed
                     entry["step_ms_graph" if graph else "step_ms_eager"] = 1000 * statistics.median(timer.seconds[2:])
                     entry["bytes_uploaded_per_step"] = result.feed_stats.bytes_per_step
+                    entry["stage_ms_per_step" + ("_graph" if graph else "_eager")] = (
+                        1000 * result.feed_stats.stage_seconds / max(result.feed_stats.steps, 1))
                     entry["graph_replays" if graph else "eager_steps"] = result.graph_replays or len(timer.seconds)
                     api.registry().remove(result.name)
                 entry["step_ms"] = min(entry["step_ms_graph"], entry["step_ms_eager"])

@@ -19,6 +19,7 @@ CUDA graph (graphs.py). `prepare` runs the three stages for one step.
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from .plan import EditPlan
 class FeedStats:
     steps: int = 0
     bytes_uploaded: int = 0
+    stage_seconds: float = 0.0   # host time gathering into pinned memory
 
     @property
     def bytes_per_step(self) -> float:
@@ -101,6 +103,7 @@ class EditFeed:
 
     def stage(self, step: int, chunks: list[int]) -> None:
         """Host side: the step's values per key and chunk, in pinned memory."""
+        t0 = time.perf_counter()
         if self._uploaded is not None:
             self._uploaded.synchronize()  # the previous upload has finished reading the staging buffers
         for key, e in self.entries.items():
@@ -110,6 +113,7 @@ class EditFeed:
                 positions = self.plan.levels[e.level].read_positions("cpu")
                 self._host[key] = [self._gather(key, i, step, c, positions) for i, c in enumerate(chunks)]
         self.stats.steps += 1
+        self.stats.stage_seconds += time.perf_counter() - t0
         self.stats.bytes_uploaded += sum(p.numel() * p.element_size() for parts in self._host.values() for p in parts)
 
     def upload(self, device) -> None:

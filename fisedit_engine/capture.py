@@ -342,8 +342,6 @@ class CaptureApplyModel(_CaptureWrapper):
             return self.edit.replay(ctx, x, args[1] if len(args) > 1 else kwargs["t"], executor.class_obj.model_sampling)
         token = _step_context.set(ctx)
         try:
-            if self.edit is not None:
-                return self.edit.run_step(ctx, executor, args, kwargs, x.device)
             return executor(*args, **kwargs)
         finally:
             _step_context.reset(token)

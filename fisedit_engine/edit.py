@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache, Region
-from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, seal
+from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
@@ -63,13 +63,6 @@ class EditState:
     feed: EditFeed | None = None
     graph: SparseStepGraph | None = None    # None: every step runs eagerly
     _mask_rows: dict = field(default_factory=dict)
-
-    def run_step(self, ctx: StepContext, executor, args, kwargs, device) -> torch.Tensor:
-        """One model call of the edit: sparse steps through the CUDA graph when there is one."""
-        if self.graph is None or self.is_dense(ctx.step):
-            return executor(*args, **kwargs)
-        self.feed.prepare(ctx.step, ctx.chunks, device)  # outside the graph: a replay only runs kernels
-        return self.graph.run(ctx, executor, args, kwargs)
 
     def close(self) -> None:
         if self.graph is not None:
@@ -139,6 +132,25 @@ class EditState:
         return self._mask_rows[key]
 
 
+class SparseStepWrapper:
+    """A DIFFUSION_MODEL wrapper: sparse steps of the edit run the UNet through its CUDA graph (graphs.py). It sits
+    inside apply_model, whose timestep lookup copies through host memory and cannot be captured."""
+    fisedit_patch = True
+
+    def __init__(self, state: EditState):
+        self.state = state
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        ctx, state = current_step(), self.state
+        if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
+            return executor(*args, **kwargs)
+        state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
+        return state.graph.run(ctx, executor, args, kwargs)
+
+
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
     """An image-resolution MASK [B, H, W] (or [H, W]) -> [B, h, w] bool at latent resolution: a latent pixel is
     in the mask when any of its image pixels is above 0.5; then dilated by `dilate` latent pixels."""
@@ -194,6 +206,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     patched = model.clone()
     host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
+    if graph is not None:
+        host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
     modules = dict(unet.named_modules())
     for block in layout.blocks:
         if block.level in plan.levels:

@@ -78,10 +78,8 @@ def pinned(shape, dtype) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Region:
-    """Where a delta holds values: sorted flat positions (of H*W, or token indices), and the dimension that indexes
-    them in the stored per-step values (2 for maps kept as [B, C, P], 1 for tokens kept as [B, P, C])."""
+    """Where a delta holds values: sorted flat positions (of H*W for maps, token indices for tokens)."""
     positions: torch.Tensor
-    dim: int
     _on: dict = field(default_factory=dict, compare=False, repr=False)
 
     def on(self, device) -> torch.Tensor:
@@ -91,22 +89,30 @@ class Region:
             self._on[key] = self.positions.to(device)
         return self._on[key]
 
-    @classmethod
-    def of(cls, like: torch.Tensor, positions: torch.Tensor) -> "Region":
-        return cls(positions, 2 if like.dim() == 4 else 1)
+
+def to_storage(value: torch.Tensor) -> torch.Tensor:
+    """A per-step value as the store keeps it: activation maps [B, C, H, W] channels-last ([B, H, W, C]), so that
+    the values of a set of positions are contiguous runs of C elements (an edit gathers its region per step)."""
+    return value.permute(0, 2, 3, 1) if value.dim() == 4 else value
+
+
+def from_storage(stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_storage for one step's stored tensor (a view)."""
+    return stored.permute(0, 3, 1, 2) if stored.dim() == 4 else stored
 
 
 def take_positions(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The values of `positions` (flat spatial positions or token indices): [B, C, P] or [B, P, C]."""
+    """The values of `positions` (flat spatial positions of a map [B, C, H, W], or token indices of [B, T, C]),
+    as [B, P, C]."""
     if value.dim() == 4:
-        return value.flatten(2).index_select(2, positions)
+        return value.flatten(2).index_select(2, positions).transpose(1, 2)
     return value.index_select(1, positions)
 
 
 def put_positions(full: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Writes `values` (as take_positions returns them) into `full` in place; returns `full`."""
+    """Writes `values` [B, P, C] (as take_positions returns them) into `full` in place; returns `full`."""
     if full.dim() == 4:
-        full.view(*full.shape[:2], -1).index_copy_(2, positions, values.to(full.dtype))
+        full.view(*full.shape[:2], -1).index_copy_(2, positions, values.transpose(1, 2).to(full.dtype))
     else:
         full.index_copy_(1, positions, values.to(full.dtype))
     return full
@@ -116,9 +122,9 @@ def put_positions(full: torch.Tensor, positions: torch.Tensor, values: torch.Ten
 class StepTensors:
     """Host storage [steps, batch, ...] per (key, chunk), allocated on first write, with a written-flag per step.
 
-    An edit's result is stored as a delta over its source (`base`): a key in `regions` holds, per step, only the
-    values at its positions (the edit's active region), [steps, batch, C, P] or [steps, batch, P, C]; everything
-    else is the base's. A step that recomputed the whole map (a dense step) keeps it whole in `whole`; a step that
+    Activation maps are stored channels-last (to_storage). An edit's result is stored as a delta over its source
+    (`base`): a key in `regions` holds, per step, only the values at its positions (the edit's active region),
+    [steps, batch, P, C]; everything else is the base's. A step that recomputed the whole map (a dense step) keeps it whole in `whole`; a step that
     wrote nothing of a regional key (a replayed probe step) reads the base unchanged."""
     steps: int
     batch: int
@@ -137,34 +143,44 @@ class StepTensors:
         return t
 
     def step(self, key: str, chunk: int, step: int) -> torch.Tensor:
-        """One step's whole tensor [batch, ...] (a delta is applied over a copy of the base's)."""
+        """One step's whole value [batch, ...] in the model's layout (a delta is applied over a copy of the base's)."""
         if key not in self.regions:
-            return self.tensors[(key, chunk)][step]
+            return from_storage(self.tensors[(key, chunk)][step])
         whole = self.whole.get((key, chunk, step))
         if whole is not None:
             return whole
         return put_positions(self.base.step(key, chunk, step).clone(), self.regions[key].positions,
                              self.tensors[(key, chunk)][step])
 
+    def stored_step(self, key: str, chunk: int, step: int) -> torch.Tensor:
+        """One step as the store keeps it (to_storage's layout), contiguous: what an upload copies."""
+        if key not in self.regions:
+            return self.tensors[(key, chunk)][step]
+        return to_storage(self.step(key, chunk, step)).contiguous()
+
     def step_positions(self, key: str, chunk: int, step: int, positions: torch.Tensor) -> torch.Tensor:
-        """take_positions(self.step(key, chunk, step), positions), without assembling a delta's whole map."""
-        if key not in self.regions or (key, chunk, step) in self.whole:
-            return take_positions(self.step(key, chunk, step), positions)
+        """take_positions(self.step(key, chunk, step), positions), [batch, P, C], gathered from the stored layout
+        (contiguous runs of C values) and without assembling a delta's whole map."""
+        if key not in self.regions:
+            stored = self.tensors[(key, chunk)][step]
+            return (stored.flatten(1, 2) if stored.dim() == 4 else stored).index_select(1, positions)
+        if (key, chunk, step) in self.whole:
+            return take_positions(self.whole[(key, chunk, step)], positions)
         values = self.base.step_positions(key, chunk, step, positions)
-        delta, region = self.tensors[(key, chunk)][step], self.regions[key]
-        where = _index_of(region.positions, positions)  # each wanted position's index in the region, or -1
+        delta = self.tensors[(key, chunk)][step]
+        where = _index_of(self.regions[key].positions, positions)  # each wanted position's index in the region
         hit = torch.nonzero(where >= 0).flatten()
         if len(hit):
             values = values.clone()
-            values.index_copy_(region.dim, hit, delta.index_select(region.dim, where[hit]).to(values.dtype))
+            values.index_copy_(1, hit, delta.index_select(1, where[hit]).to(values.dtype))
         return values
 
     def whole_tensor(self, key: str, chunk: int) -> torch.Tensor:
-        """All steps of one (key, chunk) as whole maps (a delta assembled over its base)."""
+        """All steps of one (key, chunk) in the stored layout, a delta assembled over its base."""
         t = self.tensors[(key, chunk)]
         if key not in self.regions:
             return t
-        return torch.stack([self.step(key, chunk, s) for s in range(t.shape[0])])
+        return torch.stack([self.stored_step(key, chunk, s) for s in range(t.shape[0])])
 
     @staticmethod
     def bytes_for(steps: int, batch: int, sample_shape, dtype) -> int:
@@ -208,9 +224,14 @@ class FisEditCache:
         return value if sample is None else value[sample]
 
     def read_positions(self, key: str, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
-        """read() at a set of positions only (see take_positions): what an edit uploads per step."""
+        """read() at a set of positions only, [batch, P, C] (see take_positions): what an edit uploads per step."""
         self.read_check(key, step, chunk)
         return self.store.step_positions(key, chunk, step, positions)
+
+    def read_stored(self, key: str, step: int, chunk: int) -> torch.Tensor:
+        """read() in the stored layout (channels-last maps), contiguous and pinned where the cache is."""
+        self.read_check(key, step, chunk)
+        return self.store.stored_step(key, chunk, step)
 
     def read_check(self, key: str, step: int, chunk: int) -> None:
         t = self.store.tensors.get((key, chunk))

@@ -22,7 +22,7 @@ import torch
 
 from . import comfy_adapter as host
 from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
-                    take_positions)
+                    take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -172,6 +172,7 @@ class Recording:
             nbytes = StepTensors.bytes_for(steps, self.store.batch, value.shape[1:], value.dtype)
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
             self.reserved += nbytes
+        value = to_storage(value)
         slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True

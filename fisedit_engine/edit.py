@@ -250,7 +250,7 @@ def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:
     for t in layout.targets(s.sparse_levels):
         lp = plan.levels.get(t.level)
         if lp is not None and not lp.full:
-            regions[t.key] = Region(lp.tokens("cpu"), 1 if t.what in ("attn_k", "attn_v", "probe_q") else 2)
+            regions[t.key] = Region(lp.tokens("cpu"))
     return regions
 
 

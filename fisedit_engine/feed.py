@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import FisEditCache, pinned
+from .cache import FisEditCache, from_storage, pinned
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
 
@@ -108,7 +108,7 @@ class EditFeed:
             self._uploaded.synchronize()  # the previous upload has finished reading the staging buffers
         for key, e in self.entries.items():
             if e.whole:
-                self._host[key] = [self.source.read(key, step, c) for c in chunks]
+                self._host[key] = [self.source.read_stored(key, step, c) for c in chunks]
             else:
                 positions = self.plan.levels[e.level].read_positions("cpu")
                 self._host[key] = [self._gather(key, i, step, c, positions) for i, c in enumerate(chunks)]
@@ -145,15 +145,16 @@ class EditFeed:
             e = self.entries[key]
             target = self._device.get(key)
             if e.whole:
-                if target is None or target.shape != landing.shape:
-                    target = self._device[key] = torch.empty_like(landing)
-                target.copy_(landing)
+                value = from_storage(landing)
+                if target is None or target.shape != value.shape:
+                    target = self._device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)
+                target.copy_(value)
             else:
                 lp = self.plan.levels[e.level]
-                shape = (*landing.shape[:2], lp.height, lp.width)
+                shape = (landing.shape[0], landing.shape[2], lp.height, lp.width)
                 if target is None or target.shape != shape:
                     target = self._device[key] = torch.full(shape, float("nan"), device=device, dtype=landing.dtype)
-                target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing)
+                target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing.transpose(1, 2))
                 self._staged[key] = landing
 
     # --- what the sparse ops read -------------------------------------------------------------------------------
@@ -166,8 +167,8 @@ class EditFeed:
         lp = self.plan.levels[self.entries[key].level]
         if self.entries[key].whole:
             return self._device[key].flatten(2).index_select(2, lp.tokens(self._device[key].device))
-        staged = self._staged[key]
-        return staged.index_select(2, lp.active_in_read(staged.device))
+        staged = self._staged[key]  # [rows, P, C]
+        return staged.index_select(1, lp.active_in_read(staged.device)).transpose(1, 2).contiguous()
 
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 
 FORMAT = "fisedit-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: activation maps stored channels-last
 _SEALED_KEY = "fisedit_sealed"
 _JSON_SCALARS = (int, float, str, bool, type(None))
 

@@ -31,6 +31,10 @@ class FakeSource:
     def read(self, key, step, chunk=0, sample=None):
         return self.values[(key, chunk)]
 
+    def read_stored(self, key, step, chunk):
+        from fisedit_engine.cache import to_storage
+        return to_storage(self.values[(key, chunk)]).contiguous()
+
     def read_positions(self, key, step, chunk, positions):
         from fisedit_engine.cache import take_positions
         return take_positions(self.values[(key, chunk)], positions)

@@ -56,12 +56,12 @@ def test_delta_store_reads_as_its_base_with_the_region_replaced():
     steps, batch = 3, 2
     base = StepTensors(steps, batch)
     maps, tokens = rand(steps, batch, 4, 6, 5, seed=5), rand(steps, batch, 30, 8, seed=6)
-    base.slot("m", 0, maps.shape[2:], maps.dtype).copy_(maps)
+    base.slot("m", 0, (6, 5, 4), maps.dtype).copy_(maps.permute(0, 1, 3, 4, 2))  # maps are stored channels-last
     base.slot("t", 0, tokens.shape[2:], tokens.dtype).copy_(tokens)
     positions = torch.tensor([0, 7, 8, 21, 29])
     delta = StepTensors(steps, batch, base=base)
-    fresh_maps, fresh_tokens = rand(steps, batch, 4, 5, seed=7), rand(steps, batch, 5, 8, seed=8)
-    delta.regions = {"m": Region(positions, 2), "t": Region(positions, 1)}
+    fresh_maps, fresh_tokens = rand(steps, batch, 5, 4, seed=7), rand(steps, batch, 5, 8, seed=8)  # [P, C]
+    delta.regions = {"m": Region(positions), "t": Region(positions)}
     delta.slot("m", 0, fresh_maps.shape[2:], fresh_maps.dtype).copy_(fresh_maps)
     delta.slot("t", 0, fresh_tokens.shape[2:], fresh_tokens.dtype).copy_(fresh_tokens)
     whole = rand(batch, 4, 6, 5, seed=9)
@@ -69,7 +69,7 @@ def test_delta_store_reads_as_its_base_with_the_region_replaced():
     wanted = torch.tensor([1, 7, 21, 22])
     for s in range(steps):
         m = maps[s].clone().flatten(2)
-        m[:, :, positions] = fresh_maps[s]
+        m[:, :, positions] = fresh_maps[s].transpose(1, 2)
         m = whole if s == 2 else m.view_as(maps[s])
         t = tokens[s].clone()
         t[:, positions] = fresh_tokens[s]
@@ -77,4 +77,5 @@ def test_delta_store_reads_as_its_base_with_the_region_replaced():
         assert torch.equal(delta.step_positions("m", 0, s, wanted), take_positions(m, wanted))
         assert torch.equal(delta.step_positions("t", 0, s, wanted), take_positions(t, wanted))
     assert torch.equal(delta.whole_tensor("t", 0)[1], delta.step("t", 0, 1))
+    assert torch.equal(delta.whole_tensor("m", 0)[1].permute(0, 3, 1, 2), delta.step("m", 0, 1))  # stored layout
     assert delta.nbytes < base.nbytes

@@ -14,6 +14,8 @@ A capture that fails falls back to eager steps, with the reason in the log.
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -66,7 +68,9 @@ class SparseStepGraph:
             with torch.cuda.graph(graph):
                 self.output = call(*self.static_args, **self.static_kwargs)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
-            self.failure = f"{type(e).__name__}: {e}"
+            frames = traceback.extract_tb(e.__traceback__)[-4:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+            self.failure = f"{type(e).__name__}: {e} (at {where})"
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
             self.static_args, self.static_kwargs, self.output = [], {}, None

@@ -76,6 +76,28 @@ def pinned(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
 
+class PinnedArena:
+    """Many pinned tensors carved from few large pinned blocks. Pinning is a driver call of about a millisecond, and
+    a cache or an edit's result makes hundreds of tensors."""
+    BLOCK = 64 << 20
+    ALIGN = 64
+
+    def __init__(self):
+        self._block: torch.Tensor | None = None
+        self._offset = 0
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        padded = -(-nbytes // self.ALIGN) * self.ALIGN
+        if self._block is None or self._offset + padded > self._block.numel():
+            if padded >= self.BLOCK:  # a large tensor gets a block of its own; the current one stays open
+                return pinned(shape, dtype)
+            self._block, self._offset = pinned((self.BLOCK,), torch.uint8), 0
+        view = self._block[self._offset:self._offset + nbytes].view(dtype).view(shape)
+        self._offset += padded
+        return view
+
+
 @dataclass(frozen=True)
 class Region:
     """Where a delta holds values: sorted flat positions (of H*W for maps, token indices for tokens)."""
@@ -133,12 +155,13 @@ class StepTensors:
     base: "StepTensors | None" = None
     regions: dict[str, "Region"] = field(default_factory=dict)
     whole: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    arena: PinnedArena = field(default_factory=PinnedArena, repr=False)
 
     def slot(self, key: str, chunk: int, sample_shape, dtype, steps: int | None = None) -> torch.Tensor:
         t = self.tensors.get((key, chunk))
         if t is None:
             steps = self.steps if steps is None else steps
-            t = self.tensors[(key, chunk)] = pinned((steps, self.batch, *sample_shape), dtype)
+            t = self.tensors[(key, chunk)] = self.arena.empty((steps, self.batch, *sample_shape), dtype)
             self.written[(key, chunk)] = torch.zeros(steps, dtype=torch.bool)
         return t
 

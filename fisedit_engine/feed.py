@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import FisEditCache, from_storage, pinned
+from .cache import FisEditCache, PinnedArena, from_storage
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
 
@@ -61,6 +61,7 @@ class EditFeed:
     _staged: dict = field(default_factory=dict)     # key -> [rows, C, P] device values at the read positions
     _staging: dict = field(default_factory=dict)    # (key, chunk index) -> pinned host buffer of a gather
     _uploaded: object = None                        # the last upload's CUDA event
+    _arena: PinnedArena = field(default_factory=PinnedArena)
 
     @classmethod
     def build(cls, plan: EditPlan, source: FisEditCache, layout: UNetLayout) -> "EditFeed":
@@ -174,13 +175,13 @@ class EditFeed:
         """Lets go of every buffer (device memory is released when the edit ends)."""
         for d in (self._host, self._landing, self._device, self._staged, self._staging):
             d.clear()
-        self._uploaded = None
+        self._uploaded, self._arena = None, PinnedArena()
 
     def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
         values = self.source.read_positions(key, step, chunk, positions)
         buf = self._staging.get((key, index))
         if buf is None or buf.shape != values.shape:
-            buf = self._staging[(key, index)] = pinned(values.shape, values.dtype)
+            buf = self._staging[(key, index)] = self._arena.empty(values.shape, values.dtype)
         return buf.copy_(values)
 
 

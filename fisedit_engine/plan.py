@@ -47,6 +47,10 @@ class LevelPlan:
     def fraction(self) -> float:
         return float(self.active.float().mean())
 
+    def tiles_on(self, device) -> torch.Tensor:
+        """`tiles` on `device` (indexing a device tensor by host indices would copy them on every call)."""
+        return self._cached(("tiles",), device, lambda: self.tiles)
+
     def tokens(self, device) -> torch.Tensor:
         """Flat indices (row-major, as SpatialTransformer orders tokens) of the active positions."""
         return self._cached(("tokens",), device, lambda: torch.nonzero(self.active.flatten()).flatten())

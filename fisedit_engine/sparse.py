@@ -82,7 +82,7 @@ class SparseResBlock(SparseForward):
         stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups,
                                      (f"{self.path}:h",))
         out = _sparse_conv(ctx, h_full, out_conv, lp, "conv3", out_norm, stats)
-        skip = R.tiles_of(x, lp.tiles, lp.tile)
+        skip = R.tiles_of(x, lp.tiles_on(x.device), lp.tile)
         if not isinstance(m.skip_connection, torch.nn.Identity):
             with host.cast_weights(m.skip_connection, skip) as (w, b):
                 skip = R.conv_patches(skip, w, b)

@@ -33,10 +33,10 @@ class FISEditToyModelLoader:
     RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The diffusion model (eps prediction, SD's 1000-step scaled-linear schedule); best at 256x256.",
-        "The text encoder. It knows the toy world's words only: sizes (small, large), colours (red, orange, "
-        "yellow, green, blue, purple), shapes (circle, square, triangle, diamond), positions (at the top left, "
-        "on the right, in the middle, ...) and backgrounds (plain, striped, checkered, dotted); other words are "
-        "unknown to it.",
+        ("The text encoder. It knows the toy world's words only: sizes (small, large), colours (red, orange, "
+         "yellow, green, blue, purple), shapes (circle, square, triangle, diamond), positions (at the top left, "
+         "on the right, in the middle, ...) and backgrounds (plain, striped, checkered, dotted); other words are "
+         "unknown to it."),
         "The autoencoder (8x down, 4 latent channels).",
     )
 
@@ -69,7 +69,7 @@ class FISEditToyModelLoader:
                 "`python scripts/train_toyworld.py --out OUT` (about 8 minutes on one GPU), or point "
                 f"{WEIGHTS_ENV} at a folder that holds them.")
         name = weights if weights and weights != NONE_FOUND else (DEFAULT_NAME if DEFAULT_NAME in sets
-                                                                  else sorted(sets)[0])
+                                                                  else min(sets))
         if name not in sets:
             raise FileNotFoundError(f"FISEditToyModelLoader: no weights named {name!r} in {weights_dir()}; "
                                     f"found: {', '.join(sorted(sets))}")

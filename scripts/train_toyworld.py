@@ -15,14 +15,14 @@ import time
 
 START = time.monotonic()  # the budget counts from here, before the heavy imports
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from toyworld import train  # noqa: E402
+from toyworld import train
 
 
 def main(argv=None) -> int:

@@ -142,7 +142,7 @@ def token_ids(scenes: Scenes) -> torch.Tensor:
     device = scenes.device
     n, k = scenes.present.shape
     cells = _cell_tokens().to(device)[scenes.cell]                                     # [B, K, 4]
-    const = lambda w: torch.full((n, k, 1), _INDEX[w], device=device)  # noqa: E731
+    const = lambda w: torch.full((n, k, 1), _INDEX[w], device=device)
     off = len(SPECIALS) + len(GRAMMAR_WORDS)
     sizes = off + scenes.size
     colours = off + len(world.SIZES) + scenes.colour

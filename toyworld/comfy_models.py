@@ -19,16 +19,24 @@ from . import captions, models
 
 
 def _latent_format(meta: dict):
-    """A LatentFormat class with the weights' own scale and preview factors."""
+    """A LatentFormat class with the weights' own normalisation (the VAE's latents to zero mean and unit
+    variance, as Flux's and SD3's formats shift and scale) and preview colours."""
     import comfy.latent_formats
 
     class ToyWorldLatent(comfy.latent_formats.LatentFormat):
         latent_channels = 4
 
         def __init__(self):
+            self.shift_factor = float(meta["latent_shift"])
             self.scale_factor = float(meta["latent_scale"])
             self.latent_rgb_factors = json.loads(meta["latent_rgb_factors"])
             self.latent_rgb_factors_bias = json.loads(meta["latent_rgb_factors_bias"])
+
+        def process_in(self, latent):
+            return (latent - self.shift_factor) * self.scale_factor
+
+        def process_out(self, latent):
+            return latent / self.scale_factor + self.shift_factor
 
     return ToyWorldLatent
 
@@ -88,11 +96,11 @@ def _model_config(unet_config: dict, meta: dict):
     import comfy.supported_models_base
 
     class ToyWorld(comfy.supported_models_base.BASE):
-        unet_config = {}                 # never matched against checkpoints: this loader builds it directly
-        unet_extra_config = {}
+        unet_config = {}  # noqa: RUF012  never matched against checkpoints: this loader builds the model
+        unet_extra_config = {}  # noqa: RUF012
         latent_format = _latent_format(meta)
         memory_usage_factor = 1.0
-        supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+        supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]  # noqa: RUF012 (BASE's API)
 
     return ToyWorld(unet_config)
 
@@ -149,7 +157,7 @@ def _embedding_directory():
     try:
         import folder_paths
         return folder_paths.get_folder_paths("embeddings")
-    except Exception:  # scripts that use comfy without the host's folder registry
+    except (ImportError, KeyError):  # scripts that use comfy without the host's folder registry
         return None
 
 
@@ -163,6 +171,6 @@ def load(paths) -> tuple:
     """(MODEL, CLIP, VAE, metadata) from a weights file or its shards."""
     sd, meta = models.load_weights(list(paths))
     model, clip, vae = build(sd, meta)
-    logging.info("FISEdit toy model loaded from %s: %s", ", ".join(str(p) for p in paths),
+    logging.getLogger(__name__).info("FISEdit toy model loaded from %s: %s", ", ".join(str(p) for p in paths),
                  models.parameter_counts(sd))
     return model, clip, vae, meta

@@ -101,7 +101,7 @@ def apply_edits(scenes: Scenes, kind: torch.Tensor, seed: int) -> Edits:
     colour, shape, size, cell, present = s.colour.clone(), s.shape.clone(), s.size.clone(), s.cell.clone(), \
         s.present.clone()
 
-    step = lambda m: torch.randint(1, m, (n,), generator=g)  # noqa: E731  (a non-zero shift: a different value)
+    step = lambda m: torch.randint(1, m, (n,), generator=g)
     new_colour = (colour[rows, slot.clamp(max=k - 1)] + step(len(world.COLOURS))) % len(world.COLOURS)
     new_shape = (shape[rows, slot.clamp(max=k - 1)] + step(len(world.SHAPES))) % len(world.SHAPES)
     new_size = 1 - size[rows, slot.clamp(max=k - 1)]

@@ -111,7 +111,7 @@ def edit_success(images: torch.Tensor, edits: Edits) -> torch.Tensor:
     slot_after = edits.slot_after.clamp(min=0)
     cell = torch.where(removed, edits.before.cell[b, edits.slot_before.clamp(min=0)], edits.after.cell[b, slot_after])
     reading = read_cells(images, cell.to(images.device))
-    want = lambda field: getattr(edits.after, field)[b, slot_after].to(images.device)  # noqa: E731
+    want = lambda field: getattr(edits.after, field)[b, slot_after].to(images.device)
     there = (reading.present & (reading.colour == want("colour")) & (reading.shape == want("shape"))
              & (reading.size == want("size")))
     return torch.where(removed.to(images.device), ~reading.present, there)

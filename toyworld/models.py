@@ -13,7 +13,8 @@
 Weights are one safetensors file, or shards NAME-0000i-of-0000n.safetensors when a size cap is given (the GPU
 machine returns files of at most 16 MiB), with the keys of an SD checkpoint (model.diffusion_model.,
 cond_stage_model., first_stage_model.) and a metadata header that makes the file self-describing: the three
-configs, the vocabulary, the latent scale and the latent-to-RGB preview factors fitted after VAE training.
+configs, the vocabulary, the latent shift and scale and the latent-to-RGB preview factors fitted after VAE
+training.
 """
 from __future__ import annotations
 
@@ -207,13 +208,15 @@ def full_state_dict(unet, text_encoder, vae, dtype=torch.float16) -> dict[str, t
     return sd
 
 
-def metadata(latent_scale: float, rgb_factors: list, rgb_bias: list, training: dict | None = None) -> dict:
+def metadata(latent_shift: float, latent_scale: float, rgb_factors: list, rgb_bias: list,
+             training: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "unet_config": json.dumps(UNET_CONFIG),
         "text_config": json.dumps(TEXT_CONFIG),
         "vae_config": json.dumps(VAE_CONFIG),
         "vocab": json.dumps(list(captions.VOCAB)),
+        "latent_shift": repr(float(latent_shift)),
         "latent_scale": repr(float(latent_scale)),
         "latent_rgb_factors": json.dumps(rgb_factors),
         "latent_rgb_factors_bias": json.dumps(rgb_bias),
@@ -226,7 +229,7 @@ def random_weights(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     torch.manual_seed(seed)
     unet, text, vae = build_unet(zero_init=False), build_text_encoder(), build_vae()
     rgb = [[0.35, 0.23, 0.32], [0.33, 0.50, 0.24], [-0.28, 0.18, 0.27], [-0.21, -0.26, -0.72]]
-    return full_state_dict(unet, text, vae), metadata(1.0, rgb, [0.0, 0.0, 0.0], {"random_init_seed": seed})
+    return full_state_dict(unet, text, vae), metadata(0.0, 1.0, rgb, [0.0, 0.0, 0.0], {"random_init_seed": seed})
 
 
 def shard_names(name: str, n: int) -> list[str]:
@@ -289,7 +292,7 @@ def load_weights(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict]:
     for path in paths:
         with safe_open(str(path), framework="pt") as f:
             meta = meta or f.metadata()
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 sd[k] = f.get_tensor(k)
     if not meta or meta.get("format") != FORMAT:
         raise ValueError(f"{paths[0]} is not a FISEdit toy-world weights file (metadata format "

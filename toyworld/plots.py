@@ -43,9 +43,9 @@ def loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, wi
         s_min, s_max = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
         lv = [math.log10(v) for _, v in pts]
         l_min, l_max = min(lv), max(max(lv), min(lv) + 1e-3)
-        to_xy = lambda s, v: (box[0] + (s - s_min) / (s_max - s_min) * (box[2] - box[0]),  # noqa: E731
-                              box[3] - (math.log10(v) - l_min) / (l_max - l_min) * (box[3] - box[1]))
-        draw.line([to_xy(s, v) for s, v in pts], fill=COLOURS[i % len(COLOURS)], width=2)
+        xy = [(box[0] + (s - s_min) / (s_max - s_min) * (box[2] - box[0]),
+               box[3] - (math.log10(v) - l_min) / (l_max - l_min) * (box[3] - box[1])) for s, v in pts]
+        draw.line(xy, fill=COLOURS[i % len(COLOURS)], width=2)
         for frac in (0.0, 0.5, 1.0):
             lvl = l_min + frac * (l_max - l_min)
             y = box[3] - frac * (box[3] - box[1])

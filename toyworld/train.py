@@ -5,8 +5,8 @@ GPU), so there is no dataset to store and no epoch: every batch is new. Both sta
 budget is spent and stop after a whole step; the finish (latent scale, samples, evaluation, saving) has a reserve.
 
 - VAE: L1 + MSE reconstruction in -1..1 with a small KL term, sampling the posterior so that the decoder tolerates
-  latents that are slightly off, as a diffusion model's are. Then the latent scale (1 / std of the posterior
-  means) and the latent-preview colours are fitted on fresh images.
+  latents that are slightly off, as a diffusion model's are. Then the latent normalisation (shift and scale to
+  zero mean and unit variance of the posterior means) and the latent-preview colours are fitted on fresh images.
 - Diffusion: the standard eps-prediction DDPM loss on SD's scaled-linear schedule (beta 0.00085..0.012, 1000
   steps: ComfyUI's defaults for SD1.5, read from ComfyUI's ModelSamplingDiscrete), 10% empty captions for
   classifier-free guidance, AdamW, warm-up then cosine decay over the stage's time, EMA weights (saved), bf16
@@ -53,7 +53,7 @@ class TrainConfig:
     device: str = "cuda"
     max_vae_steps: int | None = None   # step caps (the smoke run); None: time alone decides
     max_steps: int | None = None
-    fit_images: int = 512              # latent scale and preview fit
+    fit_images: int = 512              # latent normalisation and preview fit
     eval_images: int = 256             # generated and judged at the end
     grid_images: int = 16
     sample_steps: int = 20
@@ -183,8 +183,9 @@ def train_vae(cfg: TrainConfig, clock: Clock, device: torch.device):
 
 @torch.no_grad()
 def fit_latents(cfg: TrainConfig, vae, device) -> dict:
-    """Latent scale (1 / std of the posterior means: unit variance, as SD's 0.18215 gives its VAE) and the
-    linear latent -> RGB preview, on fresh images; plus the VAE's reconstruction PSNR."""
+    """Latent normalisation (shift, scale: the posterior means get zero mean and unit variance, as SD's 0.18215
+    gives its VAE unit variance) and the linear latent -> RGB preview, on fresh images; plus the VAE's
+    reconstruction PSNR."""
     means, images = [], []
     chunk = min(cfg.fit_images, 64)
     for i in range(0, cfg.fit_images, chunk):
@@ -195,12 +196,12 @@ def fit_latents(cfg: TrainConfig, vae, device) -> dict:
         images.append(x)
     mean = torch.cat(means)
     x = torch.cat(images)
-    scale = 1.0 / float(mean.std())
-    factors, bias = models.fit_latent_preview((mean * scale).cpu(), x.cpu())
+    shift, scale = float(mean.mean()), 1.0 / float(mean.std())
+    factors, bias = models.fit_latent_preview(((mean - shift) * scale).cpu(), x.cpu())
     with _autocast(device):
         rec = ((vae.decode(mean[:64]).float() + 1) / 2).clamp(0, 1)
     mse = float((rec - x[:64]).square().mean())
-    return {"latent_scale": scale, "latent_mean": float(mean.mean()), "rgb_factors": factors, "rgb_bias": bias,
+    return {"latent_scale": scale, "latent_shift": shift, "rgb_factors": factors, "rgb_bias": bias,
             "vae_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
 
 
@@ -214,7 +215,7 @@ def _schedule():
     return 1.0 / (1.0 + ms.sigmas.double() ** 2), ms
 
 
-def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, scale: float):
+def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float]):
     unet, text = models.build_unet(device), models.build_text_encoder(device)
     unet.train()
     text.train()
@@ -239,7 +240,7 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, s
             scenes = stream.at(step)
             x = render.render(scenes, cfg.image_size)[0]
             with _autocast(device):
-                z0 = _vae_posterior(vae, x * 2 - 1)[0].float() * scale
+                z0 = (_vae_posterior(vae, x * 2 - 1)[0].float() - norm[0]) * norm[1]
             tokens = captions.token_ids(scenes)
             drop = torch.rand(cfg.batch, device=device, generator=g) < cfg.caption_dropout
             tokens = torch.where(drop[:, None], captions.empty_token_ids(cfg.batch, device), tokens)
@@ -278,7 +279,7 @@ def normal_sigmas(model_sampling, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(unet, text, vae, scale: float, tokens: torch.Tensor, seed: int, steps: int, cfg_scale: float,
+def sample(unet, text, vae, norm: tuple[float, float], tokens: torch.Tensor, seed: int, steps: int, cfg_scale: float,
            device, latent_size: int) -> torch.Tensor:
     """Images [N, 3, H, W] in 0..1 by Euler on ComfyUI's "normal" schedule with classifier-free guidance (what a
     KSampler with euler/normal does, written out so that training needs no ComfyUI graph)."""
@@ -301,15 +302,15 @@ def sample(unet, text, vae, scale: float, tokens: torch.Tensor, seed: int, steps
         denoised = x - sigma * eps
         x = denoised + (x - denoised) / sigma * sigmas[i + 1]  # Euler step: d = (x - denoised) / sigma
     with _autocast(device):
-        return ((vae.decode(x / scale).float() + 1) / 2).clamp(0, 1)
+        return ((vae.decode(x / norm[1] + norm[0]).float() + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, unet, text, vae, scale: float, device) -> tuple[dict, torch.Tensor, list[str]]:
+def evaluate(cfg: TrainConfig, unet, text, vae, norm: tuple[float, float], device) -> tuple[dict, torch.Tensor, list[str]]:
     latent = cfg.image_size // models.LATENT_DOWNSCALE
     scenes = world.sample_scenes(cfg.eval_images, seed=_step_seed(cfg, 4, 0), device=device)
     chunk = 64
-    images = torch.cat([sample(unet, text, vae, scale, captions.token_ids(scenes[i:i + chunk]), seed=cfg.seed + i,
+    images = torch.cat([sample(unet, text, vae, norm, captions.token_ids(scenes[i:i + chunk]), seed=cfg.seed + i,
                                steps=cfg.sample_steps, cfg_scale=cfg.cfg, device=device, latent_size=latent)
                         for i in range(0, len(scenes), chunk)])
     ok = judge.objects_correct(images, scenes)
@@ -342,11 +343,12 @@ def run(cfg: TrainConfig, start: float | None = None) -> dict:
 
     vae, vae_curve = train_vae(cfg, clock, device)
     fit = fit_latents(cfg, vae, device)
-    print(f"[{clock.now():6.1f}s] latent scale {fit['latent_scale']:.4f}, VAE PSNR {fit['vae_psnr_db']:.1f} dB",
-          flush=True)
-    unet, text, diff_curve = train_diffusion(cfg, clock, device, vae, fit["latent_scale"])
+    norm = (fit["latent_shift"], fit["latent_scale"])
+    print(f"[{clock.now():6.1f}s] latent shift {norm[0]:.4f} scale {norm[1]:.4f}, VAE PSNR "
+          f"{fit['vae_psnr_db']:.1f} dB", flush=True)
+    unet, text, diff_curve = train_diffusion(cfg, clock, device, vae, norm)
     t_eval = clock.now()
-    evaluation, grid, grid_captions = evaluate(cfg, unet, text, vae, fit["latent_scale"], device)
+    evaluation, grid, grid_captions = evaluate(cfg, unet, text, vae, norm, device)
     clock.marks["eval_seconds"] = clock.now() - t_eval
     print(f"[{clock.now():6.1f}s] generations judged: object accuracy {evaluation['object_accuracy']:.3f}, "
           f"scene accuracy {evaluation['scene_accuracy']:.3f}", flush=True)
@@ -356,7 +358,7 @@ def run(cfg: TrainConfig, start: float | None = None) -> dict:
                 "final_diffusion_loss": diff_curve[-1][1] if diff_curve else None,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     sd = models.full_state_dict(unet, text, vae)
-    meta = models.metadata(fit["latent_scale"], fit["rgb_factors"], fit["rgb_bias"], training)
+    meta = models.metadata(fit["latent_shift"], fit["latent_scale"], fit["rgb_factors"], fit["rgb_bias"], training)
     paths = models.save_weights(cfg.weights_dir, cfg.name, sd, meta, int(cfg.shard_mib * 2**20))
     counts = models.parameter_counts(sd)
     plots.loss_curves({"VAE": vae_curve, "UNet + text encoder": diff_curve}, out / "loss.png")
@@ -365,7 +367,7 @@ def run(cfg: TrainConfig, start: float | None = None) -> dict:
     metrics = {
         "config": asdict(cfg), "parameters": counts, "parameters_total": sum(counts.values()),
         "weights": [str(p) for p in paths], "weights_bytes": sum(p.stat().st_size for p in paths),
-        "latent": {k: fit[k] for k in ("latent_scale", "latent_mean", "vae_psnr_db")},
+        "latent": {k: fit[k] for k in ("latent_shift", "latent_scale", "vae_psnr_db")},
         "evaluation": evaluation, "timings": clock.marks, "training": training,
         "loss": {"vae": vae_curve, "diffusion": diff_curve},
         "samples_png": "pairs of (generator's render, model's sample), row by row",

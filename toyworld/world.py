@@ -75,16 +75,16 @@ class Scenes:
     def device(self) -> torch.device:
         return self.present.device
 
-    def to(self, device) -> "Scenes":
+    def to(self, device) -> Scenes:
         return Scenes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def __getitem__(self, index) -> "Scenes":
+    def __getitem__(self, index) -> Scenes:
         """Scenes `index` (an int, slice, index tensor or boolean mask over the batch), as a batch."""
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
-    def replace(self, **changes) -> "Scenes":
+    def replace(self, **changes) -> Scenes:
         return replace(self, **changes)
 
     @property
@@ -146,7 +146,7 @@ def _zero_absent(s: Scenes) -> Scenes:
 def compact(s: Scenes) -> Scenes:
     """Moves present slots to the front (keeping their order) and zeroes the absent ones."""
     order = (~s.present).to(torch.int8).argsort(dim=1, stable=True)
-    take = lambda t: t.gather(1, order)  # noqa: E731
+    take = lambda t: t.gather(1, order)
     return _zero_absent(s.replace(present=take(s.present), shape=take(s.shape), colour=take(s.colour),
                                   size=take(s.size), cell=take(s.cell)))
 

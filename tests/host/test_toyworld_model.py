@@ -113,6 +113,7 @@ def test_fisedit_edit_workflow_runs_on_the_toy_model(toy_weights):
 
 def test_sampling_schedule_and_latent_format_match_comfyui(toy_weights):
     import comfy.samplers
+
     from toyworld import comfy_models, train
     model, _, _, meta = comfy_models.load(toy_weights["paths"])
     ms = model.get_model_object("model_sampling")
@@ -120,6 +121,11 @@ def test_sampling_schedule_and_latent_format_match_comfyui(toy_weights):
     assert torch.equal(train._schedule()[1].sigmas, ms.sigmas)  # training used the schedule ComfyUI samples with
     fmt = model.model.latent_format
     assert fmt.scale_factor == float(meta["latent_scale"])
+    x = torch.randn(1, 4, 4, 4)
+    assert torch.allclose(fmt.process_out(fmt.process_in(x)), x, atol=1e-6)
+    shifted = fmt.__class__()
+    shifted.shift_factor, shifted.scale_factor = 0.5, 2.0  # what the trainer's fit would store
+    assert torch.allclose(shifted.process_in(x), (x - 0.5) * 2.0)
     assert fmt.latent_rgb_factors == json.loads(meta["latent_rgb_factors"])
 
 

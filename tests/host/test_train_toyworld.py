@@ -13,7 +13,7 @@ def test_smoke_training_writes_loadable_weights_and_reports(host, tmp_path):
     out, weights = tmp_path / "out", tmp_path / "weights"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toyworld.py"), "--smoke", "--out", str(out),
                            "--weights-dir", str(weights), "--name", "smoke"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["timings"]["vae_steps"] == 3 and metrics["timings"]["diffusion_steps"] == 3

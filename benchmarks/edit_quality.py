@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -331,7 +332,11 @@ def merge(folders: list[Path], out: Path) -> dict:
         raise SystemExit("the shards overlap: a pair appears twice")
     settings = dict(parts[0]["settings"], pairs=len(records), start=records[0]["pair"] if records else 0,
                     seconds=sum(p["settings"]["seconds"] for p in parts), shards=[str(f) for f in folders])
-    return write(out, records, settings, [])
+    result = write(out, records, settings, [])
+    figure = folders[0] / "edit_quality_examples.png"  # the first shard's examples are the first pairs
+    if figure.is_file() and figure.resolve() != (out / figure.name).resolve():
+        shutil.copyfile(figure, out / figure.name)
+    return result
 
 
 def main(argv=None) -> int:

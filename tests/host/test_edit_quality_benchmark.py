@@ -50,3 +50,4 @@ def test_benchmark_runs_every_method_through_comfyui(host, tmp_path):
     assert (out / "edit_quality_examples.png").read_bytes()[:4] == b"\x89PNG"
     merged = edit_quality.merge([out], tmp_path / "merged")
     assert merged["summary"]["all"] == result["summary"]["all"]
+    assert (tmp_path / "merged" / "edit_quality_examples.png").is_file()

@@ -60,6 +60,15 @@ def store(handle: CacheHandle, latent: dict, save_path: str = "") -> tuple[FisEd
     return cache, target
 
 
+def sealed_handle(cache: FisEditCache) -> CacheHandle:
+    """What FISEditCacheStore outputs: a handle fixed to the generation just sealed. Not the capture's own handle:
+    ComfyUI shares one capture node's output between workflows whose capture nodes are identical, and that handle
+    follows whichever run sealed last, while this workflow's downstream nodes must keep meeting this run."""
+    handle = CacheHandle(cache.name, registry(), cache.settings.min_sparse_positions)
+    handle.settings = cache.settings
+    return handle
+
+
 def list_cache_files() -> list[str]:
     folder = Path(host.cache_folder())
     if not folder.is_dir():
@@ -75,7 +84,7 @@ def load(cache_file: str) -> CacheHandle:
     name = f"file:{Path(cache_file).with_suffix('').as_posix()}"
     cache = persistence.load(path, name=name)
     registry().put(cache)
-    return CacheHandle(name, registry())
+    return sealed_handle(cache)
 
 
 def cache_file_mtime(cache_file: str) -> float:

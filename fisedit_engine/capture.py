@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors, schedule_step
+from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors, schedule_step, settings_differences
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -193,6 +193,11 @@ class Recording:
 class CacheHandle:
     """FISEDIT_CACHE: names a cache in the registry; a capture handle also carries the run being recorded.
 
+    The registry is keyed by name, and another capture may seal a different generation under the same name (two
+    capture nodes with one cache_name, or a workflow re-run elsewhere) while ComfyUI still holds this handle in its
+    output cache. So a handle remembers the settings of the generation it sealed or loaded, and refuses a cache
+    under its name that is not that generation, naming what differs.
+
     ComfyUI deep-copies model options on every clone; the handle must stay one object, so copies return self."""
 
     def __init__(self, name: str, registry: CacheRegistry, min_sparse_positions: int = DEFAULT_MIN_SPARSE_POSITIONS):
@@ -200,6 +205,7 @@ class CacheHandle:
         self.registry = registry
         self.min_sparse_positions = min_sparse_positions
         self.recording: Recording | None = None
+        self.settings: SamplingSettings | None = None  # of the generation this handle sealed or loaded
         self.edit_summary: str | None = None  # set on the handle an edit returns
 
     def __deepcopy__(self, memo):
@@ -209,7 +215,14 @@ class CacheHandle:
         return self
 
     def get(self) -> FisEditCache:
-        return self.registry.get(self.name)
+        cache = self.registry.get(self.name)
+        if self.settings is not None and cache.settings != self.settings:
+            raise CacheError(
+                f"cache '{self.name}' now holds another generation than the one connected here; it differs in: "
+                f"{'; '.join(settings_differences(self.settings, cache.settings))}. Another capture sealed its run "
+                f"under the same cache_name: give each FISEditCacheCapture its own cache_name (or leave it empty), "
+                f"and re-run this workflow's capture")
+        return cache
 
     def __repr__(self):
         return f"CacheHandle({self.name!r})"
@@ -372,5 +385,6 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
     settings = SamplingSettings(latent_shape=tuple(rec.noise.shape), dtype=str(dtype).removeprefix("torch."),
                                 chunks=chunks, **rec.partial_settings)
     cache = rec.seal(settings)
+    handle.settings = settings
     log.info("%s", cache.summary_text())
     return cache

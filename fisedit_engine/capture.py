@@ -187,6 +187,9 @@ class Recording:
         self.registry.put(cache, reserved=self.reserved)
         self.reserved = 0
         self.state = "sealed"
+        # The registry owns the tensors now. ComfyUI keeps this recording alive (through the handle in its output
+        # cache) long after the registry may have evicted the cache; holding the store here would keep its bytes.
+        self.store = StepTensors(self.store.steps, self.store.batch)
         return cache
 
 

@@ -78,10 +78,12 @@ class CacheRegistry:
             return cache
 
     def __contains__(self, name: str) -> bool:
-        return name in self._caches
+        with self._lock:
+            return name in self._caches
 
     def names(self) -> list[str]:
-        return list(self._caches)
+        with self._lock:  # ComfyUI may call in from worker threads; an OrderedDict must not change while listed
+            return list(self._caches)
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -94,7 +96,8 @@ class CacheRegistry:
 
     @property
     def used(self) -> int:
-        return sum(c.nbytes for c in self._caches.values()) + self._reserved
+        with self._lock:
+            return sum(c.nbytes for c in self._caches.values()) + self._reserved
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:

@@ -117,10 +117,20 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         raise CacheError(f"mask_mode must be one of {MASK_MODES}, got '{mask_mode}'")
     if threshold not in THRESHOLDS:
         raise CacheError(f"threshold must be one of {THRESHOLDS}, got '{threshold}'")
+    if dilate < 0:
+        raise CacheError(f"dilate is a number of latent pixels, 0 or more (got {dilate})")
     source = cache.get()
     check_model(model, source)
+    check_conditioning(positive, "positive")
     batch, _, h, w = source.settings.latent_shape
     masks, probe = [], None
+    if mask_mode in ("auto", "auto+user"):
+        if source.settings.steps < 2:
+            raise CacheError(f"mask_mode '{mask_mode}' runs probe steps before the sparse ones, which needs a "
+                             f"generation of at least 2 steps; this cache has {source.settings.steps}: use "
+                             f"mask_mode 'user'")
+        if threshold == "edit_size" and not 0.0 < edit_size <= 1.0:
+            raise CacheError(f"edit_size is a share of the image area, above 0 and at most 1 (got {edit_size})")
     if mask_mode in ("user", "auto+user"):
         if user_mask is None:
             raise CacheError(f"mask_mode '{mask_mode}' needs a user_mask: connect a MASK of the image's size")
@@ -135,6 +145,16 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
     spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
     return spec, image_mask, latent_preview(model, source, mask)
+
+
+def check_conditioning(conditioning, what: str) -> None:
+    """A CONDITIONING with NaN or infinite values would make the edited region NaN; refuse it before any work."""
+    import torch
+    for i, item in enumerate(conditioning or []):
+        tensors = [item[0]] + [v for v in item[1].values() if isinstance(v, torch.Tensor)]
+        if any(t is not None and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+            raise CacheError(f"the {what} conditioning (entry {i}) has NaN or infinite values: check the text "
+                             f"encoder and any conditioning nodes before it")
 
 
 def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):

@@ -377,6 +377,10 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
         raise CacheError(f"the captured generation is incomplete (sampling stopped after step {rec.last_step + 1} "
                          f"of {rec.store.steps}); re-run the sampler")
     produced = rec.final_latent
+    if not torch.isfinite(produced).all():
+        rec.fail("the captured generation produced NaN or infinite values (a diverged model, fp16 overflow, or NaN "
+                 "in its inputs); there is nothing to edit: fix the generation, then re-run the capture")
+        raise CacheError(rec.failure)
     given = latent_samples.detach().cpu().to(produced.dtype)
     if given.shape != produced.shape or not torch.equal(given, produced):
         raise CacheError(f"this LATENT ({tuple(given.shape)}) is not the output of the sampler that ran the captured "

@@ -37,13 +37,18 @@ def capture(model, cache_name: str):
 def resolve_cache_path(save_path: str) -> Path:
     """A path inside the cache folder; absolute paths, '..' and links that leave the folder are refused."""
     folder = Path(host.cache_folder()).resolve()
+    if any(ord(c) < 32 for c in save_path):
+        raise CacheError(f"save_path {save_path!r} has control characters; use a plain file name")
     rel = Path(save_path.strip())
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise CacheError(f"save_path '{save_path}' must be a plain name or relative path inside the FISEdit cache "
                          f"folder ({folder}); absolute paths and '..' are not allowed")
     if rel.suffix != CACHE_SUFFIX:
         rel = rel.with_name(rel.name + CACHE_SUFFIX)
-    target = (folder / rel).resolve()
+    try:
+        target = (folder / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the file system cannot hold
+        raise CacheError(f"save_path '{save_path}' cannot be used: {e}") from e
     if folder not in target.parents:
         raise CacheError(f"save_path '{save_path}' leads outside the FISEdit cache folder ({folder})")
     return target

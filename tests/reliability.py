@@ -77,7 +77,7 @@ CHECKPOINT = "sd15-small.safetensors"
 
 
 def edit_workflow(cache_name: str, seed: int, text: str, edited_text: str, box=(40, 32, 48, 40), size: int = 128,
-                  steps: int = 4, with_edit: bool = True) -> dict:
+                  steps: int = 4, with_edit: bool = True, mask_mode: str = "user") -> dict:
     """An API-format prompt on the built-in checkpoint: capture -> KSampler -> store, then (with_edit) a user-box
     edit whose LATENT goes to SaveLatent. Node ids: 6 KSampler, 7 Store, 14 DifferenceMask, 15 SparseKSampler."""
     x, y, w, h = box
@@ -100,7 +100,7 @@ def edit_workflow(cache_name: str, seed: int, text: str, edited_text: str, box=(
             "13": {"class_type": "MaskComposite", "inputs": {
                 "destination": ["11", 0], "source": ["12", 0], "x": x, "y": y, "operation": "add"}},
             "14": {"class_type": "FISEditDifferenceMask", "inputs": {
-                "model": ["1", 0], "cache": ["7", 0], "positive": ["10", 0], "mask_mode": "user",
+                "model": ["1", 0], "cache": ["7", 0], "positive": ["10", 0], "mask_mode": mask_mode,
                 "user_mask": ["13", 0], "dilate": 1, "probe_steps": 0, "threshold": "otsu", "edit_size": 0.15,
                 "attention_control": True}},
             "15": {"class_type": "FISEditSparseKSampler", "inputs": {"model": ["1", 0], "edit": ["14", 0]}},

@@ -11,9 +11,9 @@ PROMPTS = 20
 # A: a user-box edit; B: another seed, box, and an auto+user mask (probe steps). The texts are shared so that
 # ComfyUI keeps their encodings between prompts (the CPU time goes to capture and edit, what is under test).
 WORKFLOWS = {
-    "A": dict(cache_name="concurrent-A", seed=42, text="a red cube", edited_text="a blue cube"),
-    "B": dict(cache_name="concurrent-B", seed=7, text="a red cube", edited_text="a blue cube", box=(8, 64, 56, 48),
-              mask_mode="auto+user"),
+    "A": dict(cache_name="concurrent-A", seed=42, text="a red cube", edited_text="a blue cube", steps=3),
+    "B": dict(cache_name="concurrent-B", seed=7, text="a red cube", edited_text="a blue cube", steps=3,
+              box=(8, 64, 56, 48), mask_mode="auto+user"),
 }
 
 

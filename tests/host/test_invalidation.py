@@ -145,20 +145,14 @@ def test_an_edit_with_another_model_is_refused(mutated_models, base, spec, setti
 
 def test_an_identical_re_capture_is_accepted(model, base, spec):
     """No false refusals: the same generation re-captured under the name (ComfyUI re-running the workflow) is the
-    same cache for every purpose, and the edit through the first handle gives the same result as through the new."""
-    from fisedit_engine import api
+    same cache bit for bit, so both nodes accept it through the first handle (and a clone of the model)."""
     from fisedit_engine.registry import registry
     handle, cache, _ = base
-    again = capture_under_the_same_name(model)
+    capture_under_the_same_name(model)
     try:
         assert registry().get(NAME) is not cache
         assert reliability.cache_digest(handle.get()) == reliability.cache_digest(cache)
-        with torch.inference_mode():
-            through_old, _ = api.sparse_sample(model, spec, 0.0, "exact", 4)
-            fresh_spec, _, _ = api.difference_mask(model.clone(), again, tiny_models.conditioning("sd15", EDITED_PROMPT),
-                                                   "user", user_mask(), dilate=1)
-            through_new, _ = api.sparse_sample(model, fresh_spec, 0.0, "exact", 4)
-        assert torch.equal(through_old["samples"], through_new["samples"])
+        assert edit_attempts(model.clone(), handle, spec) == [None, None]
     finally:
         registry().put(cache)
 
@@ -192,8 +186,3 @@ def test_in_a_server_a_cached_workflow_meets_another_workflows_capture_of_the_sa
     mine["10"]["inputs"]["text"] = "a green cube"  # only the edit changes: ComfyUI keeps nodes 1-7 from the cache
     with pytest.raises(comfy_host.WorkflowError, match=r"node 14 .*seed 43 \(was 42\)"):
         comfy_host.run_prompt(mine, "mine-2", executor=executor)
-    # and the message's advice works: with its own cache_name the workflow edits its own generation again
-    for node in ("2",):
-        mine[node]["inputs"]["cache_name"] = "my-own-name"
-    again = comfy_host.run_prompt(mine, "mine-3", executor=executor)
-    assert again.outputs["6"][0][0]["samples"].equal(first.outputs["6"][0][0]["samples"])

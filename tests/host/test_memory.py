@@ -11,7 +11,7 @@ import reliability
 import tiny_models
 from tiny_models import sample
 
-SIZE, STEPS = 16, 3
+SIZE, STEPS = 16, 2
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,10 @@ def test_host_rss_is_flat_over_50_chained_edits(model, small_budget):
     """50 chained edits, each the base of the next, all kept alive as a 50-node chain in one ComfyUI prompt would
     keep them in its output cache. The registry's budget (three caches) must bound what is held.
 
-    Tolerance: after 10 warm-up edits (allocator arenas and ComfyUI's first-call caches settle; measured growth over
-    the next 40 was under 2 MiB), RSS may grow by at most 6 cache sizes (about 22 MiB here). Keeping every result
-    would add 40 cache sizes (about 145 MiB); the bound catches any leak of more than 6 of the 40."""
+    Tolerance: after 10 warm-up edits (allocator arenas and ComfyUI's first-call caches settle), RSS may grow by at
+    most 8 cache sizes (20 MiB here). Measured: 4-5 MiB over the 40 edits, what the kept chain itself holds (each
+    edit's conditionings, latents and mask, about 0.1 MiB). Keeping every result cache would add 40 cache sizes
+    (about 100 MiB); the bound catches any leak of more than 8 of the 40."""
     import psutil
     from fisedit_engine.registry import registry
     handle, cache = capture(model, "memory-chain")
@@ -124,6 +125,8 @@ def test_host_rss_is_flat_over_50_chained_edits(model, small_budget):
         if i in (9, 49):
             gc.collect()
             rss[i] = process.memory_info().rss
+    print(f"\nRSS {rss[9] / 2**20:.1f} MiB after 10 edits, {rss[49] / 2**20:.1f} MiB after 50; cache "
+          f"{cache.nbytes / 2**20:.2f} MiB, budget {registry().budget / 2**20:.2f} MiB")
     held = [s for _, _, s in chain if s.name in registry()]
     assert len(held) <= 3 and chain[-1][2].get().settings.steps == STEPS  # the latest result is usable
-    assert rss[49] - rss[9] <= 6 * cache.nbytes, f"RSS grew {(rss[49] - rss[9]) / 2**20:.1f} MiB over 40 edits"
+    assert rss[49] - rss[9] <= 8 * cache.nbytes, f"RSS grew {(rss[49] - rss[9]) / 2**20:.1f} MiB over 40 edits"

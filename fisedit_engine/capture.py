@@ -175,6 +175,12 @@ class Recording:
         self.final_latent = final_latent.detach().cpu()
         self.state = "complete"
 
+    def __del__(self):
+        # A run recorded but never sealed (no FISEditCacheStore ran, or ComfyUI dropped the capture node's output
+        # first) gives its reservation back when nothing holds it any more; otherwise the budget shrinks for good.
+        if getattr(self, "reserved", 0):
+            self.registry.release_later(self.reserved)
+
     def _free(self) -> None:
         self.store.tensors.clear()
         self.store.written.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .cache import CacheError, FisEditCache
 
@@ -48,6 +48,7 @@ class CacheRegistry:
     def __init__(self, budget_bytes: int | None = None):
         self._caches: OrderedDict[str, FisEditCache] = OrderedDict()
         self._reserved = 0
+        self._released_later: deque[int] = deque()
         self._lock = threading.RLock()
         self.budget = default_budget() if budget_bytes is None else int(budget_bytes)
 
@@ -55,6 +56,7 @@ class CacheRegistry:
     def put(self, cache: FisEditCache, reserved: int = 0) -> None:
         """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own."""
         with self._lock:
+            self._settle()
             self._reserved -= reserved
             old = self._caches.pop(cache.name, None)
             try:
@@ -92,16 +94,19 @@ class CacheRegistry:
     def clear(self) -> None:
         with self._lock:
             self._caches.clear()
+            self._released_later.clear()
             self._reserved = 0
 
     @property
     def used(self) -> int:
         with self._lock:
+            self._settle()
             return sum(c.nbytes for c in self._caches.values()) + self._reserved
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:
         with self._lock:
+            self._settle()
             self._make_room(nbytes, protect=None, what=what)
             self._reserved += nbytes
 
@@ -109,7 +114,17 @@ class CacheRegistry:
         with self._lock:
             self._reserved = max(0, self._reserved - nbytes)
 
+    def release_later(self, nbytes: int) -> None:
+        """For finalizers: they run in any thread at any allocation, possibly one made under this registry's lock
+        or a logging lock its holder waits for, so they must not take the lock. Settled by the next locked call."""
+        self._released_later.append(nbytes)
+
+    def _settle(self) -> None:
+        while self._released_later:
+            self._reserved = max(0, self._reserved - self._released_later.popleft())
+
     def _make_room(self, nbytes: int, protect: str | None, what: str | None = None) -> None:
+        self._settle()
         if nbytes > self.budget - self._reserved:
             raise CacheBudgetError(
                 f"{what or 'the cache'} needs {nbytes / 2**30:.2f} GiB of host memory but the FISEdit budget is "

@@ -21,13 +21,20 @@ def model(host):
 
 @pytest.fixture
 def small_budget():
-    """The process-wide registry with a budget set for the test, restored after it (other modules' caches may be
-    evicted meanwhile: each module makes its own)."""
+    """The process-wide registry, whose budget a test sets with `limit(bytes)` on top of what recordings of earlier
+    tests still reserve; restored after it (other modules' caches may be evicted meanwhile: each makes its own)."""
     from fisedit_engine.registry import registry
     reg = registry()
     saved = reg.budget
+    gc.collect()  # unsealed recordings of earlier tests give their reservations back
+    reserved = reliability.registry_snapshot()[1]
+
+    def limit(nbytes):
+        reg.budget = reserved + int(nbytes)
+    reg.limit = limit
     yield reg
     reg.budget = saved
+    del reg.limit
 
 
 def capture(model, name, seed=3):
@@ -60,7 +67,7 @@ def test_lru_eviction_of_real_caches_is_logged_frees_the_memory_and_an_edit_says
     from fisedit_engine import api
     from fisedit_engine.registry import CacheEvictedError
     first_handle, first = capture(model, "memory-a")
-    small_budget.budget = int(2.5 * first.nbytes)  # room for two caches of this size
+    small_budget.limit(2.5 * first.nbytes)  # room for two caches of this size
     store_output = api.sealed_handle(first)        # what FISEditCacheStore gave the workflow's edit nodes
     with torch.inference_mode():
         spec, _, _ = api.difference_mask(model, store_output, tiny_models.conditioning("sd15", 99), "user", box(0))
@@ -90,16 +97,31 @@ def test_a_capture_larger_than_the_budget_fails_in_its_first_step_and_gives_its_
     from fisedit_engine.cache import CacheError
     from fisedit_engine.registry import CacheBudgetError
     _, cache = capture(model, "memory-size")
-    small_budget.budget = cache.nbytes // 2
+    small_budget.limit(cache.nbytes // 2)
     before = reliability.registry_snapshot()
     calls = []
     captured, handle = api.capture(model, "memory-too-big")
     with pytest.raises(CacheBudgetError, match="needs .* GiB of host memory .* set FISEDIT_CACHE_BUDGET higher"):
         sample(captured, "sd15", size=SIZE, steps=STEPS, seed=4, callback=lambda *a: calls.append(a))
     assert calls == []  # refused while recording step 0, not after a full sampling run
-    assert reliability.registry_snapshot()[1] == before[1] and "memory-too-big" not in small_budget
+    assert reliability.registry_snapshot()[1] <= before[1] and "memory-too-big" not in small_budget
     with pytest.raises(CacheError, match="FISEDIT_CACHE_BUDGET"):
         api.store(handle, {"samples": torch.zeros(1, 4, SIZE, SIZE)})
+    reliability.assert_registry_consistent()
+
+
+def test_a_recording_never_sealed_gives_its_reservation_back_when_dropped(model):
+    """A capture run with no FISEditCacheStore after it (or whose node output ComfyUI dropped) must not shrink the
+    budget for good."""
+    from fisedit_engine import api
+    gc.collect()
+    before = reliability.registry_snapshot()[1]
+    captured, handle = api.capture(model, "memory-unsealed")
+    sample(captured, "sd15", size=SIZE, steps=STEPS)
+    assert handle.recording.state == "complete" and reliability.registry_snapshot()[1] > before
+    del captured, handle
+    gc.collect()
+    assert reliability.registry_snapshot()[1] == before
     reliability.assert_registry_consistent()
 
 
@@ -114,7 +136,7 @@ def test_host_rss_is_flat_over_50_chained_edits(model, small_budget):
     import psutil
     from fisedit_engine.registry import registry
     handle, cache = capture(model, "memory-chain")
-    small_budget.budget = 3 * cache.nbytes + 2**20
+    small_budget.limit(3 * cache.nbytes + 2**20)
     process = psutil.Process()
     chain, rss = [], {}
     source = handle

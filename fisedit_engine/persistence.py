@@ -133,7 +133,7 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
             if header.get("format") != FORMAT:
                 raise CacheError(f"{path.name} is not a FISEdit cache file")
             version = header.get("version")
-            if version not in READABLE_VERSIONS:
+            if type(version) is not int or version not in READABLE_VERSIONS:  # not True == 1, not "2"
                 raise CacheError(f"{path.name} has cache format version {version}; this FISEdit reads versions "
                                  f"{', '.join(map(str, READABLE_VERSIONS))}: update FISEdit, or re-capture the "
                                  f"generation with this one")

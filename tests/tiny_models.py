@@ -97,7 +97,8 @@ def with_lora(model, seed: int = 0, rank: int = 4, strength: float = 1.0):
     lora = {}
     for lora_key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
         name = target.removeprefix("diffusion_model.") if isinstance(target, str) else None
-        if not lora_key.startswith("lora_unet_") or name not in weights or not name.endswith(("to_q.weight", "to_v.weight")):
+        projection = name is not None and name.endswith(("to_q.weight", "to_v.weight"))
+        if not lora_key.startswith("lora_unet_") or name not in weights or not projection:
             continue
         out_f, in_f = weights[name].shape
         lora[f"{lora_key}.lora_up.weight"] = 0.1 * torch.randn(out_f, rank, generator=gen)

@@ -32,14 +32,11 @@ def test_alternating_workflows_give_what_each_gives_alone(checkpoints):
     assert not alone["A"]["original"].equal(alone["B"]["original"])
 
     server = comfy_host.new_executor()
-    ran = []
     for i in range(PROMPTS):
         key = "AB"[i % 2]
         got = results(comfy_host.run_prompt(prompts[key], f"queued-{i}", executor=server))
-        ran.append(key)
         for what in ("original", "edited"):
             assert got[what].equal(alone[key][what]), f"prompt {i} (workflow {key}): the {what} latent differs"
-    assert ran.count("A") == ran.count("B") == PROMPTS // 2
-    for key, v in WORKFLOWS.items():
+    for v in WORKFLOWS.values():  # each name holds its own workflow's generation
         assert registry().get(v["cache_name"]).settings.seed == v["seed"]
     reliability.assert_registry_consistent()

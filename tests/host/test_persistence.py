@@ -158,7 +158,7 @@ def test_the_header_carries_a_format_version_and_a_checksum(captured):
 def test_a_newer_or_unknown_format_version_is_refused(captured, cache_folder):
     from fisedit_engine import persistence
     from fisedit_engine.cache import CacheError
-    for version in (3, 0, "2", None):
+    for version in (3, 0, "2", None, True):
         def set_version(h, version=version):
             h["version"] = version
             with_header_checksum(h)

@@ -123,25 +123,138 @@ def settings_differences(expected: SamplingSettings, found: SamplingSettings) ->
     return out
 
 
-def _pinned(shape, dtype) -> torch.Tensor:
+def pinned(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+
+
+class PinnedArena:
+    """Many pinned tensors carved from few large pinned blocks. Pinning is a driver call of about a millisecond, and
+    a cache or an edit's result makes hundreds of tensors."""
+    BLOCK = 64 << 20
+    ALIGN = 64
+
+    def __init__(self):
+        self._block: torch.Tensor | None = None
+        self._offset = 0
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        padded = -(-nbytes // self.ALIGN) * self.ALIGN
+        if self._block is None or self._offset + padded > self._block.numel():
+            if padded >= self.BLOCK:  # a large tensor gets a block of its own; the current one stays open
+                return pinned(shape, dtype)
+            self._block, self._offset = pinned((self.BLOCK,), torch.uint8), 0
+        view = self._block[self._offset:self._offset + nbytes].view(dtype).view(shape)
+        self._offset += padded
+        return view
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where a delta holds values: sorted flat positions (of H*W for maps, token indices for tokens)."""
+    positions: torch.Tensor
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device) -> torch.Tensor:
+        """The positions on `device` (copied once: a sparse step may be running as a CUDA graph capture)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = self.positions.to(device)
+        return self._on[key]
+
+
+def to_storage(value: torch.Tensor) -> torch.Tensor:
+    """A per-step value as the store keeps it: activation maps [B, C, H, W] channels-last ([B, H, W, C]), so that
+    the values of a set of positions are contiguous runs of C elements (an edit gathers its region per step)."""
+    return value.permute(0, 2, 3, 1) if value.dim() == 4 else value
+
+
+def from_storage(stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_storage for one step's stored tensor (a view)."""
+    return stored.permute(0, 3, 1, 2) if stored.dim() == 4 else stored
+
+
+def take_positions(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The values of `positions` (flat spatial positions of a map [B, C, H, W], or token indices of [B, T, C]),
+    as [B, P, C]."""
+    if value.dim() == 4:
+        return value.flatten(2).index_select(2, positions).transpose(1, 2)
+    return value.index_select(1, positions)
+
+
+def put_positions(full: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Writes `values` [B, P, C] (as take_positions returns them) into `full` in place; returns `full`."""
+    if full.dim() == 4:
+        full.view(*full.shape[:2], -1).index_copy_(2, positions, values.transpose(1, 2).to(full.dtype))
+    else:
+        full.index_copy_(1, positions, values.to(full.dtype))
+    return full
 
 
 @dataclass
 class StepTensors:
-    """Host storage [steps, batch, ...] per (key, chunk), allocated on first write, with a written-flag per step."""
+    """Host storage [steps, batch, ...] per (key, chunk), allocated on first write, with a written-flag per step.
+
+    Activation maps are stored channels-last (to_storage). An edit's result is stored as a delta over its source
+    (`base`): a key in `regions` holds, per step, only the values at its positions (the edit's active region),
+    [steps, batch, P, C]; everything else is the base's. A step that recomputed the whole map (a dense step) keeps it whole in `whole`; a step that
+    wrote nothing of a regional key (a replayed probe step) reads the base unchanged."""
     steps: int
     batch: int
     tensors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     written: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    base: "StepTensors | None" = None
+    regions: dict[str, "Region"] = field(default_factory=dict)
+    whole: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    arena: PinnedArena = field(default_factory=PinnedArena, repr=False)
 
     def slot(self, key: str, chunk: int, sample_shape, dtype, steps: int | None = None) -> torch.Tensor:
         t = self.tensors.get((key, chunk))
         if t is None:
             steps = self.steps if steps is None else steps
-            t = self.tensors[(key, chunk)] = _pinned((steps, self.batch, *sample_shape), dtype)
+            t = self.tensors[(key, chunk)] = self.arena.empty((steps, self.batch, *sample_shape), dtype)
             self.written[(key, chunk)] = torch.zeros(steps, dtype=torch.bool)
         return t
+
+    def step(self, key: str, chunk: int, step: int) -> torch.Tensor:
+        """One step's whole value [batch, ...] in the model's layout (a delta is applied over a copy of the base's)."""
+        if key not in self.regions:
+            return from_storage(self.tensors[(key, chunk)][step])
+        whole = self.whole.get((key, chunk, step))
+        if whole is not None:
+            return whole
+        return put_positions(self.base.step(key, chunk, step).clone(), self.regions[key].positions,
+                             self.tensors[(key, chunk)][step])
+
+    def stored_step(self, key: str, chunk: int, step: int) -> torch.Tensor:
+        """One step as the store keeps it (to_storage's layout), contiguous: what an upload copies."""
+        if key not in self.regions:
+            return self.tensors[(key, chunk)][step]
+        return to_storage(self.step(key, chunk, step)).contiguous()
+
+    def step_positions(self, key: str, chunk: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+        """take_positions(self.step(key, chunk, step), positions), [batch, P, C], gathered from the stored layout
+        (contiguous runs of C values) and without assembling a delta's whole map."""
+        if key not in self.regions:
+            stored = self.tensors[(key, chunk)][step]
+            return (stored.flatten(1, 2) if stored.dim() == 4 else stored).index_select(1, positions)
+        if (key, chunk, step) in self.whole:
+            return take_positions(self.whole[(key, chunk, step)], positions)
+        values = self.base.step_positions(key, chunk, step, positions)
+        delta = self.tensors[(key, chunk)][step]
+        where = _index_of(self.regions[key].positions, positions)  # each wanted position's index in the region
+        hit = torch.nonzero(where >= 0).flatten()
+        if len(hit):
+            values = values.clone()
+            values.index_copy_(1, hit, delta.index_select(1, where[hit]).to(values.dtype))
+        return values
+
+    def whole_tensor(self, key: str, chunk: int) -> torch.Tensor:
+        """All steps of one (key, chunk) in the stored layout, a delta assembled over its base."""
+        t = self.tensors[(key, chunk)]
+        if key not in self.regions:
+            return t
+        return torch.stack([self.stored_step(key, chunk, s) for s in range(t.shape[0])])
 
     @staticmethod
     def bytes_for(steps: int, batch: int, sample_shape, dtype) -> int:
@@ -149,7 +262,8 @@ class StepTensors:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        own = list(self.tensors.values()) + list(self.whole.values())
+        return sum(t.numel() * t.element_size() for t in own)
 
     def missing(self) -> list[tuple[str, int, int]]:
         """(key, chunk, step) never written."""
@@ -157,6 +271,13 @@ class StepTensors:
         for (key, chunk), flags in self.written.items():
             out.extend((key, chunk, int(s)) for s in torch.nonzero(~flags).flatten())
         return out
+
+
+def _index_of(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """For each query, its index in the sorted 1-D `sorted_values`, or -1 when absent."""
+    at = torch.searchsorted(sorted_values, queries).clamp(max=max(len(sorted_values) - 1, 0))
+    found = sorted_values[at] == queries if len(sorted_values) else torch.zeros_like(queries, dtype=torch.bool)
+    return torch.where(found, at, torch.full_like(at, -1))
 
 
 @dataclass
@@ -172,12 +293,26 @@ class FisEditCache:
     images: dict = field(default_factory=dict)  # VAE fingerprint -> decoded image [B, H, W, 3] (decode.py; in memory)
 
     def read(self, key: str, step: int, chunk: int = COND, sample: int | None = None) -> torch.Tensor:
+        self.read_check(key, step, chunk)
+        value = self.store.step(key, chunk, step)
+        return value if sample is None else value[sample]
+
+    def read_positions(self, key: str, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
+        """read() at a set of positions only, [batch, P, C] (see take_positions): what an edit uploads per step."""
+        self.read_check(key, step, chunk)
+        return self.store.step_positions(key, chunk, step, positions)
+
+    def read_stored(self, key: str, step: int, chunk: int) -> torch.Tensor:
+        """read() in the stored layout (channels-last maps), contiguous and pinned where the cache is."""
+        self.read_check(key, step, chunk)
+        return self.store.stored_step(key, chunk, step)
+
+    def read_check(self, key: str, step: int, chunk: int) -> None:
         t = self.store.tensors.get((key, chunk))
         if t is None:
             raise CacheError(f"the cache holds no '{key}' for the {CHUNK_NAMES.get(chunk, chunk)} chunk")
         if not 0 <= step < t.shape[0]:
             raise CacheError(f"'{key}' is cached for {t.shape[0]} of the {self.settings.steps} steps, not step {step}")
-        return t[step] if sample is None else t[step, sample]
 
     def cached_steps(self, key: str, chunk: int = COND) -> int:
         """For how many steps `key` is cached for that chunk (0: not at all)."""

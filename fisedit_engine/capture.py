@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors, schedule_step, settings_differences
+from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
+                    settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -47,6 +48,18 @@ class StepContext:
     edit: object = None   # edit.EditState while an edit runs: the sparse forwards read it
 
 
+@dataclass
+class Delta:
+    """How an edit records its result: over the source's store, only the active region of each sparse level, in the
+    steps before `whole_from` (later steps recompute whole maps and keep them whole)."""
+    base: StepTensors
+    regions: dict[str, Region]      # key -> its level's active positions
+    whole_from: int
+
+    def region(self, key: str, step: int) -> Region | None:
+        return self.regions.get(key) if step < self.whole_from else None
+
+
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
 
 
@@ -54,10 +67,14 @@ class Recording:
     """One sampling run being recorded into host memory."""
 
     def __init__(self, name: str, registry: CacheRegistry, steps: int, batch: int, sigmas: torch.Tensor,
-                 targets: list[Target]):
+                 targets: list[Target], delta: "Delta | None" = None):
         self.name = name
         self.registry = registry
         self.store = StepTensors(steps, batch)
+        self.delta = delta
+        if delta is not None:
+            self.store.base = delta.base
+        self.deferred: list | None = None  # while a CUDA graph captures a step: (key, chunk, graph-owned value)
         self.probe_steps = probe_record_steps(steps)
         self.sigmas = sigmas.detach().float().cpu()
         self.targets = targets
@@ -125,7 +142,7 @@ class Recording:
         """Records, for this step and the call's chunks, every tensor of `source` (a step that ran no model)."""
         for (key, chunk), t in source.tensors.items():
             if key not in skip and chunk in ctx.chunks and ctx.step < t.shape[0]:
-                self._write(key, chunk, ctx.step, t[ctx.step])
+                self._write(key, chunk, ctx.step, source.step(key, chunk, ctx.step))
 
     def record_latent(self, ctx: StepContext, x: torch.Tensor) -> None:
         written = self.store.written.get((LATENT_KEY, host.COND))
@@ -133,14 +150,40 @@ class Recording:
             self._write(LATENT_KEY, host.COND, ctx.step, x[:ctx.batch])
 
     def _write(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        region = self.delta.region(key, step) if self.delta is not None else None
+        if region is not None:
+            self.store.regions[key] = region
+            value = take_positions(value, region.on(value.device))
+        elif self.delta is not None and key in self.delta.regions:  # a step that recomputed the whole map
+            nbytes = value.numel() * value.element_size()
+            self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
+            self.reserved += nbytes
+            self.store.whole[(key, chunk, step)] = pinned(value.shape, value.dtype).copy_(value, non_blocking=True)
+            value = take_positions(value, self.delta.regions[key].on(value.device))  # keeps the delta whole
+        if self.deferred is not None:
+            # a CUDA graph is being captured: keep the graph's own copy, stored after each replay (flush)
+            self.deferred.append((key, chunk, value.clone()))
+            return
+        self._store(key, chunk, step, value)
+
+    def _store(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
         steps = self.probe_steps if is_probe_key(key) else self.store.steps
         if (key, chunk) not in self.store.tensors:
             nbytes = StepTensors.bytes_for(steps, self.store.batch, value.shape[1:], value.dtype)
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
             self.reserved += nbytes
+        value = to_storage(value)
         slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True
+
+    def flush(self, recorded: list, step: int) -> None:
+        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`)."""
+        if not self.active:
+            return
+        for key, chunk, value in recorded:
+            if not is_probe_key(key) or step < self.probe_steps:
+                self._store(key, chunk, step, value)
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
@@ -209,10 +252,14 @@ class CacheHandle:
 
     ComfyUI deep-copies model options on every clone; the handle must stay one object, so copies return self."""
 
-    def __init__(self, name: str, registry: CacheRegistry, min_sparse_positions: int = DEFAULT_MIN_SPARSE_POSITIONS):
+    def __init__(self, name: str, registry: CacheRegistry, min_sparse_positions: int = DEFAULT_MIN_SPARSE_POSITIONS,
+                 delta: Delta | None = None):
         self.name = name
         self.registry = registry
         self.min_sparse_positions = min_sparse_positions
+        self.delta = delta  # an edit's handle records its result as this delta over the source
+        self.feed_stats = None  # an edit's handle: what its sparse steps uploaded (feed.FeedStats)
+        self.graph_replays = 0  # an edit's handle: sparse steps replayed as a CUDA graph
         self.recording: Recording | None = None
         self.settings: SamplingSettings | None = None  # of the generation this handle sealed or loaded
         self.edit_summary: str | None = None  # set on the handle an edit returns
@@ -267,7 +314,8 @@ class CaptureOuterSample(_CaptureWrapper):
         noise, sigmas = a["noise"], a["sigmas"]
         batch, _, height, width = noise.shape
         sparse = layout.sparse_levels(height, width, self.handle.min_sparse_positions)
-        rec = Recording(self.handle.name, self.handle.registry, len(sigmas) - 1, batch, sigmas, layout.targets(sparse))
+        rec = Recording(self.handle.name, self.handle.registry, len(sigmas) - 1, batch, sigmas, layout.targets(sparse),
+                        self.handle.delta)
         rec.noise = noise.detach().cpu()
         rec.latent_image = a["latent_image"].detach().cpu()
         rec.conds = host.guider_conds(guider)

@@ -33,6 +33,11 @@ def add_apply_model_wrapper(patcher, fn: Callable):
     patcher.add_wrapper_with_key(wrappers_mp().APPLY_MODEL, WRAPPER_KEY, fn)
 
 
+def add_diffusion_model_wrapper(patcher, fn: Callable):
+    """Around the UNet's forward itself (inside apply_model, after ComfyUI's own input and timestep handling)."""
+    patcher.add_wrapper_with_key(wrappers_mp().DIFFUSION_MODEL, WRAPPER_KEY, fn)
+
+
 def has_fisedit_wrappers(patcher) -> bool:
     return any(WRAPPER_KEY in keyed for keyed in patcher.wrappers.values())
 

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache
-from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, StepContext, seal
+from .cache import CacheError, FisEditCache, Region
+from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
+from .feed import EditFeed
+from .graphs import SparseStepGraph
 from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput
@@ -58,7 +60,15 @@ class EditState:
     dense_from: int
     stats_mode: str = "exact"
     probe: ProbeState | None = None
+    feed: EditFeed | None = None
+    graph: SparseStepGraph | None = None    # None: every step runs eagerly
     _mask_rows: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.graph is not None:
+            torch.cuda.synchronize()  # the last replay's copies to host memory have landed
+            self.graph.close()
+        self.feed.close()
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
@@ -82,29 +92,34 @@ class EditState:
         return model_sampling.calculate_denoised(sigma, eps.float(), x)
 
     def cached(self, ctx: StepContext, key: str, like: torch.Tensor) -> torch.Tensor:
-        """The source cache's `key` at this step, rows ordered like the model call's chunks."""
-        parts = [self.source.read(key, ctx.step, chunk) for chunk in ctx.chunks]
-        return torch.cat(parts).to(like.device, like.dtype, non_blocking=True)
+        """The source cache's `key` at this step, rows ordered like the model call's chunks. A map of a sparse level
+        comes from the feed: valid at the level's read region only, and the sparse op may write into it."""
+        if not self.is_dense(ctx.step) and self.feed.has(key):
+            self.feed.prepare(ctx.step, ctx.chunks, like.device)
+            return self.feed.map(key)
+        parts = [self.source.read(key, ctx.step, chunk) for chunk in ctx.chunks]  # a dense step's model output
+        return torch.cat(parts).to(like.device)
 
-    def group_stats(self, ctx: StepContext, gn_path: str, x: torch.Tensor, groups: int) -> torch.Tensor:
-        if self.stats_mode == "cached":
-            stats = torch.cat([self.source.read(f"{gn_path}:stats", ctx.step, c) for c in ctx.chunks]).to(x.device)
-        else:
-            stats = R.group_stats(x, groups)
-        ctx.recording.record(f"{gn_path}:stats", ctx, stats)
-        return stats
+    def group_stats(self, ctx: StepContext, gn_path: str, x: torch.Tensor, groups: int,
+                    inputs: tuple[str, ...]) -> torch.Tensor:
+        """Statistics of the GroupNorm at `gn_path`, whose input `x` is the channel concatenation of the maps
+        `inputs` (cached outside the level's active region, fresh inside)."""
+        cached = self.cached(ctx, f"{gn_path}:stats", x).float()
+        if self.stats_mode == "exact":
+            lp = self.plan.levels[self.feed.entries[inputs[0]].level]
+            cached_active = torch.cat([self.feed.cached_active(k) for k in inputs], dim=1)
+            fresh_active = x.flatten(2).index_select(2, lp.tokens(x.device))
+            cached = R.exact_group_stats(cached, cached_active, fresh_active, lp.height * lp.width)
+        ctx.recording.record(f"{gn_path}:stats", ctx, cached)
+        return cached
 
-    def record_probe_query(self, ctx: StepContext, key: str, fresh: torch.Tensor, tokens_idx: torch.Tensor) -> None:
+    def record_probe_query(self, ctx: StepContext, key: str, fresh: torch.Tensor, lp) -> None:
         """Keeps, for the result cache, the positive chunk's cross-attention queries of the early steps (the source's
         with the active tokens' fresh ones), which attention control in a chained edit's probe reads."""
         if ctx.step >= self.source.cached_steps(key, host.COND) or host.COND not in ctx.chunks:
             return
-        cached = self.source.read(key, ctx.step, host.COND)
-        rows = torch.zeros(fresh.shape[0], *cached.shape[1:], dtype=fresh.dtype, device=fresh.device)
-        i = ctx.chunks.index(host.COND)
-        block = slice(i * ctx.batch, (i + 1) * ctx.batch)
-        rows[block] = cached.to(fresh.device, fresh.dtype)
-        rows[block, tokens_idx] = fresh[block]
+        rows = fresh.new_zeros(fresh.shape[0], lp.height * lp.width, fresh.shape[2])
+        rows[:, lp.tokens(fresh.device)] = fresh  # the result keeps only the active tokens (a delta over the source)
         ctx.recording.record(key, ctx, rows)
 
     def mask_rows(self, ctx: StepContext, device) -> torch.Tensor:
@@ -115,6 +130,25 @@ class EditState:
             mask = mask.expand(ctx.batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
             self._mask_rows[key] = mask.repeat(len(ctx.chunks), 1, 1)[:, None].to(device)
         return self._mask_rows[key]
+
+
+class SparseStepWrapper:
+    """A DIFFUSION_MODEL wrapper: sparse steps of the edit run the UNet through its CUDA graph (graphs.py). It sits
+    inside apply_model, whose timestep lookup copies through host memory and cannot be captured."""
+    fisedit_patch = True
+
+    def __init__(self, state: EditState):
+        self.state = state
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        ctx, state = current_step(), self.state
+        if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
+            return executor(*args, **kwargs)
+        state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
+        return state.graph.run(ctx, executor, args, kwargs)
 
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
@@ -149,8 +183,9 @@ def check_model(model, source: FisEditCache) -> None:
 
 
 def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
-             tile_size: int = DEFAULT_TILE, callback=None) -> tuple[torch.Tensor, CacheHandle]:
-    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache."""
+             tile_size: int = DEFAULT_TILE, callback=None, cuda_graph: bool = True) -> tuple[torch.Tensor, CacheHandle]:
+    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache. On a CUDA device
+    the sparse steps replay one captured CUDA graph unless `cuda_graph` is False."""
     source = spec.cache.get()
     s = source.settings
     if stats_mode not in STATS_MODES:
@@ -169,32 +204,63 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     layout = UNetLayout.from_unet(unet)
     plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
     dense_steps = round(dense_tail * s.steps)
-    state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe)
+    graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
+    state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
+                      feed=EditFeed.build(plan, source, layout), graph=graph)
     replayed = spec.probe.steps if spec.probe is not None else 0
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
-    handle = CacheHandle(name, registry(), s.min_sparse_positions)
+    handle = CacheHandle(name, registry(), s.min_sparse_positions,
+                         delta=Delta(source.store, _result_regions(plan, layout, s), state.dense_from))
     patched = model.clone()
     host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
+    if graph is not None:
+        host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
     modules = dict(unet.named_modules())
     for block in layout.blocks:
         if block.level in plan.levels:
             patched.add_object_patch(f"diffusion_model.{block.path}.forward",
                                      SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
-    patched.add_object_patch("diffusion_model.out.forward", SparseOutput(unet.out, layout.blocks[0], "out"))
+    patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()
-    samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
-                                 source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
+    try:
+        samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
+                                     source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
+    finally:
+        state.close()
     seconds = time.perf_counter() - t0
     seal(handle, samples)
+    handle.feed_stats = state.feed.stats
+    handle.graph_replays = graph.replays if graph is not None else 0
     handle.edit_summary = (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of "
                            f"the latent, {replayed} probe steps replayed, {s.steps - dense_steps - replayed} sparse + "
-                           f"{dense_steps} dense steps, {seconds:.2f}s; {plan.describe()}")
+                           f"{dense_steps} dense steps, {seconds:.2f}s, "
+                           f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step, "
+                           f"{_graph_note(state.graph)}; {plan.describe()}")
     log.info("%s", handle.edit_summary)
     return samples, handle
+
+
+def _graph_note(graph: SparseStepGraph | None) -> str:
+    if graph is None:
+        return "eager"
+    if graph.failure is not None:
+        return f"eager (no CUDA graph: {graph.failure})"
+    return f"{graph.replays} sparse steps replayed as a CUDA graph"
+
+
+def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:
+    """Per recorded key of a sparse level that is not wholly active: its level's active positions, where the edit's
+    result differs from the source (everything else is the source's)."""
+    regions = {}
+    for t in layout.targets(s.sparse_levels):
+        lp = plan.levels.get(t.level)
+        if lp is not None and not lp.full:
+            regions[t.key] = Region(lp.tokens("cpu"))
+    return regions
 
 
 def _mask_id(mask: torch.Tensor) -> str:

@@ -47,6 +47,8 @@ class Block:
     level: int       # resolution level of the block's output
     channels: int    # output channels
     depth: int = 0   # transformer blocks inside a SpatialTransformer
+    inputs: tuple[str, ...] = ()  # the blocks whose outputs, concatenated along channels, form this block's input
+                                  # (empty for conv_in, which reads the model input)
 
 
 @dataclass(frozen=True)
@@ -75,43 +77,58 @@ class UNetLayout:
 
         blocks: list[Block] = []
         level = 0
+        # UNetModel._forward's data flow: each layer reads the previous layer's output; every input block's output
+        # is pushed on the skip stack, and each output block starts from cat(h, skip stack pop).
+        previous: tuple[str, ...] = ()
+        skips: list[str] = []
 
-        def visit(prefix: str, seq) -> None:
-            nonlocal level
+        def visit(prefix: str, seq, first_inputs=None) -> None:
+            nonlocal level, previous
             for j, layer in enumerate(seq):
                 path = f"{prefix}.{j}"
+                inputs = first_inputs if j == 0 and first_inputs is not None else previous
                 if isinstance(layer, openaimodel.ResBlock):
                     if layer.updown or layer.use_scale_shift_norm or type(layer) is not openaimodel.ResBlock:
                         raise UnsupportedUNet(f"{path}: ResBlock variant (up/down, scale-shift norm or video) "
                                               "is not supported")
-                    blocks.append(Block(path, "resblock", level, layer.out_channels))
+                    blocks.append(Block(path, "resblock", level, layer.out_channels, inputs=inputs))
                 elif isinstance(layer, SpatialTransformer):
                     if type(layer) is not SpatialTransformer:
                         raise UnsupportedUNet(f"{path}: {type(layer).__name__} is not supported")
                     depth = len(layer.transformer_blocks)
-                    blocks.append(Block(path, "transformer", level, layer.in_channels, depth))
+                    blocks.append(Block(path, "transformer", level, layer.in_channels, depth, inputs))
                 elif isinstance(layer, openaimodel.Downsample):
                     level += 1
-                    blocks.append(Block(path, "downsample", level, layer.out_channels))
+                    blocks.append(Block(path, "downsample", level, layer.out_channels, inputs=inputs))
                 elif isinstance(layer, openaimodel.Upsample):
                     level -= 1
-                    blocks.append(Block(path, "upsample", level, layer.out_channels))
+                    blocks.append(Block(path, "upsample", level, layer.out_channels, inputs=inputs))
                 elif path == "input_blocks.0.0":
                     blocks.append(Block(path, "conv_in", level, layer.out_channels))
                 else:
                     raise UnsupportedUNet(f"{path}: unexpected layer {type(layer).__name__}")
+                previous = (path,)
 
         for i, seq in enumerate(unet.input_blocks):
             visit(f"input_blocks.{i}", seq)
+            skips.append(previous[0])
         deepest = level
         if unet.middle_block is not None:
             visit("middle_block", unet.middle_block)
         for i, seq in enumerate(unet.output_blocks):
-            visit(f"output_blocks.{i}", seq)
+            visit(f"output_blocks.{i}", seq, first_inputs=previous + (skips.pop(),))
         if level != 0:
             raise UnsupportedUNet("the decoder does not return to the latent resolution")
         group_norms = tuple(name for name, m in unet.named_modules() if isinstance(m, _group_norm_types()))
         return cls(tuple(blocks), group_norms, deepest + 1)
+
+    @property
+    def output_block(self) -> str:
+        """The block whose output the output head reads."""
+        return self.blocks[-1].path
+
+    def consumers(self, path: str) -> list[Block]:
+        return [b for b in self.blocks if path in b.inputs]
 
     def level_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """Spatial size per level; a stride-2 conv with padding 1 maps n to ceil(n / 2)."""

@@ -3,8 +3,9 @@
 Written to a temporary name in the target folder, flushed, marked sealed (one byte of the header flips from "0" to
 "1"), flushed again, then renamed over the target: a crash leaves the previous file under the real name, and a
 temporary file that no reader accepts unless it was complete. The header carries the format version, a CRC32 per
-tensor and (from version 2) a CRC32 of the header itself, all checked on load, so a file damaged later, in its data
-or in its settings, fails to load too. Version 1 files (no header checksum) still load; newer versions are refused.
+tensor and (from version 3) a CRC32 of the header itself, all checked on load, so a file damaged later, in its data
+or in its settings, fails to load too. Version 2 files (no header checksum) still load; version 1 (channels-first
+maps) and newer versions are refused.
 Never pickle: conditioning extras that are not tensors or plain JSON values are refused with a message.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ from safetensors.torch import save_file
 from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 
 FORMAT = "fisedit-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: activation maps stored channels-last; 3: a CRC32 of the header too
+READABLE_VERSIONS = (2, 3)  # version 1 stored activation maps channels-first
 _HEADER_CRC_KEY = "header_crc32"
 _SEALED_KEY = "fisedit_sealed"
 _JSON_SCALARS = (int, float, str, bool, type(None))
@@ -82,8 +83,8 @@ def save(cache: FisEditCache, path: str | os.PathLike) -> Path:
         "final_latent": cache.final_latent.contiguous(),
     }
     entries = []
-    for i, ((key, chunk), t) in enumerate(sorted(cache.store.tensors.items())):
-        tensors[f"store/{i}"] = t
+    for i, (key, chunk) in enumerate(sorted(cache.store.tensors)):
+        tensors[f"store/{i}"] = cache.store.whole_tensor(key, chunk)  # an edit's delta is saved whole
         entries.append({"key": key, "chunk": chunk})
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "name": cache.name,
@@ -137,7 +138,7 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
                 raise CacheError(f"{path.name} has cache format version {version}; this FISEdit reads versions "
                                  f"{', '.join(map(str, READABLE_VERSIONS))}: update FISEdit, or re-capture the "
                                  f"generation with this one")
-            if version >= 2 and header.get(_HEADER_CRC_KEY) != _header_crc32(header):
+            if version >= 3 and header.get(_HEADER_CRC_KEY) != _header_crc32(header):
                 raise CacheError(f"{path.name} is corrupted (its header, which holds the sampling settings, fails "
                                  f"its checksum): re-capture or re-save the cache")
             checksums = header["crc32"]

@@ -28,6 +28,7 @@ class LevelPlan:
     tile: int
     tiles: torch.Tensor            # [n, 2] (tile row, tile col), long
     active: torch.Tensor           # [H, W] bool: the union of the active tiles, clipped to the map
+    read: torch.Tensor | None = None  # [H, W] bool: every position a sparse op reads at this level (see EditPlan)
     _maps: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -46,9 +47,33 @@ class LevelPlan:
     def fraction(self) -> float:
         return float(self.active.float().mean())
 
+    def tiles_on(self, device) -> torch.Tensor:
+        """`tiles` on `device` (indexing a device tensor by host indices would copy them on every call)."""
+        return self._cached(("tiles",), device, lambda: self.tiles)
+
     def tokens(self, device) -> torch.Tensor:
         """Flat indices (row-major, as SpatialTransformer orders tokens) of the active positions."""
         return self._cached(("tokens",), device, lambda: torch.nonzero(self.active.flatten()).flatten())
+
+    def tile_scatter(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, sources) for kernels.reference.scatter_tiles_: where each tile element inside the map goes."""
+        def make():
+            t = self.tile
+            r = self.tiles[:, 0, None, None] * t + torch.arange(t)[None, :, None]
+            c = self.tiles[:, 1, None, None] * t + torch.arange(t)[None, None, :]
+            r, c = r.expand(-1, t, t).flatten(), c.expand(-1, t, t).flatten()
+            inside = (r < self.height) & (c < self.width)
+            return (r * self.width + c)[inside], torch.nonzero(inside).flatten()
+        return self._cached(("tile_scatter",), device, make)
+
+    def read_positions(self, device) -> torch.Tensor:
+        """Flat indices of the positions the level's sparse ops read (the active tiles and their halo rings)."""
+        return self._cached(("read",), device, lambda: torch.nonzero(self.read.flatten()).flatten())
+
+    def active_in_read(self, device) -> torch.Tensor:
+        """Where each active position (tokens()) sits in read_positions()."""
+        return self._cached(("active_in_read",), device,
+                            lambda: torch.searchsorted(self.read_positions("cpu"), self.tokens("cpu")))
 
     def patch_index(self, kind: str, device, in_size: tuple[int, int] | None = None):
         """(rows, cols), each [tiles, P], for one op geometry:
@@ -110,6 +135,25 @@ def tile_region(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.
     return region[:h, :w]
 
 
+def _read_region(levels: dict[int, LevelPlan], lvl: int, level_sizes) -> torch.Tensor:
+    """Every position of level `lvl` that a sparse op reads: 3x3 convs at the level, the stride-2 conv of the next
+    level down, the upsampling conv of the level above. Always contains the active region."""
+    h, w = level_sizes[lvl]
+    read = levels[lvl].active.clone()
+    reads = [(levels[lvl], "conv3", None)]
+    if lvl + 1 in levels:
+        reads.append((levels[lvl + 1], "down", (h, w)))
+    if lvl - 1 in levels:
+        reads.append((levels[lvl - 1], "up", (h, w)))
+    for lp, kind, in_size in reads:
+        rows, cols = lp.patch_index(kind, "cpu", in_size)
+        r = rows[:, :, None].expand(-1, -1, cols.shape[1])
+        c = cols[:, None, :].expand(-1, rows.shape[1], -1)
+        inside = (r >= 0) & (c >= 0)
+        read[r[inside], c[inside]] = True
+    return read
+
+
 @dataclass
 class EditPlan:
     mask: torch.Tensor                 # [B or 1, H, W] bool: the dilated edit mask at latent resolution
@@ -134,6 +178,8 @@ class EditPlan:
                 t = tile_sizes if isinstance(tile_sizes, int) else tile_sizes.get(lvl, DEFAULT_TILE)
                 tiles = tiles_covering(active, t)
                 levels[lvl] = LevelPlan(lvl, size[0], size[1], t, tiles, tile_region(tiles, t, size))
+        for lvl, lp in levels.items():
+            lp.read = _read_region(levels, lvl, level_sizes)
         return cls(mask, levels, list(level_sizes))
 
     def describe(self) -> str:

@@ -53,6 +53,11 @@ class SparseForward:
         raise NotImplementedError
 
 
+def _scatter(base, tiles_out, lp):
+    positions, sources = lp.tile_scatter(base.device)
+    return R.scatter_tiles_(base, tiles_out, positions, sources)
+
+
 def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, stride=1):
     """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T]."""
     rows, cols = lp.patch_index(kind, x.device, in_size)
@@ -69,18 +74,19 @@ class SparseResBlock(SparseForward):
         m, lp = self.module, self.level(ctx)
         in_norm, in_conv = m.in_layers[0], m.in_layers[2]
         out_norm, out_conv = m.out_layers[0], m.out_layers[3]
-        stats = ctx.edit.group_stats(ctx, f"{self.path}.in_layers.0", x, in_norm.num_groups)
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.in_layers.0", x, in_norm.num_groups, self.block.inputs)
         h = _sparse_conv(ctx, x, in_conv, lp, "conv3", in_norm, stats)
         h = h + m.emb_layers(emb).type(h.dtype)[:, :, None, None, None]
-        h_full = R.scatter_tiles(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp.tiles, lp.tile)
+        h_full = _scatter(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp)
         ctx.recording.record(f"{self.path}:h", ctx, h_full)
-        stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups)
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups,
+                                     (f"{self.path}:h",))
         out = _sparse_conv(ctx, h_full, out_conv, lp, "conv3", out_norm, stats)
-        skip = R.tiles_of(x, lp.tiles, lp.tile)
+        skip = R.tiles_of(x, lp.tiles_on(x.device), lp.tile)
         if not isinstance(m.skip_connection, torch.nn.Identity):
             with host.cast_weights(m.skip_connection, skip) as (w, b):
                 skip = R.conv_patches(skip, w, b)
-        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), skip + out, lp.tiles, lp.tile)
+        return _scatter(ctx.edit.cached(ctx, self.path, x), skip + out, lp)
 
 
 class SparseConv(SparseForward):
@@ -89,14 +95,14 @@ class SparseConv(SparseForward):
     def sparse(self, ctx, x):
         lp = self.level(ctx)
         out = _sparse_conv(ctx, x, self.module, lp, "conv3")
-        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+        return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp)
 
 
 class SparseDownsample(SparseForward):
     def sparse(self, ctx, x):
         lp = self.level(ctx)
         out = _sparse_conv(ctx, x, self.module.op, lp, "down", in_size=tuple(x.shape[-2:]), stride=2)
-        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+        return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp)
 
 
 class SparseUpsample(SparseForward):
@@ -106,7 +112,7 @@ class SparseUpsample(SparseForward):
         if size != (lp.height, lp.width):
             raise CacheError(f"{self.path}: upsampling to {size}, but the plan's level is {lp.height}x{lp.width}")
         out = _sparse_conv(ctx, x, self.module.conv, lp, "up", in_size=tuple(x.shape[-2:]))
-        return R.scatter_tiles(ctx.edit.cached(ctx, self.path, x), out, lp.tiles, lp.tile)
+        return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp)
 
 
 class SparseOutput(SparseForward):
@@ -121,6 +127,10 @@ class SparseOutput(SparseForward):
         fresh = self.original(h) if dense else self._active_tiles(ctx, h, cached)
         return torch.where(ctx.edit.mask_rows(ctx, fresh.device), fresh, cached)
 
+    @classmethod
+    def for_unet(cls, unet, layout) -> "SparseOutput":
+        return cls(unet.out, Block("out", "output", 0, unet.out[-1].out_channels, inputs=(layout.output_block,)), "out")
+
     def sparse(self, ctx, h):
         """The sparse op alone: fresh on the active tiles, the cached output elsewhere (before the composite)."""
         return self._active_tiles(ctx, h, ctx.edit.cached(ctx, "out", h))
@@ -128,9 +138,9 @@ class SparseOutput(SparseForward):
     def _active_tiles(self, ctx, h, cached):
         norm, conv = self.module[0], self.module[2]
         lp = ctx.edit.plan.levels[0]
-        stats = ctx.edit.group_stats(ctx, "out.0", h, norm.num_groups)
+        stats = ctx.edit.group_stats(ctx, "out.0", h, norm.num_groups, self.block.inputs)
         out = _sparse_conv(ctx, h, conv, lp, "conv3", norm, stats)
-        return R.scatter_tiles(cached, out, lp.tiles, lp.tile)
+        return _scatter(cached.clone(), out, lp)  # the composite still needs the cached output
 
 
 class SparseSpatialTransformer(SparseForward):
@@ -145,7 +155,7 @@ class SparseSpatialTransformer(SparseForward):
         n, c, height, width = x.shape
         tokens_idx = lp.tokens(x.device)
         x_active = x.flatten(2)[:, :, tokens_idx]                      # [N, C, P]
-        stats = ctx.edit.group_stats(ctx, f"{self.path}.norm", x, m.norm.num_groups)
+        stats = ctx.edit.group_stats(ctx, f"{self.path}.norm", x, m.norm.num_groups, self.block.inputs)
         with host.cast_weights(m.norm, x) as (gw, gb):
             t = R.group_norm_silu_patches(x_active[..., None, None], stats, gw, gb, m.norm.eps, None, silu=False)
         t = t[..., 0, 0]
@@ -155,25 +165,26 @@ class SparseSpatialTransformer(SparseForward):
             t = m.proj_in(t[..., None]).squeeze(-1).transpose(1, 2)    # a 1x1 conv on the active tokens
         for j, block in enumerate(blocks):
             transformer_options["block_index"] = j
-            t = self._block(ctx, block, f"{self.path}.transformer_blocks.{j}", t, contexts[j], tokens_idx,
+            t = self._block(ctx, block, f"{self.path}.transformer_blocks.{j}", t, contexts[j], lp,
                             transformer_options)
         if m.use_linear:
             t = m.proj_out(t).transpose(1, 2)
         else:
             t = m.proj_out(t.transpose(1, 2)[..., None]).squeeze(-1)
-        out = ctx.edit.cached(ctx, self.path, x).flatten(2).clone()
-        out[:, :, tokens_idx] = (t + x_active).to(out.dtype)
-        return out.view(n, -1, height, width)
+        out = ctx.edit.cached(ctx, self.path, x)
+        out.view(n, c, -1).index_copy_(2, tokens_idx, (t + x_active).to(out.dtype))
+        return out
 
     @staticmethod
-    def _block(ctx, block, path, x, context, tokens_idx, transformer_options):
+    def _block(ctx, block, path, x, context, lp, transformer_options):
         if block.ff_in or block.disable_self_attn or block.attn2 is None or block.switch_temporal_ca_to_sa:
             raise CacheError(f"{path}: this transformer block variant is not supported by FISEdit")
         attn1 = block.attn1
         n = block.norm1(x)
         q = attn1.to_q(n)
-        k = ctx.edit.cached(ctx, f"{path}.attn1:k", n).clone()
-        v = ctx.edit.cached(ctx, f"{path}.attn1:v", n).clone()
+        tokens_idx = lp.tokens(x.device)
+        k = ctx.edit.cached(ctx, f"{path}.attn1:k", n)  # the step's own copy: the active tokens are written in
+        v = ctx.edit.cached(ctx, f"{path}.attn1:v", n)
         # not attn1.to_k(n): the recording hooks on to_k / to_v expect every token; the full K/V is recorded below
         for full, proj in ((k, attn1.to_k), (v, attn1.to_v)):
             with host.cast_weights(proj, n) as (w, b):
@@ -186,7 +197,7 @@ class SparseSpatialTransformer(SparseForward):
         attn2, n = block.attn2, block.norm2(x)
         with host.cast_weights(attn2.to_q, n) as (w, b):  # not attn2.to_q(n): its recording hook wants every token
             q = torch.nn.functional.linear(n, w, b)
-        ctx.edit.record_probe_query(ctx, f"{path}.attn2:q", q, tokens_idx)
+        ctx.edit.record_probe_query(ctx, f"{path}.attn2:q", q, lp)
         a = host.attention()(q, attn2.to_k(context), attn2.to_v(context), attn2.heads,
                              attn_precision=attn2.attn_precision, transformer_options=transformer_options)
         x = attn2.to_out(a) + x

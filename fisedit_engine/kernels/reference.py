@@ -28,6 +28,28 @@ def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([mean, var], dim=-1)
 
 
+def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
+                      positions: int) -> torch.Tensor:
+    """group_stats of a map that is the cached map with its active positions replaced by fresh values, from the
+    cached map's statistics `cached` [N, G, 2] and the cached and fresh values at the active positions [N, C, P]
+    of a map with `positions` positions. Sums are taken about the cached group mean, so nothing cancels."""
+    n, c, p = fresh_active.shape
+    groups = cached.shape[1]
+    mean, var = cached[..., 0], cached[..., 1]
+    count = positions * (c // groups)
+
+    def centred_sums(values):
+        v = values.to(STATS_DTYPE).view(n, groups, -1) - mean[..., None]
+        return v.sum(-1), v.square().sum(-1)
+
+    s1_old, s2_old = centred_sums(cached_active)
+    s1_new, s2_new = centred_sums(fresh_active)
+    s1 = s1_new - s1_old                       # the cached map's centred sum is zero
+    s2 = var * count + s2_new - s2_old
+    shift = s1 / count
+    return torch.stack([mean + shift, (s2 / count - shift.square()).clamp_min(0)], dim=-1)
+
+
 def group_norm_silu_patches(patches: torch.Tensor, stats: torch.Tensor, weight, bias, eps: float,
                             valid: torch.Tensor | None, silu: bool = True) -> torch.Tensor:
     """GroupNorm with the given statistics (+ SiLU) on patches; positions outside the input become zero again,
@@ -62,6 +84,15 @@ def scatter_tiles(base: torch.Tensor, tiles_out: torch.Tensor, tiles: torch.Tens
     view = out.view(n, c, gh, tile, gw, tile).permute(0, 1, 2, 4, 3, 5)
     view[:, :, tiles[:, 0], tiles[:, 1]] = tiles_out.to(out.dtype)
     return out[:, :, :h, :w]
+
+
+def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor):
+    """scatter_tiles into `base` itself, by the plan's flat maps: tile element `sources[i]` (of the flattened
+    [tiles, T, T]) goes to map position `positions[i]` (tile elements past the border have no entry)."""
+    n, c = base.shape[:2]
+    values = tiles_out.reshape(n, c, -1).index_select(2, sources)
+    base.view(n, c, -1).index_copy_(2, positions, values.to(base.dtype))
+    return base
 
 
 def tiles_of(x: torch.Tensor, tiles: torch.Tensor, tile: int) -> torch.Tensor:

@@ -92,11 +92,10 @@ def test_the_sparse_run_continues_from_the_probe(model, source, sampler):
     assert len(calls) == STEPS - 2
     m = spec.mask[:, None].expand_as(edited)
     assert torch.equal(edited[~m], original[~m]) and not torch.equal(edited[m], original[m])  # I4
-    recorded = result.get().store.tensors[("x", 0)]
-    source_x = handle.get().store.tensors[("x", 0)]
     for step in (1, 2):  # the latents entering the steps after the replayed ones
-        assert torch.equal(recorded[step][m], spec.probe.latents[step][m])
-        assert torch.equal(recorded[step][~m], source_x[step][~m])
+        recorded, source_x = result.get().read("x", step), handle.get().read("x", step)
+        assert torch.equal(recorded[m], spec.probe.latents[step][m])
+        assert torch.equal(recorded[~m], source_x[~m])
 
 
 def test_auto_plus_user_contains_the_user_mask(model, source):

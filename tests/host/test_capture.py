@@ -79,9 +79,9 @@ def test_cache_holds_every_layer_step_chunk(engine, models, arch, cfg):
             if target.what in ("attn_k", "attn_v", "probe_q"):
                 assert t.shape[2] == h * w  # tokens
             else:
-                assert t.shape[-2:] == (h, w)
+                assert t.shape[2:4] == (h, w)  # maps are stored channels-last: [steps, batch, H, W, C]
     # the recorded latent of step 0 is the initial noise at full denoise scaling, and every step differs
-    x = cache.store.tensors[(layout_mod.LATENT_KEY, 0)]
+    x = [cache.read(layout_mod.LATENT_KEY, i) for i in range(STEPS)]
     sigma0 = cache.settings.sigmas[0]
     assert torch.allclose(x[0], cache.noise * (1 + sigma0 ** 2) ** 0.5, rtol=1e-5, atol=1e-5)
     assert all(not torch.equal(x[i], x[i + 1]) for i in range(STEPS - 1))

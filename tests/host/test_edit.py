@@ -196,3 +196,17 @@ def test_i6_no_leak_after_an_edit(models, source):
     assert torch.equal(generate(model, "sd15", "dpmpp_2m", 2, 7.0, (16, 24), EDITED_SEED), stock)
     assert not model.object_patches and not any(model.wrappers.get(k) for k in ("outer_sample", "apply_model"))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_uploads_and_the_result_cache_scale_with_the_mask(models, source):
+    """Ring-only transfer: a sparse step uploads each map of a sparse level at the read region only (plus the whole
+    attention context, statistics and model output), and the edit's result cache is a delta over its source."""
+    handle, original = source("sd15", "dpmpp_2m", 1, 7.0, (16, 24))
+    fractions = {}
+    for rows in (2, 8):
+        mask = torch.zeros(1, 16, 24, dtype=torch.bool)
+        mask[:, 4:4 + rows, 6:6 + rows] = True
+        _, result = run_edit(models["sd15"], handle, "sd15", 1, mask, EDITED_SEED, tile_size=2)
+        fractions[rows] = result.feed_stats.bytes_per_step / handle.get().bytes_per_step()
+        assert result.get().store.nbytes < handle.get().store.nbytes * fractions[rows]
+    assert fractions[2] < fractions[8] < 1.0

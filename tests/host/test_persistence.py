@@ -150,7 +150,7 @@ def test_the_header_carries_a_format_version_and_a_checksum(captured):
     from fisedit_engine import persistence
     with safe_open(str(captured[1]), framework="pt") as f:
         header = json.loads(f.metadata()["fisedit"])
-    assert header["format"] == "fisedit-cache" and header["version"] == persistence.FORMAT_VERSION == 2
+    assert header["format"] == "fisedit-cache" and header["version"] == persistence.FORMAT_VERSION == 3
     assert header["header_crc32"] == persistence._header_crc32(header)
     assert set(header["crc32"]) >= {"noise", "final_latent", "store/0"}
 
@@ -158,22 +158,22 @@ def test_the_header_carries_a_format_version_and_a_checksum(captured):
 def test_a_newer_or_unknown_format_version_is_refused(captured, cache_folder):
     from fisedit_engine import persistence
     from fisedit_engine.cache import CacheError
-    for version in (3, 0, "2", None, True):
+    for version in (4, 1, 0, "3", None, True):
         def set_version(h, version=version):
             h["version"] = version
             with_header_checksum(h)
         path = rewrite(captured[1], cache_folder / "future.safetensors", set_version)
-        with pytest.raises(CacheError, match=f"cache format version {version}; this FISEdit reads versions 1, 2"):
+        with pytest.raises(CacheError, match=f"cache format version {version}; this FISEdit reads versions 2, 3"):
             persistence.load(path)
 
 
-def test_a_version_1_file_without_a_header_checksum_still_loads(captured, cache_folder):
+def test_a_version_2_file_without_a_header_checksum_still_loads(captured, cache_folder):
     from fisedit_engine import persistence
 
-    def as_version_1(h):
-        h["version"] = 1
+    def as_version_2(h):
+        h["version"] = 2
         del h["header_crc32"]
-    loaded = persistence.load(rewrite(captured[1], cache_folder / "v1.safetensors", as_version_1))
+    loaded = persistence.load(rewrite(captured[1], cache_folder / "v2.safetensors", as_version_2))
     assert loaded.settings == captured[0].settings and torch.equal(loaded.final_latent, captured[0].final_latent)
 
 

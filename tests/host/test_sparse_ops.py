@@ -5,6 +5,10 @@ Blocks with an inner activation (ResBlock `h`, self-attention K/V) take it from 
 so their dense reference does the same: the dense op, with that inner activation replaced by the cached one at
 inactive positions. Random weights (tiny models of each structure), random activations (not zeros), random masks,
 non-square maps, several tile sizes, batch 2 with CFG chunks (rows = 2 chunks x 2 samples).
+
+The ops read the cache through the edit's feed (feed.py), whose maps hold NaN outside the level's read region: an op
+that read outside it would turn its active values into NaN. Outputs are compared on the read region (where the next
+ops read them); GroupNorm statistics come from the cached statistics of the input blocks' cached maps.
 """
 import pytest
 import torch
@@ -27,6 +31,23 @@ class FakeSource:
     def read(self, key, step, chunk=0, sample=None):
         return self.values[(key, chunk)]
 
+    def read_stored(self, key, step, chunk):
+        from fisedit_engine.cache import to_storage
+        return to_storage(self.values[(key, chunk)]).contiguous()
+
+    def read_positions(self, key, step, chunk, positions):
+        from fisedit_engine.cache import take_positions
+        return take_positions(self.values[(key, chunk)], positions)
+
+    def set_input(self, layout, block, cached_x, gn_path, groups):
+        """The cached input of `block` (the channel concatenation of its input blocks' cached outputs, e.g. an
+        output block's cat(h, skip)) and the cached statistics of the GroupNorm at `gn_path` that normalises it."""
+        from fisedit_engine.kernels import reference as R
+        channels = {b.path: b.channels for b in layout.blocks}
+        for key, part in zip(block.inputs, cached_x.split([channels[k] for k in block.inputs], dim=1)):
+            self.set(key, part)
+        self.set(f"{gn_path}:stats", R.group_stats(cached_x, groups))
+
     def cached_steps(self, key, chunk=0):
         return 1 if (key, chunk) in self.values else 0
 
@@ -39,13 +60,22 @@ class Sink:
         self.recorded[key] = rows
 
 
-def make_ctx(mask, sizes, sparse_levels, tile):
+def make_ctx(mask, sizes, sparse_levels, tile, layout):
     from fisedit_engine.capture import StepContext
     from fisedit_engine.edit import EditState
+    from fisedit_engine.feed import EditFeed
     from fisedit_engine.plan import EditPlan
     plan = EditPlan.build(mask, sizes, sparse_levels, tile)
     source = FakeSource()
-    return StepContext(Sink(), 0, ROWS_CHUNKS, BATCH, EditState(plan, source, dense_from=10**9)), plan, source
+    state = EditState(plan, source, dense_from=10**9, feed=EditFeed.build(plan, source, layout))
+    return StepContext(Sink(), 0, ROWS_CHUNKS, BATCH, state), plan, source
+
+
+def refeed(ctx, source, layout):
+    """A feed of the maps the test has cached so far (all in one step, so each op gets a fresh feed)."""
+    from fisedit_engine.feed import EditFeed
+    entries = EditFeed.build(ctx.edit.plan, source, layout).entries
+    ctx.edit.feed = EditFeed(ctx.edit.plan, source, {k: e for k, e in entries.items() if (k, 0) in source.values})
 
 
 def rand(*shape, seed):
@@ -56,11 +86,13 @@ def with_cached_outside(fresh, cached, active):
     return torch.where(active, fresh, cached)
 
 
-def assert_matches(actual, expected, active):
+def assert_matches(actual, expected, active, read):
+    """Close on the active region, the cached output bit for bit on the rest of the read region."""
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, scale))
-    inactive = ~active.expand_as(expected)
-    assert torch.equal(actual[inactive], expected[inactive])  # outside: the cached output, bit for bit
+    on_active, ring = active.expand_as(expected), (read & ~active).expand_as(expected)
+    assert not actual[on_active].isnan().any()  # NaN: an op read a position the feed did not upload
+    torch.testing.assert_close(actual[on_active], expected[on_active], rtol=1e-5, atol=1e-5 * max(1.0, scale))
+    assert torch.equal(actual[ring], expected[ring])
 
 
 CASES = [("sd15", (16, 24), 4, 0), ("sd21v", (16, 16), 3, 1), ("sdxl", (20, 16), 5, 2), ("sd15", (16, 16), 1, 3)]
@@ -82,13 +114,14 @@ def setup_case(models, arch, hw, tile, seed):
         r, c = (int(torch.randint(2, n - 4, (1,), generator=gen)) for n in hw)
         mask[b, r:r + 2, c:c + 3] = True
     mask[0, 0, 0] = True  # and a tile at the border, where patches leave the map
-    ctx, plan, source = make_ctx(mask, sizes, [0, 1], tile)
+    ctx, plan, source = make_ctx(mask, sizes, [0, 1], tile, layout)
     assert 0 < plan.levels[0].fraction < 1 and 0 < plan.levels[1].fraction < 1  # partial: the test can fail
     return unet, layout, ctx, plan, source
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
 def test_resblock(models, arch, hw, tile, seed):
+    from fisedit_engine.kernels import reference as R
     from fisedit_engine.sparse import SparseResBlock
     unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
     for block in [b for b in layout.blocks if b.kind == "resblock" and b.level in plan.levels][:3]:
@@ -96,18 +129,22 @@ def test_resblock(models, arch, hw, tile, seed):
         lp = plan.levels[block.level]
         active = lp.active[None, None]
         n, c_in, h, w = 4, m.channels, lp.height, lp.width
-        x = with_cached_outside(rand(n, c_in, h, w, seed=1), rand(n, c_in, h, w, seed=2), active)
+        x_cached = rand(n, c_in, h, w, seed=2)
+        x = with_cached_outside(rand(n, c_in, h, w, seed=1), x_cached, active)
+        source.set_input(layout, block, x_cached, f"{block.path}.in_layers.0", m.in_layers[0].num_groups)
         emb = rand(n, m.emb_channels, seed=3)
         h_cached, out_cached = rand(n, m.out_channels, h, w, seed=4), rand(n, m.out_channels, h, w, seed=5)
         source.set(f"{block.path}:h", h_cached)
+        source.set(f"{block.path}.out_layers.0:stats", R.group_stats(h_cached, m.out_layers[0].num_groups))
         source.set(block.path, out_cached)
+        refeed(ctx, source, layout)
         with torch.no_grad():
             h_dense = m.in_layers(x) + m.emb_layers(emb)[:, :, None, None]
             h_assembled = with_cached_outside(h_dense, h_cached, active)
             expected = with_cached_outside(m.skip_connection(x) + m.out_layers(h_assembled), out_cached, active)
             actual = SparseResBlock(m, block, block.path).sparse(ctx, x, emb)
-        assert_matches(actual, expected, active)
-        torch.testing.assert_close(ctx.recording.recorded[f"{block.path}:h"], h_assembled, rtol=1e-5, atol=1e-4)
+        assert_matches(actual, expected, active, lp.read)
+        assert_matches(ctx.recording.recorded[f"{block.path}:h"], h_assembled, active, lp.read)
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
@@ -120,7 +157,9 @@ def test_spatial_transformer(models, arch, hw, tile, seed):
         lp = plan.levels[block.level]
         active = lp.active[None, None]
         n, c, h, w = 4, block.channels, lp.height, lp.width
-        x = with_cached_outside(rand(n, c, h, w, seed=11), rand(n, c, h, w, seed=12), active)
+        x_cached = rand(n, c, h, w, seed=12)
+        x = with_cached_outside(rand(n, c, h, w, seed=11), x_cached, active)
+        source.set_input(layout, block, x_cached, f"{block.path}.norm", m.norm.num_groups)
         context = rand(n, 77, ctx_dim, seed=13)
         out_cached = rand(n, c, h, w, seed=14)
         source.set(block.path, out_cached)
@@ -144,9 +183,10 @@ def test_spatial_transformer(models, arch, hw, tile, seed):
             for hk in hooks:
                 hk.remove()
         expected = with_cached_outside(dense, out_cached, active)
+        refeed(ctx, source, layout)
         with torch.no_grad():
             actual = SparseSpatialTransformer(m, block, block.path).sparse(ctx, x, context, {})
-        assert_matches(actual, expected, active)
+        assert_matches(actual, expected, active, lp.read)
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
@@ -168,13 +208,14 @@ def test_conv_in_downsample_upsample(models, arch, hw, tile, seed):
         x = rand(n, c_in, *in_size, seed=31)  # the coarser/finer input: cached values are whatever it holds
         out_cached = rand(n, block.channels, lp.height, lp.width, seed=32)
         source.set(block.path, out_cached)
+        refeed(ctx, source, layout)
         shape = (n, block.channels, lp.height, lp.width)
         with torch.no_grad():
             if block.kind == "upsample":
                 dense, actual = m(x, output_shape=shape), op(m, block, block.path).sparse(ctx, x, shape)
             else:
                 dense, actual = m(x), op(m, block, block.path).sparse(ctx, x)
-        assert_matches(actual, with_cached_outside(dense, out_cached, active), active)
+        assert_matches(actual, with_cached_outside(dense, out_cached, active), active, lp.read)
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
@@ -184,27 +225,37 @@ def test_output_head(models, arch, hw, tile, seed):
     lp = plan.levels[0]
     active = lp.active[None, None]
     c = unet.out[0].num_channels
-    h = with_cached_outside(rand(4, c, *hw, seed=41), rand(4, c, *hw, seed=42), active)
+    h_cached = rand(4, c, *hw, seed=42)
+    h = with_cached_outside(rand(4, c, *hw, seed=41), h_cached, active)
+    head = SparseOutput.for_unet(unet, layout)
+    source.set_input(layout, head.block, h_cached, "out.0", unet.out[0].num_groups)
     out_cached = rand(4, 4, *hw, seed=43)
     source.set("out", out_cached)
+    refeed(ctx, source, layout)
     with torch.no_grad():
         expected = with_cached_outside(unet.out(h), out_cached, active)
-        actual = SparseOutput(unet.out, layout.blocks[0], "out").sparse(ctx, h)
-    assert_matches(actual, expected, active)
+        actual = head.sparse(ctx, h)
+    assert_matches(actual, expected, active, torch.ones_like(lp.read))  # the head's output is whole
 
 
 def test_cached_statistics_mode_uses_the_original_runs_statistics(models):
-    """The paper's approximation: GroupNorm normalizes with the cached statistics, not the current map's."""
+    """The paper's approximation: GroupNorm normalizes with the cached statistics, not the current map's; the exact
+    mode's statistics are those of the assembled map (cached outside the active region, fresh inside)."""
     from fisedit_engine.kernels import reference as R
     unet, layout, ctx, plan, source = setup_case(models, "sd15", (16, 16), 2, 5)
-    gn_path = "input_blocks.1.0.in_layers.0"
-    x = rand(4, 32, 16, 16, seed=51)
-    cached_stats = R.group_stats(rand(4, 32, 16, 16, seed=52) * 3 + 1, 32)
-    source.set(f"{gn_path}:stats", cached_stats)
+    block = next(b for b in layout.blocks if b.path == "input_blocks.1.0")
+    gn_path = f"{block.path}.in_layers.0"
+    active = plan.levels[0].active[None, None]
+    x_cached = rand(4, 32, 16, 16, seed=52) * 3 + 1
+    x = with_cached_outside(rand(4, 32, 16, 16, seed=51), x_cached, active)
+    source.set_input(layout, block, x_cached, gn_path, 32)
+    refeed(ctx, source, layout)
     ctx.edit.stats_mode = "cached"
-    assert torch.equal(ctx.edit.group_stats(ctx, gn_path, x, 32), cached_stats)
+    cached_stats = ctx.edit.group_stats(ctx, gn_path, x, 32, block.inputs)
+    assert torch.equal(cached_stats, R.group_stats(x_cached, 32))
     ctx.edit.stats_mode = "exact"
-    exact = ctx.edit.group_stats(ctx, gn_path, x, 32)  # 32 groups of 32 channels: one channel per group
+    exact = ctx.edit.group_stats(ctx, gn_path, x, 32, block.inputs)  # 32 groups of 32 channels: one per group
+    assert not torch.allclose(exact, cached_stats, rtol=1e-3)  # the fresh values moved the statistics
     normalized = (x - exact[..., 0, None, None]) * torch.rsqrt(exact[..., 1, None, None] + 1e-5)
     torch.testing.assert_close(normalized, torch.nn.functional.group_norm(x, 32), rtol=1e-5, atol=1e-5)
     assert ctx.recording.recorded[f"{gn_path}:stats"] is exact  # recorded into the edited result's cache

@@ -1,0 +1,286 @@
+"""The side-by-side GPU benchmark (DESIGN.md section 6): stock ComfyUI versus FISEdit, in one run on one GPU.
+
+Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 with CFG. Per model and size:
+- per UNet call (one CFG step, 2 rows), medians over the sampling steps: the stock KSampler path (eager, timed
+  around ComfyUI's apply_model), the same UNet called eagerly, and replayed as one CUDA graph;
+- FISEdit's sparse step, eager and replayed as a CUDA graph, with user masks (no probe) of 5%, 15% and 30% of the
+  latent, rectangular and blob-shaped; the timed call includes the step's cache upload (feed.py);
+- end to end, 20 euler steps: stock regenerate + VAE decode versus the edit (the probe's automatic mask at the
+  `edit_size` quantile united with a user rectangle of that size, sparse sampling, FISEditDecode), second of two
+  runs (warm);
+- host cache bytes per step, bytes uploaded per sparse step, GPU peak memory of the edit versus stock.
+Writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (speedup versus edit size).
+
+    python benchmarks/speed.py [--models sd15@512,sd21v@768,sd21v@1024,sdxl@1024] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+DEFAULT_MODELS = "sd15@512,sd21v@768,sd21v@1024,sdxl@1024"
+FRACTIONS = (0.05, 0.15, 0.30)
+CONTEXT = {"sd15": 768, "sd15-small": 768, "sd21v": 1024, "sdxl": 2048}
+
+
+class CallTimer:
+    """An APPLY_MODEL wrapper: wall time of every model call, the GPU synchronised around it."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def __call__(self, executor, *args, **kwargs):
+        import torch
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = executor(*args, **kwargs)
+        torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def load_model(arch: str):
+    """MODEL and VAE of a random-weight checkpoint of `arch`, built in memory (no text encoder)."""
+    import comfy.sd
+    import make_test_checkpoint as mtc
+    sd = {s.key: mtc.materialize(s, 0) for s in mtc.tensor_specs(arch) if mtc.part_of(s.key) in ("unet", "vae")}
+    model, _, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=False)
+    return model, vae
+
+
+def conditioning(arch: str, seed: int, size: int):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    extras = {}
+    if arch == "sdxl":
+        extras = {"pooled_output": torch.randn(1, 1280, generator=gen), "width": size, "height": size}
+    return [[torch.randn(1, 77, CONTEXT[arch], generator=gen), extras]]
+
+
+def region_mask(lat: int, fraction: float, shape: str):
+    """A latent mask of about `fraction` of the area: a centred rectangle (3:2) or a disc-shaped blob."""
+    import torch
+    mask = torch.zeros(1, lat, lat, dtype=torch.bool)
+    if shape == "rect":
+        h = max(1, round(math.sqrt(fraction * lat * lat / 1.5)))
+        w = max(1, round(fraction * lat * lat / h))
+        r, c = (lat - h) // 2, (lat - w) // 2
+        mask[:, r:r + h, c:c + w] = True
+    else:
+        yy, xx = torch.meshgrid(torch.arange(lat), torch.arange(lat), indexing="ij")
+        radius = math.sqrt(fraction * lat * lat / math.pi)
+        mask[0] = (yy - lat * 0.4) ** 2 + (xx - lat * 0.55) ** 2 <= radius ** 2
+    return mask
+
+
+def unet_call_times(model, arch: str, lat: int, repeat: int) -> dict:
+    """The UNet alone on one CFG step's inputs: eager, and replayed as one CUDA graph (median ms)."""
+    import torch
+    import comfy.model_management as mm
+    mm.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    dtype = model.model.get_dtype()
+    dev = mm.get_torch_device()
+    x = torch.randn(2, 4, lat, lat, device=dev, dtype=dtype)
+    t = torch.full((2,), 500.0, device=dev)
+    context = torch.randn(2, 77, CONTEXT[arch], device=dev, dtype=dtype)
+    kwargs = {"y": torch.randn(2, unet.adm_in_channels, device=dev, dtype=dtype)} if arch == "sdxl" else {}
+
+    def call():
+        return unet(x, timesteps=t, context=context, transformer_options={}, **kwargs)
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    with torch.inference_mode():
+        eager = median_ms(call)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        replay = median_ms(graph.replay)
+        del graph
+    return {"unet_eager_ms": eager, "unet_graph_ms": replay}
+
+
+def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
+    import torch
+    import comfy.sample
+    from fisedit_engine import api
+    from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+    from fisedit_engine.edit import EditSpec, run_edit
+
+    model, vae = load_model(arch)
+    lat = size // 8
+    positive, negative = conditioning(arch, 1, size), conditioning(arch, 2, size)
+    edited = conditioning(arch, 3, size)
+    latent = torch.zeros(1, 4, lat, lat)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    row = {"model": arch, "size": size, "steps": steps}
+    row.update(unet_call_times(model, arch, lat, repeat))
+
+    def timed(patcher):
+        timer = CallTimer()
+        patched = patcher.clone()
+        add_apply_model_wrapper(patched, timer)
+        return patched, timer
+
+    def generate(patcher, cond):
+        return comfy.sample.sample(patcher, noise, steps, 7.0, "euler", "normal", cond, negative, latent, seed=0,
+                                   disable_pbar=True)
+
+    with torch.inference_mode():
+        stock, timer = timed(model)
+        generate(stock, positive)
+        row["stock_step_ms"] = 1000 * statistics.median(timer.seconds[1:])
+        captured, handle = api.capture(model, f"bench-{arch}-{size}")
+        api.store(handle, {"samples": generate(captured, positive)})
+        source = handle.get()
+        row["cache_bytes_per_step"] = source.bytes_per_step()
+
+        row["sparse"] = []
+        for fraction in FRACTIONS:
+            for shape in ("rect", "blob"):
+                mask = region_mask(lat, fraction, shape)
+                entry = {"fraction": fraction, "shape": shape, "mask_area": float(mask.float().mean())}
+                for graph in (False, True):
+                    patched, timer = timed(model)
+                    _, result = run_edit(patched, EditSpec(handle, edited, mask), cuda_graph=graph)
+                    assert result.name != handle.name
+                    # the first sparse step builds the buffers (and the second captures the graph): not timed
+                    entry["step_ms_graph" if graph else "step_ms_eager"] = 1000 * statistics.median(timer.seconds[2:])
+                    entry["bytes_uploaded_per_step"] = result.feed_stats.bytes_per_step
+                    entry["stage_ms_per_step" + ("_graph" if graph else "_eager")] = (
+                        1000 * result.feed_stats.stage_seconds / max(result.feed_stats.steps, 1))
+                    entry["graph_replays" if graph else "eager_steps"] = result.graph_replays or len(timer.seconds)
+                    api.registry().remove(result.name)
+                entry["step_ms"] = min(entry["step_ms_graph"], entry["step_ms_eager"])
+                row["sparse"].append(entry)
+
+        # end to end, warm (second run): stock regenerate + decode versus probe + sparse + FISEditDecode
+        def stock_e2e():
+            return vae.decode(generate(model, edited))
+
+        def edit_e2e(fraction):
+            # auto+user: the probe runs and sets the mask, which contains the user's rectangle of the given size
+            # (random weights localise nothing, so the automatic part alone would pick an arbitrary area)
+            user = region_mask(lat, fraction, "rect").float().repeat_interleave(8, 1).repeat_interleave(8, 2)
+            spec, _, _ = api.difference_mask(model, handle, edited, "auto+user", user_mask=user, dilate=0,
+                                             threshold="edit_size", edit_size=fraction)
+            samples, result = api.sparse_sample(model, spec, 0.0, "exact", 4)
+            image = api.decode(vae, samples, spec)
+            return image, spec, result
+
+        def measure(fn):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+
+        stock_e2e()
+        _, row["stock_e2e_s"], row["stock_peak_bytes"] = measure(stock_e2e)
+        row["e2e"] = []
+        for fraction in FRACTIONS:
+            for attempt in range(2):
+                (_, spec, result), seconds, peak = measure(lambda: edit_e2e(fraction))
+                if result.name != handle.name:  # an empty mask returns the source itself
+                    api.registry().remove(result.name)
+            row["e2e"].append({"edit_size": fraction, "mask_area": float(spec.mask.float().mean()),
+                               "seconds": seconds, "peak_bytes": peak,
+                               "speedup": row["stock_e2e_s"] / seconds})
+        api.registry().remove(handle.name)
+    del model, vae
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# FISEdit speed on {result['gpu']}", "", result["setup"], "",
+             "## Per UNet call (one CFG step), ms (median)", "",
+             "| model | stock KSampler step | UNet eager | UNet CUDA graph | mask | FISEdit sparse step, eager | "
+             "FISEdit sparse step, CUDA graph | x stock | x graph | uploaded / step | cache / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for s in r["sparse"]:
+            lines.append(
+                f"| {r['model']}@{r['size']} | {r['stock_step_ms']:.1f} | {r['unet_eager_ms']:.1f} | "
+                f"{r['unet_graph_ms']:.1f} | {100 * s['mask_area']:.1f}% {s['shape']} | {s['step_ms_eager']:.1f} | "
+                f"{s['step_ms_graph']:.1f} | "
+                f"{r['stock_step_ms'] / s['step_ms']:.2f} | {r['unet_graph_ms'] / s['step_ms']:.2f} | "
+                f"{s['bytes_uploaded_per_step'] / 2**20:.0f} MiB "
+                f"({100 * s['bytes_uploaded_per_step'] / r['cache_bytes_per_step']:.0f}%) | "
+                f"{r['cache_bytes_per_step'] / 2**20:.0f} MiB |")
+    lines += ["", f"## End to end, {result['rows'][0]['steps']} euler steps (warm)", "",
+              "| model | stock regenerate + decode, s | edit_size | mask | FISEdit probe + sparse + decode, s | "
+              "speedup | GPU peak, stock / edit |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for e in r["e2e"]:
+            lines.append(f"| {r['model']}@{r['size']} | {r['stock_e2e_s']:.2f} | {e['edit_size']:.0%} | "
+                         f"{100 * e['mask_area']:.1f}% | {e['seconds']:.2f} | {e['speedup']:.2f} | "
+                         f"{r['stock_peak_bytes'] / 2**30:.1f} / {e['peak_bytes'] / 2**30:.1f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@size")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=30, help="timed UNet calls for the eager and graph medians")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    a = parser.parse_args(argv)
+
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/speed.py measures GPU times: run it on a machine with CUDA")
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for spec in a.models.split(","):
+        arch, size = spec.split("@")
+        t0 = time.perf_counter()
+        rows.append(run_case(arch, int(size), a.steps, a.repeat))
+        print(f"{spec}: {time.perf_counter() - t0:.0f}s", flush=True)
+    result = {"gpu": gpu, "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; "
+                                   f"FISEdit tile 4, exact GroupNorm statistics", "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (a.out / f"{stem}.md").write_text(markdown(result))
+    import speed_plot
+    speed_plot.plot(result, a.out / f"{stem}.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

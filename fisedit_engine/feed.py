@@ -1,0 +1,195 @@
+"""What a sparse step reads from the cache, moved to the device once per step: only the read region of each map.
+
+The sparse ops read a map of a sparse level only at its level's read region (plan.py: the active tiles and their
+halo rings). So per step each cached map is uploaded at those positions only and written into a device-resident
+*canvas* of the map's full size, whose other positions are never read (they start as NaN, so a read there would
+poison the result and fail the tests). The sparse forwards scatter their fresh tiles into the canvas in place, so
+the canvas is also the block's output.
+
+Uploaded whole: a map that a dense op reads (the last map of a sparse level feeding a dense level below it), the
+self-attention keys and values (the attention context of every inactive token), the GroupNorm statistics and the
+model output. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
+minus the cached values on the active region, plus the fresh ones (`kernels.reference.exact_group_stats`).
+
+A step's data moves in three stages: `stage` gathers it on the host into pinned buffers (a whole key needs no
+gather: its cache slice is pinned already), `upload` copies it to device landing buffers on a side stream, and
+`activate` (on the compute stream, after the upload's event) writes it into the canvases and whole buffers that the
+sparse ops read. Those keep their addresses for the whole edit, which is what lets a sparse step be replayed as a
+CUDA graph (graphs.py). `prepare` runs the three stages for one step.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import FisEditCache, PinnedArena, from_storage
+from .layout import MODEL_OUTPUT_KEY, UNetLayout
+from .plan import EditPlan
+
+
+@dataclass
+class FeedStats:
+    steps: int = 0
+    bytes_uploaded: int = 0
+    stage_seconds: float = 0.0   # host time gathering into pinned memory
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.bytes_uploaded / max(self.steps, 1)
+
+
+@dataclass
+class _Entry:
+    key: str
+    level: int
+    whole: bool           # uploaded whole (and not at the read region only)
+
+
+@dataclass
+class EditFeed:
+    plan: EditPlan
+    source: FisEditCache
+    entries: dict[str, _Entry]
+    stats: FeedStats = field(default_factory=FeedStats)
+    _step: tuple | None = None
+    _host: dict = field(default_factory=dict)       # key -> [host tensors per chunk] staged for the next upload
+    _landing: dict = field(default_factory=dict)    # key -> device tensor the upload lands in
+    _device: dict = field(default_factory=dict)     # key -> what the sparse ops read (canvas or whole buffer)
+    _staged: dict = field(default_factory=dict)     # key -> [rows, C, P] device values at the read positions
+    _staging: dict = field(default_factory=dict)    # (key, chunk index) -> pinned host buffer of a gather
+    _uploaded: object = None                        # the last upload's CUDA event
+    _arena: PinnedArena = field(default_factory=PinnedArena)
+
+    @classmethod
+    def build(cls, plan: EditPlan, source: FisEditCache, layout: UNetLayout) -> "EditFeed":
+        sparse = {lvl for lvl, lp in plan.levels.items() if not lp.full}
+        entries = {}
+
+        def add(key, level, whole):
+            entries[key] = _Entry(key, level, whole)
+
+        for b in layout.blocks:
+            if b.level not in sparse:
+                continue
+            add(b.path, b.level, whole=any(c.level not in sparse for c in layout.consumers(b.path)))
+            if b.kind == "resblock":
+                add(f"{b.path}:h", b.level, whole=False)
+                for gn in ("in_layers.0", "out_layers.0"):
+                    add(f"{b.path}.{gn}:stats", b.level, whole=True)
+            elif b.kind == "transformer":
+                add(f"{b.path}.norm:stats", b.level, whole=True)
+                for j in range(b.depth):
+                    for kv in ("k", "v"):
+                        add(f"{b.path}.transformer_blocks.{j}.attn1:{kv}", b.level, whole=True)
+        if 0 in sparse:
+            add("out.0:stats", 0, whole=True)
+            add(MODEL_OUTPUT_KEY, 0, whole=True)
+        return cls(plan, source, entries)
+
+    def has(self, key: str) -> bool:
+        return key in self.entries
+
+    # --- the three stages ---------------------------------------------------------------------------------------
+    def prepare(self, step: int, chunks: list[int], device) -> None:
+        """Makes this step's cached values readable on `device` (once per step and chunk layout)."""
+        if self._step == (step, tuple(chunks)):
+            return
+        self.stage(step, chunks)
+        self.upload(device)
+        self.activate(device)
+        self._step = (step, tuple(chunks))
+
+    def stage(self, step: int, chunks: list[int]) -> None:
+        """Host side: the step's values per key and chunk, in pinned memory."""
+        t0 = time.perf_counter()
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous upload has finished reading the staging buffers
+        for key, e in self.entries.items():
+            if e.whole:
+                self._host[key] = [self.source.read_stored(key, step, c) for c in chunks]
+            else:
+                positions = self.plan.levels[e.level].read_positions("cpu")
+                self._host[key] = [self._gather(key, i, step, c, positions) for i, c in enumerate(chunks)]
+        self.stats.steps += 1
+        self.stats.stage_seconds += time.perf_counter() - t0
+        self.stats.bytes_uploaded += sum(p.numel() * p.element_size() for parts in self._host.values() for p in parts)
+
+    def upload(self, device) -> None:
+        """The staged values into device landing buffers, on a side stream when the device is a GPU."""
+        cuda = torch.device(device).type == "cuda"
+        copy_stream = _copy_stream(device) if cuda else None
+        if cuda:
+            copy_stream.wait_stream(torch.cuda.current_stream(device))  # the last reads of the landing buffers
+        with torch.cuda.stream(copy_stream) if cuda else nullcontext():
+            for key, parts in self._host.items():
+                rows = sum(p.shape[0] for p in parts)
+                landing = self._landing.get(key)
+                if landing is None or landing.shape[0] != rows:
+                    landing = self._landing[key] = torch.empty((rows, *parts[0].shape[1:]), device=device,
+                                                               dtype=parts[0].dtype)
+                at = 0
+                for p in parts:
+                    landing[at:at + p.shape[0]].copy_(p, non_blocking=True)
+                    at += p.shape[0]
+            if cuda:
+                self._uploaded = torch.cuda.Event()
+                self._uploaded.record(copy_stream)
+
+    def activate(self, device) -> None:
+        """Landing buffers into the canvases and whole buffers the sparse ops read (fixed addresses)."""
+        if self._uploaded is not None:
+            torch.cuda.current_stream(device).wait_event(self._uploaded)
+        for key, landing in self._landing.items():
+            e = self.entries[key]
+            target = self._device.get(key)
+            if e.whole:
+                value = from_storage(landing)
+                if target is None or target.shape != value.shape:
+                    target = self._device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)
+                target.copy_(value)
+            else:
+                lp = self.plan.levels[e.level]
+                shape = (landing.shape[0], landing.shape[2], lp.height, lp.width)
+                if target is None or target.shape != shape:
+                    target = self._device[key] = torch.full(shape, float("nan"), device=device, dtype=landing.dtype)
+                target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing.transpose(1, 2))
+                self._staged[key] = landing
+
+    # --- what the sparse ops read -------------------------------------------------------------------------------
+    def map(self, key: str) -> torch.Tensor:
+        """The step's cached map (valid at the level's read region) or whole tensor; sparse ops write into it."""
+        return self._device[key]
+
+    def cached_active(self, key: str) -> torch.Tensor:
+        """[rows, C, active positions]: the cached values of a map at its level's active positions."""
+        lp = self.plan.levels[self.entries[key].level]
+        if self.entries[key].whole:
+            return self._device[key].flatten(2).index_select(2, lp.tokens(self._device[key].device))
+        staged = self._staged[key]  # [rows, P, C]
+        return staged.index_select(1, lp.active_in_read(staged.device)).transpose(1, 2).contiguous()
+
+    def close(self) -> None:
+        """Lets go of every buffer (device memory is released when the edit ends)."""
+        for d in (self._host, self._landing, self._device, self._staged, self._staging):
+            d.clear()
+        self._uploaded, self._arena = None, PinnedArena()
+
+    def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
+        values = self.source.read_positions(key, step, chunk, positions)
+        buf = self._staging.get((key, index))
+        if buf is None or buf.shape != values.shape:
+            buf = self._staging[(key, index)] = self._arena.empty(values.shape, values.dtype)
+        return buf.copy_(values)
+
+
+_streams: dict = {}
+
+
+def _copy_stream(device):
+    device = torch.device(device)
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]

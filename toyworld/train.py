@@ -1,0 +1,379 @@
+"""Training the toy model within a fixed time budget: the VAE first, then the UNet and the text encoder together.
+
+Data is generated on the fly on the training device (scenes from a seeded CPU generator, rendered on the
+GPU), so there is no dataset to store and no epoch: every batch is new. Both stages run until their share of the
+budget is spent and stop after a whole step; the finish (latent scale, samples, evaluation, saving) has a reserve.
+
+- VAE: L1 + MSE reconstruction in -1..1 with a small KL term, sampling the posterior so that the decoder tolerates
+  latents that are slightly off, as a diffusion model's are. Then the latent normalisation (shift and scale to
+  zero mean and unit variance of the posterior means) and the latent-preview colours are fitted on fresh images.
+- Diffusion: the standard eps-prediction DDPM loss on SD's scaled-linear schedule (beta 0.00085..0.012, 1000
+  steps: ComfyUI's defaults for SD1.5, read from ComfyUI's ModelSamplingDiscrete), 10% empty captions for
+  classifier-free guidance, AdamW, warm-up then cosine decay over the stage's time, EMA weights (saved), bf16
+  autocast on CUDA.
+- Finish: samples with an Euler loop on ComfyUI's "normal" schedule and CFG, read back by toyworld.judge (object
+  and scene accuracy of the generations against their captions), VAE reconstruction PSNR, the weights as fp16
+  safetensors, metrics.json (losses, timings, accuracies, parameter counts), loss.png and samples.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import captions, judge, models, plots, render, world
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    weights_dir: str
+    name: str = "toyworld"
+    budget_seconds: float = 480.0      # everything, from the process start to the last file written
+    vae_fraction: float = 0.2          # of the training time (budget minus the finish reserve)
+    finish_seconds: float = 50.0       # reserve for latent fit, sampling, evaluation and saving
+    batch: int = 256
+    vae_batch: int = 32
+    lr: float = 4e-4
+    vae_lr: float = 4e-4
+    warmup_steps: int = 200
+    kl_weight: float = 1e-5
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    image_size: int = 256
+    seed: int = 0
+    device: str = "cuda"
+    max_vae_steps: int | None = None   # step caps (the smoke run); None: time alone decides
+    max_steps: int | None = None
+    fit_images: int = 512              # latent normalisation and preview fit
+    eval_images: int = 256             # generated and judged at the end
+    grid_images: int = 16
+    sample_steps: int = 20
+    cfg: float = 5.0
+    shard_mib: float = 15.0            # the GPU machine returns files of at most 16 MiB
+    log_every: int = 50
+
+
+@dataclass
+class Clock:
+    start: float
+    config: TrainConfig
+    marks: dict = field(default_factory=dict)
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def train_end(self) -> float:
+        return self.config.budget_seconds - self.config.finish_seconds
+
+    def vae_end(self, train_start: float) -> float:
+        return train_start + self.config.vae_fraction * (self.train_end - train_start)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _images(n: int, seed: int, size: int, device) -> tuple[torch.Tensor, world.Scenes]:
+    scenes = world.sample_scenes(n, seed=seed, device=device)
+    return render.render(scenes, size)[0], scenes
+
+
+class SceneStream:
+    """Training batches of scenes. Scenes are drawn on the CPU (so a seed means the same data on any device)
+    for `chunk` steps at once and moved to the device in one copy: a small host-to-device copy per step would
+    make the host wait for the device every step."""
+
+    def __init__(self, batch: int, seed: int, device, chunk: int = 256):
+        self.batch, self.seed, self.device, self.chunk = batch, seed, device, chunk
+        self._scenes, self._first = None, None
+
+    def at(self, step: int) -> world.Scenes:
+        first = step - step % self.chunk
+        if first != self._first:
+            self._scenes = world.sample_scenes(self.batch * self.chunk, seed=self.seed + first, device=self.device)
+            self._first = first
+        i = (step - first) * self.batch
+        return self._scenes[i:i + self.batch]
+
+
+def _step_seed(cfg: TrainConfig, stage: int, step: int) -> int:
+    return (cfg.seed * 1_000_003 + stage * 100_000_007 + step) % (2**62)
+
+
+def _lr_factor(step: int, frac: float, warmup: int) -> float:
+    """Linear warm-up, then constant to half the stage's time, then cosine down to 10%."""
+    w = min(1.0, (step + 1) / max(1, warmup))
+    decay = 1.0 if frac < 0.5 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - 0.5) / 0.5)))
+    return w * decay
+
+
+class _Log:
+    """Loss means over `every` steps, read from the device only then (one sync per window)."""
+
+    def __init__(self, name: str, every: int):
+        self.name, self.every = name, every
+        self.curve: list[tuple[int, float]] = []
+        self._sum, self._n = None, 0
+
+    def add(self, step: int, loss: torch.Tensor, clock: Clock, extra: str = "") -> None:
+        self._sum = loss.detach().float() if self._sum is None else self._sum + loss.detach().float()
+        self._n += 1
+        if self._n == self.every:
+            self.flush(step, clock, extra)
+
+    def flush(self, step: int, clock: Clock, extra: str = "") -> None:
+        if self._n:
+            value = float(self._sum) / self._n
+            self.curve.append((step, value))
+            print(f"[{clock.now():6.1f}s] {self.name} step {step:6d} loss {value:.5f}{extra}", flush=True)
+        self._sum, self._n = None, 0
+
+
+# --- stage 1: VAE -------------------------------------------------------------------------------------------------
+
+def _vae_posterior(vae, x):
+    moments = vae.quant_conv(vae.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def train_vae(cfg: TrainConfig, clock: Clock, device: torch.device):
+    vae = models.build_vae(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    log = _Log("vae", cfg.log_every)
+    stream = SceneStream(cfg.vae_batch, _step_seed(cfg, 1, 0), device)
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 1, 1))
+    deadline = clock.vae_end(clock.now())
+    t0, step = clock.now(), 0
+    while clock.now() < deadline and (cfg.max_vae_steps is None or step < cfg.max_vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * _lr_factor(step, (clock.now() - t0) / max(1e-9, deadline - t0), 100)
+        with torch.no_grad():
+            x = render.render(stream.at(step), cfg.image_size)[0] * 2 - 1
+        with _autocast(device):
+            mean, logvar = _vae_posterior(vae, x)
+            z = mean + torch.randn(mean.shape, device=device, generator=g, dtype=mean.dtype) * (0.5 * logvar).exp()
+            rec = vae.decode(z).float()
+        kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).mean()
+        loss = (rec - x).abs().mean() + (rec - x).square().mean() + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        log.add(step, loss, clock)
+        step += 1
+    log.flush(step, clock)
+    vae.eval().requires_grad_(False)
+    clock.marks["vae_steps"] = step
+    clock.marks["vae_seconds"] = clock.now() - t0
+    return vae, log.curve
+
+
+@torch.no_grad()
+def fit_latents(cfg: TrainConfig, vae, device) -> dict:
+    """Latent normalisation (shift, scale: the posterior means get zero mean and unit variance, as SD's 0.18215
+    gives its VAE unit variance) and the linear latent -> RGB preview, on fresh images; plus the VAE's
+    reconstruction PSNR."""
+    means, images = [], []
+    chunk = min(cfg.fit_images, 64)
+    for i in range(0, cfg.fit_images, chunk):
+        x = _images(chunk, _step_seed(cfg, 3, i), cfg.image_size, device)[0]
+        with _autocast(device):
+            mean, _ = _vae_posterior(vae, x * 2 - 1)
+        means.append(mean.float())
+        images.append(x)
+    mean = torch.cat(means)
+    x = torch.cat(images)
+    shift, scale = float(mean.mean()), 1.0 / float(mean.std())
+    factors, bias = models.fit_latent_preview(((mean - shift) * scale).cpu(), x.cpu())
+    with _autocast(device):
+        rec = ((vae.decode(mean[:64]).float() + 1) / 2).clamp(0, 1)
+    mse = float((rec - x[:64]).square().mean())
+    return {"latent_scale": scale, "latent_shift": shift, "rgb_factors": factors, "rgb_bias": bias,
+            "vae_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
+
+
+# --- stage 2: UNet + text encoder ---------------------------------------------------------------------------------
+
+def _schedule():
+    """(alphas_cumprod [1000], ModelSamplingDiscrete) from ComfyUI itself: the model is trained on exactly the
+    schedule ComfyUI samples it with."""
+    import comfy.model_sampling
+    ms = comfy.model_sampling.ModelSamplingDiscrete()
+    return 1.0 / (1.0 + ms.sigmas.double() ** 2), ms
+
+
+def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float]):
+    unet, text = models.build_unet(device), models.build_text_encoder(device)
+    unet.train()
+    text.train()
+    params = list(unet.parameters()) + list(text.parameters())
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, **fused)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    for p in ema_params:
+        p.requires_grad_(False)
+    alphas_cumprod = _schedule()[0].to(device, torch.float32)
+    log = _Log("diffusion", cfg.log_every)
+    stream = SceneStream(cfg.batch, _step_seed(cfg, 2, 0), device)
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, 1))
+    t0, step = clock.now(), 0
+    deadline = clock.train_end
+    while clock.now() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
+        frac = (clock.now() - t0) / max(1e-9, deadline - t0)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, frac, cfg.warmup_steps)
+        with torch.no_grad():
+            scenes = stream.at(step)
+            x = render.render(scenes, cfg.image_size)[0]
+            with _autocast(device):
+                z0 = (_vae_posterior(vae, x * 2 - 1)[0].float() - norm[0]) * norm[1]
+            tokens = captions.token_ids(scenes)
+            drop = torch.rand(cfg.batch, device=device, generator=g) < cfg.caption_dropout
+            tokens = torch.where(drop[:, None], captions.empty_token_ids(cfg.batch, device), tokens)
+            t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), device=device, generator=g)
+            noise = torch.randn(z0.shape, device=device, generator=g)
+            a = alphas_cumprod[t][:, None, None, None]
+            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with _autocast(device):
+            context = models.encode_tokens(text, tokens)
+            eps = unet(x_t, t.float(), context=context, transformer_options={})
+        loss = F.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        log.add(step, loss, clock, f" lr {opt.param_groups[0]['lr']:.2e}" if (step + 1) % cfg.log_every == 0
+                else "")
+        step += 1
+    log.flush(step, clock)
+    clock.marks["diffusion_steps"] = step
+    clock.marks["diffusion_seconds"] = clock.now() - t0
+    return ema_unet, ema_text, log.curve
+
+
+# --- sampling and evaluation --------------------------------------------------------------------------------------
+
+def normal_sigmas(model_sampling, steps: int) -> torch.Tensor:
+    """ComfyUI's "normal" scheduler (comfy.samplers.normal_scheduler) for a schedule whose smallest sigma is not 0,
+    as SD's is; written out because comfy.samplers imports every model family (torchvision among them)."""
+    ms = model_sampling
+    timesteps = torch.linspace(ms.timestep(ms.sigma_max), ms.timestep(ms.sigma_min), steps)
+    return torch.tensor([float(ms.sigma(t)) for t in timesteps] + [0.0])
+
+
+@torch.no_grad()
+def sample(unet, text, vae, norm: tuple[float, float], tokens: torch.Tensor, seed: int, steps: int, cfg_scale: float,
+           device, latent_size: int) -> torch.Tensor:
+    """Images [N, 3, H, W] in 0..1 by Euler on ComfyUI's "normal" schedule with classifier-free guidance (what a
+    KSampler with euler/normal does, written out so that training needs no ComfyUI graph)."""
+    _, ms = _schedule()
+    sigmas = normal_sigmas(ms, steps).to(device)
+    n = tokens.shape[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, 4, latent_size, latent_size, device=device, generator=g) * sigmas[0]
+    with _autocast(device):
+        ctx = torch.cat([models.encode_tokens(text, tokens), models.encode_tokens(text,
+                                                                                  captions.empty_token_ids(n, device))])
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        t = ms.timestep(sigma.cpu()).float().to(device).expand(2 * n)
+        xin = torch.cat([x, x]) / (sigma ** 2 + 1).sqrt()
+        with _autocast(device):
+            eps = unet(xin, t, context=ctx, transformer_options={}).float()
+        cond, uncond = eps.chunk(2)
+        eps = uncond + cfg_scale * (cond - uncond)
+        denoised = x - sigma * eps
+        x = denoised + (x - denoised) / sigma * sigmas[i + 1]  # Euler step: d = (x - denoised) / sigma
+    with _autocast(device):
+        return ((vae.decode(x / norm[1] + norm[0]).float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, unet, text, vae, norm: tuple[float, float], device) -> tuple[dict, torch.Tensor, list[str]]:
+    latent = cfg.image_size // models.LATENT_DOWNSCALE
+    scenes = world.sample_scenes(cfg.eval_images, seed=_step_seed(cfg, 4, 0), device=device)
+    chunk = 64
+    images = torch.cat([sample(unet, text, vae, norm, captions.token_ids(scenes[i:i + chunk]), seed=cfg.seed + i,
+                               steps=cfg.sample_steps, cfg_scale=cfg.cfg, device=device, latent_size=latent)
+                        for i in range(0, len(scenes), chunk)])
+    ok = judge.objects_correct(images, scenes)
+    present = scenes.present
+    result = {
+        "eval_images": len(scenes),
+        "object_accuracy": float(ok[present].float().mean()),
+        "scene_accuracy": float(ok.all(dim=1).float().mean()),
+        "sampler": f"euler/normal, {cfg.sample_steps} steps, cfg {cfg.cfg}",
+    }
+    n = min(cfg.grid_images, len(scenes))
+    truth = render.render(scenes[:n], cfg.image_size)[0]
+    grid = torch.stack([truth, images[:n]], 1).flatten(0, 1)  # truth and sample side by side
+    return result, grid, captions.captions(scenes[:n])
+
+
+def run(cfg: TrainConfig, start: float | None = None) -> dict:
+    clock = Clock(start if start is not None else time.monotonic(), cfg)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    models.import_comfy()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[{clock.now():6.1f}s] device {device}, budget {cfg.budget_seconds:.0f}s "
+          f"(finish reserve {cfg.finish_seconds:.0f}s)", flush=True)
+
+    vae, vae_curve = train_vae(cfg, clock, device)
+    fit = fit_latents(cfg, vae, device)
+    norm = (fit["latent_shift"], fit["latent_scale"])
+    print(f"[{clock.now():6.1f}s] latent shift {norm[0]:.4f} scale {norm[1]:.4f}, VAE PSNR "
+          f"{fit['vae_psnr_db']:.1f} dB", flush=True)
+    unet, text, diff_curve = train_diffusion(cfg, clock, device, vae, norm)
+    t_eval = clock.now()
+    evaluation, grid, grid_captions = evaluate(cfg, unet, text, vae, norm, device)
+    clock.marks["eval_seconds"] = clock.now() - t_eval
+    print(f"[{clock.now():6.1f}s] generations judged: object accuracy {evaluation['object_accuracy']:.3f}, "
+          f"scene accuracy {evaluation['scene_accuracy']:.3f}", flush=True)
+
+    training = {"seed": cfg.seed, "vae_steps": clock.marks["vae_steps"],
+                "diffusion_steps": clock.marks["diffusion_steps"], "batch": cfg.batch,
+                "final_diffusion_loss": diff_curve[-1][1] if diff_curve else None,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    sd = models.full_state_dict(unet, text, vae)
+    meta = models.metadata(fit["latent_shift"], fit["latent_scale"], fit["rgb_factors"], fit["rgb_bias"], training)
+    paths = models.save_weights(cfg.weights_dir, cfg.name, sd, meta, int(cfg.shard_mib * 2**20))
+    counts = models.parameter_counts(sd)
+    plots.loss_curves({"VAE": vae_curve, "UNet + text encoder": diff_curve}, out / "loss.png")
+    plots.image_grid(grid, out / "samples.png", columns=8)
+    clock.marks["total_seconds"] = clock.now()
+    metrics = {
+        "config": asdict(cfg), "parameters": counts, "parameters_total": sum(counts.values()),
+        "weights": [str(p) for p in paths], "weights_bytes": sum(p.stat().st_size for p in paths),
+        "latent": {k: fit[k] for k in ("latent_shift", "latent_scale", "vae_psnr_db")},
+        "evaluation": evaluation, "timings": clock.marks, "training": training,
+        "loss": {"vae": vae_curve, "diffusion": diff_curve},
+        "samples_png": "pairs of (generator's render, model's sample), row by row",
+        "samples_captions": grid_captions,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"[{clock.now():6.1f}s] wrote {', '.join(p.name for p in paths)} ({models.gib(metrics['weights_bytes'])}, "
+          f"{sum(counts.values()):,} parameters) and metrics.json, loss.png, samples.png to {out}", flush=True)
+    return metrics

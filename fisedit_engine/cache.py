@@ -256,6 +256,22 @@ class StepTensors:
             return t
         return torch.stack([self.stored_step(key, chunk, s) for s in range(t.shape[0])])
 
+    def materialized(self) -> "StepTensors":
+        """This store standing alone: a delta's keys assembled whole over its base (the values do not change), so
+        that the base can be freed. A store without a base is returned as it is."""
+        if self.base is None:
+            return self
+        out = StepTensors(self.steps, self.batch)
+        for (key, chunk), t in self.tensors.items():
+            if key in self.regions:
+                first = self.stored_step(key, chunk, 0)
+                t = out.arena.empty((t.shape[0], *first.shape), first.dtype)
+                for s in range(t.shape[0]):
+                    t[s].copy_(self.stored_step(key, chunk, s))
+            out.tensors[(key, chunk)] = t
+            out.written[(key, chunk)] = self.written[(key, chunk)].clone()
+        return out
+
     @staticmethod
     def bytes_for(steps: int, batch: int, sample_shape, dtype) -> int:
         return steps * batch * math.prod(sample_shape) * torch.empty((), dtype=dtype).element_size()

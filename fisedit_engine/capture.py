@@ -150,6 +150,8 @@ class Recording:
             self._write(LATENT_KEY, host.COND, ctx.step, x[:ctx.batch])
 
     def _write(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        if not self.active:  # failed within this step (e.g. over budget): nothing more is kept or reserved
+            return
         region = self.delta.region(key, step) if self.delta is not None else None
         if region is not None:
             self.store.regions[key] = region
@@ -225,8 +227,8 @@ class Recording:
             self.registry.release_later(self.reserved)
 
     def _free(self) -> None:
-        self.store.tensors.clear()
-        self.store.written.clear()
+        self.store = StepTensors(self.store.steps, self.store.batch)  # also lets go of an edit's source (its base)
+        self.delta = None
         self.registry.release(self.reserved)
         self.reserved = 0
 
@@ -237,8 +239,10 @@ class Recording:
         self.reserved = 0
         self.state = "sealed"
         # The registry owns the tensors now. ComfyUI keeps this recording alive (through the handle in its output
-        # cache) long after the registry may have evicted the cache; holding the store here would keep its bytes.
+        # cache) long after the registry may have evicted the cache; holding the store (or an edit's source store,
+        # through the delta) here would keep their bytes.
         self.store = StepTensors(self.store.steps, self.store.batch)
+        self.delta = None
         return cache
 
 
@@ -447,5 +451,6 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
                                 chunks=chunks, **rec.partial_settings)
     cache = rec.seal(settings)
     handle.settings = settings
+    handle.delta = None  # the result's store has its base; the handle must not keep the source alive on its own
     log.info("%s", cache.summary_text())
     return cache

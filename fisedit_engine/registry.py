@@ -54,11 +54,14 @@ class CacheRegistry:
 
     # --- sealed caches ---------------------------------------------------------------------------------
     def put(self, cache: FisEditCache, reserved: int = 0) -> None:
-        """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own."""
+        """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own. An edit's result
+        recorded as a delta over a cache no longer registered is made whole first (see _drop)."""
         with self._lock:
             self._settle()
             self._reserved -= reserved
-            old = self._caches.pop(cache.name, None)
+            old = self._drop(cache.name)
+            if cache.store.base is not None and not any(c.store is cache.store.base for c in self._caches.values()):
+                cache.store = cache.store.materialized()
             try:
                 self._make_room(cache.nbytes, protect=cache.name)
             except CacheBudgetError:  # nothing changes: the old cache and the recording's reservation stay
@@ -89,7 +92,7 @@ class CacheRegistry:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._caches.pop(name, None)
+            self._drop(name)
 
     def clear(self) -> None:
         with self._lock:
@@ -123,6 +126,28 @@ class CacheRegistry:
         while self._released_later:
             self._reserved = max(0, self._reserved - self._released_later.popleft())
 
+    def _drop(self, name: str) -> FisEditCache | None:
+        """Takes a cache out of the registry. An edit's result is a delta over its source's store and keeps that store
+        alive, so registered results over this cache (and, through them, results over those) are made whole first:
+        otherwise dropping a cache would free nothing, and the budget would stop counting memory still held. Every
+        registered delta's base is the store of a registered cache, so `used` counts every byte once."""
+        cache = self._caches.pop(name, None)
+        if cache is None:
+            return None
+        made_whole = 0
+        for other in list(self._caches.values()):
+            if other.store.base is cache.store:
+                old = other.store
+                other.store = old.materialized()
+                made_whole += 1
+                for dependent in self._caches.values():  # same values, now from a store that stands alone
+                    if dependent.store.base is old:
+                        dependent.store.base = other.store
+        if made_whole:
+            log.info("FISEdit: %d edit result(s) recorded over cache '%s' were made whole before it left memory",
+                     made_whole, name)
+        return cache
+
     def _make_room(self, nbytes: int, protect: str | None, what: str | None = None) -> None:
         self._settle()
         if nbytes > self.budget - self._reserved:
@@ -134,7 +159,7 @@ class CacheRegistry:
             victim = next((n for n in self._caches if n != protect), None)
             if victim is None:
                 break
-            evicted = self._caches.pop(victim)
+            evicted = self._drop(victim)
             log.info("FISEdit: evicted cache '%s' (%.1f MiB, least recently used) to stay within the %.1f GiB budget",
                      victim, evicted.nbytes / 2**20, self.budget / 2**30)
 

@@ -22,6 +22,9 @@ def assert_registry_consistent() -> None:
     reg = registry()
     caches, reserved = registry_snapshot()
     assert all(cache.name == name for name, cache in caches.items())
+    stores = [cache.store for cache in caches.values()]
+    # an edit's result is a delta over its source's store: that store must be one the registry counts
+    assert all(s.base is None or any(s.base is other for other in stores) for s in stores)
     assert reserved >= 0 and reg.used <= reg.budget
     assert reg.used == sum(c.nbytes for c in caches.values()) + reserved
 
@@ -38,9 +41,10 @@ def assert_registry_unchanged(before: tuple[dict, int]) -> None:
 
 
 def cache_digest(cache) -> str:
-    """A content hash of everything an edit reads from a cache: its settings and every tensor, bit for bit."""
+    """A content hash of everything an edit reads from a cache: its settings and every tensor, bit for bit (an edit's
+    result assembled over its source, so the hash does not depend on how the result is stored)."""
     h = hashlib.sha256(json.dumps(cache.settings.to_json(), sort_keys=True).encode())
-    tensors = [(f"{k}/{c}", t) for (k, c), t in sorted(cache.store.tensors.items())]
+    tensors = [(f"{k}/{c}", cache.store.whole_tensor(k, c)) for (k, c) in sorted(cache.store.tensors)]
     tensors += [("noise", cache.noise), ("latent_image", cache.latent_image), ("final_latent", cache.final_latent)]
     for name, t in tensors:
         h.update(name.encode())

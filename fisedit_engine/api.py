@@ -37,13 +37,18 @@ def capture(model, cache_name: str):
 def resolve_cache_path(save_path: str) -> Path:
     """A path inside the cache folder; absolute paths, '..' and links that leave the folder are refused."""
     folder = Path(host.cache_folder()).resolve()
+    if any(ord(c) < 32 for c in save_path):
+        raise CacheError(f"save_path {save_path!r} has control characters; use a plain file name")
     rel = Path(save_path.strip())
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise CacheError(f"save_path '{save_path}' must be a plain name or relative path inside the FISEdit cache "
                          f"folder ({folder}); absolute paths and '..' are not allowed")
     if rel.suffix != CACHE_SUFFIX:
         rel = rel.with_name(rel.name + CACHE_SUFFIX)
-    target = (folder / rel).resolve()
+    try:
+        target = (folder / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the file system cannot hold
+        raise CacheError(f"save_path '{save_path}' cannot be used: {e}") from e
     if folder not in target.parents:
         raise CacheError(f"save_path '{save_path}' leads outside the FISEdit cache folder ({folder})")
     return target
@@ -58,6 +63,15 @@ def store(handle: CacheHandle, latent: dict, save_path: str = "") -> tuple[FisEd
     if target is not None:
         persistence.save(cache, target)
     return cache, target
+
+
+def sealed_handle(cache: FisEditCache) -> CacheHandle:
+    """What FISEditCacheStore outputs: a handle fixed to the generation just sealed. Not the capture's own handle:
+    ComfyUI shares one capture node's output between workflows whose capture nodes are identical, and that handle
+    follows whichever run sealed last, while this workflow's downstream nodes must keep meeting this run."""
+    handle = CacheHandle(cache.name, registry(), cache.settings.min_sparse_positions)
+    handle.settings = cache.settings
+    return handle
 
 
 def list_cache_files() -> list[str]:
@@ -75,7 +89,7 @@ def load(cache_file: str) -> CacheHandle:
     name = f"file:{Path(cache_file).with_suffix('').as_posix()}"
     cache = persistence.load(path, name=name)
     registry().put(cache)
-    return CacheHandle(name, registry())
+    return sealed_handle(cache)
 
 
 def cache_file_mtime(cache_file: str) -> float:
@@ -108,10 +122,20 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         raise CacheError(f"mask_mode must be one of {MASK_MODES}, got '{mask_mode}'")
     if threshold not in THRESHOLDS:
         raise CacheError(f"threshold must be one of {THRESHOLDS}, got '{threshold}'")
+    if dilate < 0:
+        raise CacheError(f"dilate is a number of latent pixels, 0 or more (got {dilate})")
     source = cache.get()
     check_model(model, source)
+    check_conditioning(positive, "positive")
     batch, _, h, w = source.settings.latent_shape
     masks, probe = [], None
+    if mask_mode in ("auto", "auto+user"):
+        if source.settings.steps < 2:
+            raise CacheError(f"mask_mode '{mask_mode}' runs probe steps before the sparse ones, which needs a "
+                             f"generation of at least 2 steps; this cache has {source.settings.steps}: use "
+                             f"mask_mode 'user'")
+        if threshold == "edit_size" and not 0.0 < edit_size <= 1.0:
+            raise CacheError(f"edit_size is a share of the image area, above 0 and at most 1 (got {edit_size})")
     if mask_mode in ("user", "auto+user"):
         if user_mask is None:
             raise CacheError(f"mask_mode '{mask_mode}' needs a user_mask: connect a MASK of the image's size")
@@ -126,6 +150,16 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
     spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
     return spec, image_mask, latent_preview(model, source, mask)
+
+
+def check_conditioning(conditioning, what: str) -> None:
+    """A CONDITIONING with NaN or infinite values would make the edited region NaN; refuse it before any work."""
+    import torch
+    for i, item in enumerate(conditioning or []):
+        tensors = [item[0]] + [v for v in item[1].values() if isinstance(v, torch.Tensor)]
+        if any(t is not None and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+            raise CacheError(f"the {what} conditioning (entry {i}) has NaN or infinite values: check the text "
+                             f"encoder and any conditioning nodes before it")
 
 
 def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):

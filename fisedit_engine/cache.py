@@ -72,6 +72,57 @@ class SamplingSettings:
         return cls(**d)
 
 
+def settings_differences(expected: SamplingSettings, found: SamplingSettings) -> list[str]:
+    """What differs between two generations' settings, in the words of ComfyUI's widgets ("seed 4 (was 3)").
+
+    The sigmas stand for steps, scheduler and denoise together: their count gives the steps; with equal counts a
+    schedule that starts lower is a denoise below 1 (ComfyUI drops the first sigmas of a longer schedule), one that
+    starts at the same sigma is another scheduler."""
+    out = []
+
+    def was(what, new, old):
+        out.append(f"{what} {new} (was {old})")
+
+    e, f = expected, found
+    if e.model_fingerprint != f.model_fingerprint:
+        out.append("model (its weights, LoRAs or patches)")
+    if e.sampler != f.sampler:
+        was("sampler", f.sampler, e.sampler)
+    if (e.sampler_extra_options, e.sampler_inpaint_options) != (f.sampler_extra_options, f.sampler_inpaint_options):
+        out.append("sampler options")
+    if e.seed != f.seed:
+        was("seed", f.seed, e.seed)
+    if e.steps != f.steps:
+        was("steps", f.steps, e.steps)
+    elif e.sigmas != f.sigmas:
+        if not math.isclose(e.sigmas[0], f.sigmas[0], rel_tol=1e-6):
+            out.append(f"denoise or scheduler (the schedule starts at sigma {f.sigmas[0]:.4g}, was {e.sigmas[0]:.4g})")
+        else:
+            out.append("scheduler (same steps and first sigma, other sigmas in between)")
+    if e.cfg != f.cfg:
+        was("cfg", f"{f.cfg:g}", f"{e.cfg:g}")
+    (eb, _, eh, ew), (fb, _, fh, fw) = e.latent_shape, f.latent_shape
+    if (eh, ew) != (fh, fw):
+        was("size", f"{fw * 8}x{fh * 8}", f"{ew * 8}x{eh * 8}")
+    if eb != fb:
+        was("batch", fb, eb)
+    if e.negative_fingerprint != f.negative_fingerprint:
+        out.append("negative prompt")
+    if e.positive_fingerprint != f.positive_fingerprint:
+        out.append("positive prompt")
+    # the noise follows from the seed and the shape, the empty latent from the shape: named only when they alone differ
+    same_shape = e.latent_shape == f.latent_shape
+    if e.noise_fingerprint != f.noise_fingerprint and e.seed == f.seed and same_shape:
+        out.append("initial noise")
+    if e.latent_image_fingerprint != f.latent_image_fingerprint and same_shape:
+        out.append("input latent (img2img source)")
+    if e.dtype != f.dtype:
+        was("precision", f.dtype, e.dtype)
+    if not out and e != f:  # what remains is derived from the above (CFG chunks, sparse levels)
+        out.extend(n for n in (x.name for x in dataclasses.fields(e)) if getattr(e, n) != getattr(f, n))
+    return out
+
+
 def pinned(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
@@ -204,6 +255,22 @@ class StepTensors:
         if key not in self.regions:
             return t
         return torch.stack([self.stored_step(key, chunk, s) for s in range(t.shape[0])])
+
+    def materialized(self) -> "StepTensors":
+        """This store standing alone: a delta's keys assembled whole over its base (the values do not change), so
+        that the base can be freed. A store without a base is returned as it is."""
+        if self.base is None:
+            return self
+        out = StepTensors(self.steps, self.batch)
+        for (key, chunk), t in self.tensors.items():
+            if key in self.regions:
+                first = self.stored_step(key, chunk, 0)
+                t = out.arena.empty((t.shape[0], *first.shape), first.dtype)
+                for s in range(t.shape[0]):
+                    t[s].copy_(self.stored_step(key, chunk, s))
+            out.tensors[(key, chunk)] = t
+            out.written[(key, chunk)] = self.written[(key, chunk)].clone()
+        return out
 
     @staticmethod
     def bytes_for(steps: int, batch: int, sample_shape, dtype) -> int:

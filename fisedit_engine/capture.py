@@ -22,7 +22,7 @@ import torch
 
 from . import comfy_adapter as host
 from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
-                    take_positions, to_storage)
+                    settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -150,6 +150,8 @@ class Recording:
             self._write(LATENT_KEY, host.COND, ctx.step, x[:ctx.batch])
 
     def _write(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        if not self.active:  # failed within this step (e.g. over budget): nothing more is kept or reserved
+            return
         region = self.delta.region(key, step) if self.delta is not None else None
         if region is not None:
             self.store.regions[key] = region
@@ -218,9 +220,15 @@ class Recording:
         self.final_latent = final_latent.detach().cpu()
         self.state = "complete"
 
+    def __del__(self):
+        # A run recorded but never sealed (no FISEditCacheStore ran, or ComfyUI dropped the capture node's output
+        # first) gives its reservation back when nothing holds it any more; otherwise the budget shrinks for good.
+        if getattr(self, "reserved", 0):
+            self.registry.release_later(self.reserved)
+
     def _free(self) -> None:
-        self.store.tensors.clear()
-        self.store.written.clear()
+        self.store = StepTensors(self.store.steps, self.store.batch)  # also lets go of an edit's source (its base)
+        self.delta = None
         self.registry.release(self.reserved)
         self.reserved = 0
 
@@ -230,11 +238,21 @@ class Recording:
         self.registry.put(cache, reserved=self.reserved)
         self.reserved = 0
         self.state = "sealed"
+        # The registry owns the tensors now. ComfyUI keeps this recording alive (through the handle in its output
+        # cache) long after the registry may have evicted the cache; holding the store (or an edit's source store,
+        # through the delta) here would keep their bytes.
+        self.store = StepTensors(self.store.steps, self.store.batch)
+        self.delta = None
         return cache
 
 
 class CacheHandle:
     """FISEDIT_CACHE: names a cache in the registry; a capture handle also carries the run being recorded.
+
+    The registry is keyed by name, and another capture may seal a different generation under the same name (two
+    capture nodes with one cache_name, or a workflow re-run elsewhere) while ComfyUI still holds this handle in its
+    output cache. So a handle remembers the settings of the generation it sealed or loaded, and refuses a cache
+    under its name that is not that generation, naming what differs.
 
     ComfyUI deep-copies model options on every clone; the handle must stay one object, so copies return self."""
 
@@ -247,6 +265,7 @@ class CacheHandle:
         self.feed_stats = None  # an edit's handle: what its sparse steps uploaded (feed.FeedStats)
         self.graph_replays = 0  # an edit's handle: sparse steps replayed as a CUDA graph
         self.recording: Recording | None = None
+        self.settings: SamplingSettings | None = None  # of the generation this handle sealed or loaded
         self.edit_summary: str | None = None  # set on the handle an edit returns
 
     def __deepcopy__(self, memo):
@@ -256,7 +275,14 @@ class CacheHandle:
         return self
 
     def get(self) -> FisEditCache:
-        return self.registry.get(self.name)
+        cache = self.registry.get(self.name)
+        if self.settings is not None and cache.settings != self.settings:
+            raise CacheError(
+                f"cache '{self.name}' now holds another generation than the one connected here; it differs in: "
+                f"{'; '.join(settings_differences(self.settings, cache.settings))}. Another capture sealed its run "
+                f"under the same cache_name: give each FISEditCacheCapture its own cache_name (or leave it empty), "
+                f"and re-run this workflow's capture")
+        return cache
 
     def __repr__(self):
         return f"CacheHandle({self.name!r})"
@@ -409,6 +435,10 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
         raise CacheError(f"the captured generation is incomplete (sampling stopped after step {rec.last_step + 1} "
                          f"of {rec.store.steps}); re-run the sampler")
     produced = rec.final_latent
+    if not torch.isfinite(produced).all():
+        rec.fail("the captured generation produced NaN or infinite values (a diverged model, fp16 overflow, or NaN "
+                 "in its inputs); there is nothing to edit: fix the generation, then re-run the capture")
+        raise CacheError(rec.failure)
     given = latent_samples.detach().cpu().to(produced.dtype)
     if given.shape != produced.shape or not torch.equal(given, produced):
         raise CacheError(f"this LATENT ({tuple(given.shape)}) is not the output of the sampler that ran the captured "
@@ -420,5 +450,7 @@ def seal(handle: CacheHandle, latent_samples: torch.Tensor) -> FisEditCache:
     settings = SamplingSettings(latent_shape=tuple(rec.noise.shape), dtype=str(dtype).removeprefix("torch."),
                                 chunks=chunks, **rec.partial_settings)
     cache = rec.seal(settings)
+    handle.settings = settings
+    handle.delta = None  # the result's store has its base; the handle must not keep the source alive on its own
     log.info("%s", cache.summary_text())
     return cache

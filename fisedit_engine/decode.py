@@ -30,10 +30,13 @@ def original_image(vae, cache: FisEditCache) -> torch.Tensor:
 def decode_edit(vae, samples: torch.Tensor, mask: torch.Tensor, source: FisEditCache, result: FisEditCache | None,
                 halo: int = DEFAULT_HALO) -> torch.Tensor:
     """The edited image: the original with each sample's masked pixels decoded from `samples`."""
-    base = original_image(vae, source)
     if samples.shape != source.final_latent.shape:
         raise CacheError(f"FISEditDecode got a latent of shape {tuple(samples.shape)}, but the edit's cache holds "
                          f"{tuple(source.final_latent.shape)}: connect the FISEditSparseKSampler output of this edit")
+    if not torch.isfinite(samples).all():
+        raise CacheError("FISEditDecode got a latent with NaN or infinite values: connect the FISEditSparseKSampler "
+                         "output of this edit, not a latent changed on the way")
+    base = original_image(vae, source)
     image = base.clone()
     masks = mask.expand(samples.shape[0], *mask.shape[1:]) if mask.shape[0] == 1 else mask
     for b, m in enumerate(masks):

@@ -153,15 +153,24 @@ class SparseStepWrapper:
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:
     """An image-resolution MASK [B, H, W] (or [H, W]) -> [B, h, w] bool at latent resolution: a latent pixel is
-    in the mask when any of its image pixels is above 0.5; then dilated by `dilate` latent pixels."""
+    in the mask when any of its image pixels is above 0.5 (so soft masks are cut at 0.5, and values above 1 count as
+    1); then dilated by `dilate` latent pixels. A dilation beyond the latent's size covers the whole latent, as a
+    regenerate would (invariant I2)."""
     if mask.dim() == 2:
         mask = mask[None]
     h, w = latent_hw
+    if mask.dim() != 3 or mask.shape[0] == 0:
+        raise CacheError(f"the mask has shape {tuple(mask.shape)}; a MASK is [batch, height, width] with batch >= 1")
     if tuple(mask.shape[-2:]) != (h * 8, w * 8):
         raise CacheError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the cached image is {w * 8}x{h * 8}: "
                          f"give a mask of the image's size (or resize it with a mask node)")
+    if mask.is_floating_point() and not torch.isfinite(mask).all():
+        raise CacheError("the mask has NaN or infinite values: fix the node that made it")
+    if dilate < 0:
+        raise CacheError(f"dilate is a number of latent pixels, 0 or more (got {dilate})")
     binary = (mask.float() > 0.5)[:, None].float()
     m = F.max_pool2d(binary, 8)
+    dilate = min(dilate, max(h, w))  # the same result, without a pooling window the size of the request
     if dilate > 0:
         m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
     return m[:, 0] > 0

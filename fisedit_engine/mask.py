@@ -76,6 +76,7 @@ def opening(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     if pixels <= 0:
         return mask
+    pixels = min(pixels, max(mask.shape[-2:]))  # beyond the map's size the result is the same: all or nothing
     return (F.max_pool2d(mask[:, None].float(), 2 * pixels + 1, stride=1, padding=pixels) > 0)[:, 0]
 
 

@@ -2,9 +2,11 @@
 
 Written to a temporary name in the target folder, flushed, marked sealed (one byte of the header flips from "0" to
 "1"), flushed again, then renamed over the target: a crash leaves the previous file under the real name, and a
-temporary file that no reader accepts unless it was complete. The header also carries a CRC32 per tensor, checked
-on load, so a file damaged later fails to load too. Never pickle: conditioning
-extras that are not tensors or plain JSON values are refused with a message.
+temporary file that no reader accepts unless it was complete. The header carries the format version, a CRC32 per
+tensor and (from version 3) a CRC32 of the header itself, all checked on load, so a file damaged later, in its data
+or in its settings, fails to load too. Version 2 files (no header checksum) still load; version 1 (channels-first
+maps) and newer versions are refused.
+Never pickle: conditioning extras that are not tensors or plain JSON values are refused with a message.
 """
 from __future__ import annotations
 
@@ -20,13 +22,20 @@ from safetensors.torch import save_file
 from .cache import CacheError, FisEditCache, SamplingSettings, StepTensors
 
 FORMAT = "fisedit-cache"
-FORMAT_VERSION = 2  # 2: activation maps stored channels-last
+FORMAT_VERSION = 3  # 2: activation maps stored channels-last; 3: a CRC32 of the header too
+READABLE_VERSIONS = (2, 3)  # version 1 stored activation maps channels-first
+_HEADER_CRC_KEY = "header_crc32"
 _SEALED_KEY = "fisedit_sealed"
 _JSON_SCALARS = (int, float, str, bool, type(None))
 
 
 def _crc32(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _header_crc32(header: dict) -> int:
+    body = {k: v for k, v in header.items() if k != _HEADER_CRC_KEY}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
 def _encode_conds(conds: dict, tensors: dict) -> dict:
@@ -84,6 +93,7 @@ def save(cache: FisEditCache, path: str | os.PathLike) -> Path:
         "conds": _encode_conds(cache.conds, tensors),
     }
     header["crc32"] = {name: _crc32(t) for name, t in tensors.items()}
+    header[_HEADER_CRC_KEY] = _header_crc32(header)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"fisedit": json.dumps(header), _SEALED_KEY: "0"})
@@ -123,9 +133,14 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
             header = json.loads(meta["fisedit"])
             if header.get("format") != FORMAT:
                 raise CacheError(f"{path.name} is not a FISEdit cache file")
-            if header.get("version") != FORMAT_VERSION:
-                raise CacheError(f"{path.name} has cache format version {header.get('version')}; this FISEdit reads "
-                                 f"version {FORMAT_VERSION}: re-capture the generation")
+            version = header.get("version")
+            if type(version) is not int or version not in READABLE_VERSIONS:  # not True == 1, not "2"
+                raise CacheError(f"{path.name} has cache format version {version}; this FISEdit reads versions "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}: update FISEdit, or re-capture the "
+                                 f"generation with this one")
+            if version >= 3 and header.get(_HEADER_CRC_KEY) != _header_crc32(header):
+                raise CacheError(f"{path.name} is corrupted (its header, which holds the sampling settings, fails "
+                                 f"its checksum): re-capture or re-save the cache")
             checksums = header["crc32"]
 
             def tensor(tensor_name: str) -> torch.Tensor:

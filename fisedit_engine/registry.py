@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .cache import CacheError, FisEditCache
 
@@ -48,15 +48,20 @@ class CacheRegistry:
     def __init__(self, budget_bytes: int | None = None):
         self._caches: OrderedDict[str, FisEditCache] = OrderedDict()
         self._reserved = 0
+        self._released_later: deque[int] = deque()
         self._lock = threading.RLock()
         self.budget = default_budget() if budget_bytes is None else int(budget_bytes)
 
     # --- sealed caches ---------------------------------------------------------------------------------
     def put(self, cache: FisEditCache, reserved: int = 0) -> None:
-        """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own."""
+        """Adds (or replaces) a cache, turning `reserved` bytes of a recording into the cache's own. An edit's result
+        recorded as a delta over a cache no longer registered is made whole first (see _drop)."""
         with self._lock:
+            self._settle()
             self._reserved -= reserved
-            old = self._caches.pop(cache.name, None)
+            old = self._drop(cache.name)
+            if cache.store.base is not None and not any(c.store is cache.store.base for c in self._caches.values()):
+                cache.store = cache.store.materialized()
             try:
                 self._make_room(cache.nbytes, protect=cache.name)
             except CacheBudgetError:  # nothing changes: the old cache and the recording's reservation stay
@@ -78,27 +83,33 @@ class CacheRegistry:
             return cache
 
     def __contains__(self, name: str) -> bool:
-        return name in self._caches
+        with self._lock:
+            return name in self._caches
 
     def names(self) -> list[str]:
-        return list(self._caches)
+        with self._lock:  # ComfyUI may call in from worker threads; an OrderedDict must not change while listed
+            return list(self._caches)
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._caches.pop(name, None)
+            self._drop(name)
 
     def clear(self) -> None:
         with self._lock:
             self._caches.clear()
+            self._released_later.clear()
             self._reserved = 0
 
     @property
     def used(self) -> int:
-        return sum(c.nbytes for c in self._caches.values()) + self._reserved
+        with self._lock:
+            self._settle()
+            return sum(c.nbytes for c in self._caches.values()) + self._reserved
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:
         with self._lock:
+            self._settle()
             self._make_room(nbytes, protect=None, what=what)
             self._reserved += nbytes
 
@@ -106,7 +117,39 @@ class CacheRegistry:
         with self._lock:
             self._reserved = max(0, self._reserved - nbytes)
 
+    def release_later(self, nbytes: int) -> None:
+        """For finalizers: they run in any thread at any allocation, possibly one made under this registry's lock
+        or a logging lock its holder waits for, so they must not take the lock. Settled by the next locked call."""
+        self._released_later.append(nbytes)
+
+    def _settle(self) -> None:
+        while self._released_later:
+            self._reserved = max(0, self._reserved - self._released_later.popleft())
+
+    def _drop(self, name: str) -> FisEditCache | None:
+        """Takes a cache out of the registry. An edit's result is a delta over its source's store and keeps that store
+        alive, so registered results over this cache (and, through them, results over those) are made whole first:
+        otherwise dropping a cache would free nothing, and the budget would stop counting memory still held. Every
+        registered delta's base is the store of a registered cache, so `used` counts every byte once."""
+        cache = self._caches.pop(name, None)
+        if cache is None:
+            return None
+        made_whole = 0
+        for other in list(self._caches.values()):
+            if other.store.base is cache.store:
+                old = other.store
+                other.store = old.materialized()
+                made_whole += 1
+                for dependent in self._caches.values():  # same values, now from a store that stands alone
+                    if dependent.store.base is old:
+                        dependent.store.base = other.store
+        if made_whole:
+            log.info("FISEdit: %d edit result(s) recorded over cache '%s' were made whole before it left memory",
+                     made_whole, name)
+        return cache
+
     def _make_room(self, nbytes: int, protect: str | None, what: str | None = None) -> None:
+        self._settle()
         if nbytes > self.budget - self._reserved:
             raise CacheBudgetError(
                 f"{what or 'the cache'} needs {nbytes / 2**30:.2f} GiB of host memory but the FISEdit budget is "
@@ -116,7 +159,7 @@ class CacheRegistry:
             victim = next((n for n in self._caches if n != protect), None)
             if victim is None:
                 break
-            evicted = self._caches.pop(victim)
+            evicted = self._drop(victim)
             log.info("FISEdit: evicted cache '%s' (%.1f MiB, least recently used) to stay within the %.1f GiB budget",
                      victim, evicted.nbytes / 2**20, self.budget / 2**30)
 

@@ -65,7 +65,7 @@ class FISEditCacheStore:
         ui = {"text": [sealed.summary_text() + (f"; saved to {saved}" if saved else "")]}
         if saved:
             ui["files"] = [str(saved)]
-        return {"ui": ui, "result": (cache,)}
+        return {"ui": ui, "result": (api.sealed_handle(sealed),)}
 
 
 class FISEditCacheLoad:

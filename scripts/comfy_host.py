@@ -207,10 +207,13 @@ def run_prompt(prompt: dict, prompt_id: str = "fisedit", executor=None, outputs:
     return PromptRun(outputs=results, ui=ex.history_result.get("outputs", {}), seconds=timings.seconds)
 
 
-def new_executor():
+def new_executor(lru: int = 0):
+    """A PromptExecutor with ComfyUI's default (classic) output cache, or with `lru` > 0 the LRU cache of that size
+    that `--cache-lru N` gives a server: it keeps outputs of earlier prompts' nodes."""
     import execution
-    return execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                    cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    cache_type = execution.CacheType.LRU if lru > 0 else execution.CacheType.CLASSIC
+    return execution.PromptExecutor(StubServer(), cache_type=cache_type,
+                                    cache_args={"lru": lru, "ram": 0, "ram_inactive": 0})
 
 
 class _NodeTimer:

@@ -42,3 +42,11 @@ def models_dir(host):
     if not ckpt.is_file():
         make_test_checkpoint.write_checkpoint(ckpt, "sd15-small", seed=0)
     return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(models_dir):
+    """The in-process host finds the built-in checkpoint by name, as CheckpointLoaderSimple in a server would."""
+    import comfy_host
+    comfy_host.add_model_folder("checkpoints", models_dir)
+    return models_dir

@@ -77,11 +77,32 @@ def conditioning(arch: str, seed: int, batch: int = 1):
 
 
 def sample(model, arch, batch=1, cfg=7.0, sampler="euler", seed=3, size=16, steps=STEPS, callback=None,
-           prompt_seed=11):
+           prompt_seed=11, scheduler="normal", denoise=1.0, negative_seed=12):
+    """What KSampler runs (txt2img), with every KSampler widget settable."""
     import comfy.sample
     latent = torch.zeros(batch, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
-    pos, neg = conditioning(arch, prompt_seed), conditioning(arch, 12)
+    pos, neg = conditioning(arch, prompt_seed), conditioning(arch, negative_seed)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", pos, neg, latent, seed=seed,
-                                   callback=callback, disable_pbar=True)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, denoise=denoise,
+                                   seed=seed, callback=callback, disable_pbar=True)
+
+
+def with_lora(model, seed: int = 0, rank: int = 4, strength: float = 1.0):
+    """The model with a random LoRA on every attention projection, applied by ComfyUI's own LoRA loader."""
+    import comfy.lora
+    import comfy.sd
+    gen = torch.Generator().manual_seed(seed)
+    weights = dict(model.model.diffusion_model.named_parameters())
+    lora = {}
+    for lora_key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        name = target.removeprefix("diffusion_model.") if isinstance(target, str) else None
+        projection = name is not None and name.endswith(("to_q.weight", "to_v.weight"))
+        if not lora_key.startswith("lora_unet_") or name not in weights or not projection:
+            continue
+        out_f, in_f = weights[name].shape
+        lora[f"{lora_key}.lora_up.weight"] = 0.1 * torch.randn(out_f, rank, generator=gen)
+        lora[f"{lora_key}.lora_down.weight"] = 0.1 * torch.randn(rank, in_f, generator=gen)
+    assert lora, "no attention projection found for the LoRA"
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return patched

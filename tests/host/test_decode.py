@@ -92,3 +92,22 @@ def test_preview_tints_the_mask_over_the_cached_image(checkpoint, source):
     assert preview.shape == (2, 128, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     inside, outside = preview[:, 30, 40], preview[:, 100, 150]
     assert (inside[:, 0] >= 0.5).all() and not torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_latent_with_nan_or_inf_is_refused_before_any_decoding(checkpoint, source, value):
+    """A latent changed on the way (or a diverged one) would paste NaN pixels into the original image; refused
+    before the VAE runs, and the cache's decoded original is not touched."""
+    from fisedit_engine import api
+    from fisedit_engine.cache import CacheError
+    from fisedit_engine.edit import EditSpec
+    _, vae = checkpoint
+    handle, original_latent = source
+    mask = torch.zeros(2, 16, 24, dtype=torch.bool)
+    mask[:, 3:8, 4:10] = True
+    bad = original_latent.clone()
+    bad[1, 0, 5, 5] = value
+    images_before = dict(handle.get().images)
+    with pytest.raises(CacheError, match="NaN or infinite"):
+        api.decode(vae, {"samples": bad}, EditSpec(handle, cond(77), mask))
+    assert handle.get().images.keys() == images_before.keys()

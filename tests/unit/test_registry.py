@@ -78,3 +78,50 @@ def test_reservations_count_against_the_budget_and_evict():
 def test_parse_budget(text, expected):
     assert parse_budget(text, available=1000) == expected
 
+
+
+def test_default_budget_is_half_the_available_ram_and_settable(monkeypatch):
+    import psutil
+    from fisedit_engine.registry import DEFAULT_BUDGET_FRACTION, default_budget
+    assert DEFAULT_BUDGET_FRACTION == 0.5  # the README states this share
+    monkeypatch.delenv("FISEDIT_CACHE_BUDGET", raising=False)
+    available = psutil.virtual_memory().available
+    assert abs(default_budget() - available / 2) <= 0.05 * available  # other processes move `available` a little
+    monkeypatch.setenv("FISEDIT_CACHE_BUDGET", "25%")
+    assert abs(default_budget() - available / 4) <= 0.05 * available
+    monkeypatch.setenv("FISEDIT_CACHE_BUDGET", "64M")
+    assert default_budget() == 64 * MiB
+    assert CacheRegistry().budget == 64 * MiB
+
+
+def test_threads_putting_getting_and_reserving_keep_the_registry_within_budget():
+    """ComfyUI can reach the registry from several threads (multi-GPU model calls, a server thread listing caches);
+    every operation must see a consistent registry and the budget must hold throughout."""
+    import threading
+    reg = CacheRegistry(budget_bytes=8 * MiB)
+    errors, over = [], []
+
+    def worker(k):
+        try:
+            for i in range(200):
+                reg.put(fake_cache(f"{k}-{i % 5}", 1))
+                reg.reserve(MiB, what="a capture")
+                if reg.used > reg.budget:
+                    over.append(reg.used)
+                reg.release(MiB)
+                names = reg.names()
+                for name in names[:2]:
+                    try:
+                        reg.get(name)
+                    except CacheEvictedError:  # evicted by another thread in between: allowed
+                        pass
+        except Exception as e:  # noqa: BLE001 (any error is the failure being looked for)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and over == []
+    assert reg.used == sum(1 * MiB for _ in reg.names()) <= reg.budget

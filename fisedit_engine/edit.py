@@ -148,7 +148,11 @@ class SparseStepWrapper:
         if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
             return executor(*args, **kwargs)
         state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
-        return state.graph.run(ctx, executor, args, kwargs)
+        out = state.graph.run(ctx, executor, args, kwargs)
+        following = ctx.step + 1
+        if following < min(state.dense_from, state.source.settings.steps):
+            state.feed.prefetch(following, ctx.chunks, args[0].device)
+        return out
 
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> torch.Tensor:

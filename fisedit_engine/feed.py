@@ -15,10 +15,12 @@ A step's data moves in three stages: `stage` gathers it on the host into pinned 
 gather: its cache slice is pinned already), `upload` copies it to device landing buffers on a side stream, and
 `activate` (on the compute stream, after the upload's event) writes it into the canvases and whole buffers that the
 sparse ops read. Those keep their addresses for the whole edit, which is what lets a sparse step be replayed as a
-CUDA graph (graphs.py). `prepare` runs the three stages for one step.
+CUDA graph (graphs.py). `prepare` runs the three stages for one step; on a GPU, `prefetch` runs the first two for
+the next step in a worker thread while the device computes the current one.
 """
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -61,6 +63,8 @@ class EditFeed:
     _staged: dict = field(default_factory=dict)     # key -> [rows, C, P] device values at the read positions
     _staging: dict = field(default_factory=dict)    # (key, chunk index) -> pinned host buffer of a gather
     _uploaded: object = None                        # the last upload's CUDA event
+    _activated: object = None                       # the last activation's CUDA event
+    _prefetch: dict | None = None                   # a worker thread staging and uploading the next step
     _arena: PinnedArena = field(default_factory=PinnedArena)
 
     @classmethod
@@ -95,12 +99,42 @@ class EditFeed:
     # --- the three stages ---------------------------------------------------------------------------------------
     def prepare(self, step: int, chunks: list[int], device) -> None:
         """Makes this step's cached values readable on `device` (once per step and chunk layout)."""
-        if self._step == (step, tuple(chunks)):
+        wanted = (step, tuple(chunks))
+        if self._step == wanted:
             return
-        self.stage(step, chunks)
-        self.upload(device)
+        if self._collect_prefetch() != wanted:
+            self.stage(step, chunks)
+            self.upload(device)
         self.activate(device)
-        self._step = (step, tuple(chunks))
+        self._step = wanted
+
+    def prefetch(self, step: int, chunks: list[int], device) -> None:
+        """Stages and uploads `step` in a worker thread while the device runs the current step (GPU only); the next
+        prepare() of that step only activates it."""
+        if torch.device(device).type != "cuda":
+            return
+        self._collect_prefetch()
+        job = {"step": (step, tuple(chunks)), "error": None}
+
+        def work():
+            try:
+                self.stage(step, chunks)
+                self.upload(device)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+                job["error"] = e
+        job["thread"] = threading.Thread(target=work, name="fisedit-prefetch", daemon=True)
+        job["thread"].start()
+        self._prefetch = job
+
+    def _collect_prefetch(self):
+        """Waits for a prefetch in flight; returns the (step, chunks) it staged and uploaded, or None."""
+        job, self._prefetch = self._prefetch, None
+        if job is None:
+            return None
+        job["thread"].join()
+        if job["error"] is not None:
+            raise job["error"]
+        return job["step"]
 
     def stage(self, step: int, chunks: list[int]) -> None:
         """Host side: the step's values per key and chunk, in pinned memory."""
@@ -121,8 +155,8 @@ class EditFeed:
         """The staged values into device landing buffers, on a side stream when the device is a GPU."""
         cuda = torch.device(device).type == "cuda"
         copy_stream = _copy_stream(device) if cuda else None
-        if cuda:
-            copy_stream.wait_stream(torch.cuda.current_stream(device))  # the last reads of the landing buffers
+        if cuda and self._activated is not None:
+            copy_stream.wait_event(self._activated)  # the last reads of the landing buffers (activate's copies)
         with torch.cuda.stream(copy_stream) if cuda else nullcontext():
             for key, parts in self._host.items():
                 rows = sum(p.shape[0] for p in parts)
@@ -156,7 +190,13 @@ class EditFeed:
                 if target is None or target.shape != shape:
                     target = self._device[key] = torch.full(shape, float("nan"), device=device, dtype=landing.dtype)
                 target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing.transpose(1, 2))
-                self._staged[key] = landing
+                staged = self._staged.get(key)  # a copy: the next upload may land while this step still runs
+                if staged is None or staged.shape != landing.shape:
+                    staged = self._staged[key] = torch.empty_like(landing)
+                staged.copy_(landing)
+        if torch.device(device).type == "cuda":
+            self._activated = torch.cuda.Event()
+            self._activated.record(torch.cuda.current_stream(device))
 
     # --- what the sparse ops read -------------------------------------------------------------------------------
     def map(self, key: str) -> torch.Tensor:
@@ -173,9 +213,10 @@ class EditFeed:
 
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""
+        self._collect_prefetch()
         for d in (self._host, self._landing, self._device, self._staged, self._staging):
             d.clear()
-        self._uploaded, self._arena = None, PinnedArena()
+        self._uploaded, self._activated, self._arena = None, None, PinnedArena()
 
     def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
         values = self.source.read_positions(key, step, chunk, positions)

@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=30, help="timed UNet calls for the eager and graph medians")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--append", type=Path, help="a JSON of an earlier run on the same GPU whose rows come first")
     a = parser.parse_args(argv)
 
     import comfy_host
@@ -270,6 +271,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         rows.append(run_case(arch, int(size), a.steps, a.repeat))
         print(f"{spec}: {time.perf_counter() - t0:.0f}s", flush=True)
+    if a.append is not None:
+        earlier = json.loads(a.append.read_text())
+        if earlier["gpu"] != gpu:
+            raise SystemExit(f"{a.append} was measured on {earlier['gpu']}, not on this {gpu}")
+        rows = earlier["rows"] + rows
     result = {"gpu": gpu, "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; "
                                    f"FISEdit tile 4, exact GroupNorm statistics", "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)

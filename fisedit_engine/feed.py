@@ -115,11 +115,13 @@ class EditFeed:
             return
         self._collect_prefetch()
         job = {"step": (step, tuple(chunks)), "error": None}
+        inference = torch.is_inference_mode_enabled()  # thread-local: the worker writes the caller's tensors
 
         def work():
             try:
-                self.stage(step, chunks)
-                self.upload(device)
+                with torch.inference_mode(inference):
+                    self.stage(step, chunks)
+                    self.upload(device)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
                 job["error"] = e
         job["thread"] = threading.Thread(target=work, name="fisedit-prefetch", daemon=True)

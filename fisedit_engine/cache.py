@@ -162,6 +162,10 @@ class Region:
             self._on[key] = self.positions.to(device)
         return self._on[key]
 
+    def release(self) -> None:
+        """Drops the device copies (the region outlives its edit in the result cache)."""
+        self._on.clear()
+
 
 def to_storage(value: torch.Tensor) -> torch.Tensor:
     """A per-step value as the store keeps it: activation maps [B, C, H, W] channels-last ([B, H, W, C]), so that

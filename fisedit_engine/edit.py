@@ -62,9 +62,16 @@ class EditState:
     probe: ProbeState | None = None
     feed: EditFeed | None = None
     graph: SparseStepGraph | None = None    # None: every step runs eagerly
+    regions: list = field(default_factory=list)  # the result's delta regions (their device copies are dropped)
     _mask_rows: dict = field(default_factory=dict)
 
     def close(self) -> None:
+        """Gives back what the edit held on the device."""
+        for region in {id(r): r for r in self.regions}.values():
+            region.release()
+        for lp in self.plan.levels.values():
+            lp.release()
+        self._mask_rows.clear()
         if self.graph is not None:
             torch.cuda.synchronize()  # the last replay's copies to host memory have landed
             self.graph.close()
@@ -214,8 +221,9 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     replayed = spec.probe.steps if spec.probe is not None else 0
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
-    handle = CacheHandle(name, registry(), s.min_sparse_positions,
-                         delta=Delta(source.store, _result_regions(plan, layout, s), state.dense_from))
+    delta = Delta(source.store, _result_regions(plan, layout, s), state.dense_from)
+    state.regions = list(delta.regions.values())
+    handle = CacheHandle(name, registry(), s.min_sparse_positions, delta=delta)
     patched = model.clone()
     host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
@@ -259,12 +267,8 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
 def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:
     """Per recorded key of a sparse level that is not wholly active: its level's active positions, where the edit's
     result differs from the source (everything else is the source's)."""
-    regions = {}
-    for t in layout.targets(s.sparse_levels):
-        lp = plan.levels.get(t.level)
-        if lp is not None and not lp.full:
-            regions[t.key] = Region(lp.tokens("cpu"))
-    return regions
+    per_level = {lvl: Region(lp.tokens("cpu")) for lvl, lp in plan.levels.items() if not lp.full}
+    return {t.key: per_level[t.level] for t in layout.targets(s.sparse_levels) if t.level in per_level}
 
 
 def _mask_id(mask: torch.Tensor) -> str:

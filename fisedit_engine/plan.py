@@ -110,6 +110,10 @@ class LevelPlan:
             out.append(torch.where(valid, idx, torch.full_like(idx, -1)))
         return tuple(out)
 
+    def release(self) -> None:
+        """Drops the index maps built on devices (ComfyUI may keep the patched model, and so this plan, alive)."""
+        self._maps.clear()
+
     def _cached(self, key, device, make):
         key = (key, str(device))
         if key not in self._maps:

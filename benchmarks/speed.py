@@ -96,7 +96,7 @@ def unet_call_times(model, arch: str, lat: int, repeat: int) -> dict:
     x = torch.randn(2, 4, lat, lat, device=dev, dtype=dtype)
     t = torch.full((2,), 500.0, device=dev)
     context = torch.randn(2, 77, CONTEXT[arch], device=dev, dtype=dtype)
-    kwargs = {"y": torch.randn(2, unet.adm_in_channels, device=dev, dtype=dtype)} if arch == "sdxl" else {}
+    kwargs = {"y": torch.randn(2, unet.label_emb[0][0].in_features, device=dev, dtype=dtype)} if arch == "sdxl" else {}
 
     def call():
         return unet(x, timesteps=t, context=context, transformer_options={}, **kwargs)

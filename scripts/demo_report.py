@@ -1,5 +1,6 @@
-"""Prints the demo's short report from run_workflow.py's summary of workflows/edit_auto_api.json: stock regenerate
-time versus edit time, the mask area, and where the images are.
+"""Prints the demo's short report from run_workflow.py's summary of workflows/edit_auto_toy_api.json (or
+edit_auto_api.json, which has the same node ids): stock regenerate time versus edit time, the mask area, and where
+the images are.
 
     python scripts/demo_report.py out/demo/summary.json
 """
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
     for label, node_id in (("original", "9"), ("mask preview", "18"), ("edited (FISEditDecode)", "17"),
                            ("stock regenerate", "25")):
         print(f"{label}: {first_file(node_id)}")
-    print("\nRandom weights on a CPU: this shows the flow and the exactness, not the speed-up (see the README). A random"
-          "\nUNet changes the latent everywhere a little, without spatial structure, so the automatic part of the"
-          "\nauto+user mask is mostly removed by the mask's opening; the user box is the region you see.")
+    print("\nOn a CPU this shows the flow and the exactness (pixels outside the mask are the original's), not the"
+          "\nspeed-up: the GPU benchmark measures that (README, 'Speed'). The toy model is small and briefly trained:"
+          "\nit draws the scene's objects, not always the ones its caption names (README, 'Toy world').")
     return 0
 
 

@@ -91,9 +91,12 @@ def test_text_encoder_is_causal_and_equals_the_training_path(toy_weights):
 
 
 def test_fisedit_edit_workflow_runs_on_the_toy_model(toy_weights):
-    """workflows/toyworld_edit_api.json (shortened): capture, store, difference mask, sparse sampling and
-    FISEditDecode on the loader's outputs; outside the dilated mask the edited image is the original's."""
-    prompt = json.loads((ROOT / "workflows" / "toyworld_edit_api.json").read_text())
+    """workflows/edit_auto_toy_api.json (the demo's workflow, shortened): capture, store, difference mask, sparse
+    sampling and FISEditDecode on the loader's outputs; outside the dilated mask the edited image is the original's."""
+    prompt = json.loads((ROOT / "workflows" / "edit_auto_toy_api.json").read_text())
+    for node in ("19", "20", "23", "24", "25", "26", "27"):  # saved latents and the stock regenerate
+        del prompt[node]
+    prompt["7"]["inputs"]["save_path"] = ""
     prompt["5"]["inputs"].update(width=SIZE, height=SIZE)
     prompt["6"]["inputs"]["steps"] = 4
     # A random UNet localises nothing (the mask's opening removes its scattered differences): add a user box.

@@ -87,3 +87,37 @@ def test_with_an_unchanged_prompt_the_controlled_probe_is_the_original(host):
     with pytest.raises(Exception, match="queries of the 3 probe steps"):
         with torch.inference_mode():
             run_probe(model, handle.get(), edited, 3, attention_control_on=True)  # 30% of 6 steps: 2 recorded
+
+
+TOY_SCENE = "a large red circle at the top left and a small blue square on the right, on a striped background"
+TOY_EDITS = [  # (original, edited caption); the edit changes one word of one object
+    (TOY_SCENE, TOY_SCENE.replace("small blue square", "small blue circle")),
+    ("a small yellow triangle in the middle and a large purple diamond at the bottom left, on a dotted background",
+     "a small yellow triangle in the middle and a large orange diamond at the bottom left, on a dotted background"),
+]
+
+
+@pytest.mark.parametrize("original, edited", TOY_EDITS)
+def test_attention_control_makes_the_auto_mask_smaller_on_the_trained_toy_model(host, original, edited):
+    """The controlled case: the committed toy model (trained, toyworld/weights), 20 euler steps at 256x256, edits of
+    one attribute of one object. With the unchanged words' cross-attention maps taken from the cached run, the
+    probe's latent departs from the cached one in a smaller region (measured: 5.1% of the latent versus 11.2% and
+    19.1% without)."""
+    import comfy.sample
+    from fisedit_engine import api
+    model, clip, _ = host.NODE_CLASS_MAPPINGS["FISEditToyModelLoader"]().execute()[:3]
+    encode = host.CLIPTextEncode()
+
+    def cond(text):
+        return encode.encode(clip, text)[0]
+    latent = torch.zeros(1, 4, 32, 32)
+    captured, handle = api.capture(model, f"toy-ac-{TOY_EDITS.index((original, edited))}")
+    with torch.inference_mode():
+        out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, 7), 20, 5.0, "euler", "normal",
+                                  cond(original), cond(""), latent, seed=7, disable_pbar=True)
+        api.store(handle, {"samples": out})
+        areas = {}
+        for control in (True, False):
+            spec, _, _ = api.difference_mask(model, handle, cond(edited), "auto", dilate=1, attention_control=control)
+            areas[control] = float(spec.mask.float().mean())
+    assert 0 < areas[True] < 0.6 * areas[False], areas

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
+from .feed import EditFeed
 from .fingerprint import conditioning_fingerprint, model_fingerprint
+from .graphs import SparseStepGraph
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
-from .feed import EditFeed
-from .graphs import SparseStepGraph
 from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput
@@ -121,8 +121,8 @@ class EditState:
         return cached
 
     def record_probe_query(self, ctx: StepContext, key: str, fresh: torch.Tensor, lp) -> None:
-        """Keeps, for the result cache, the positive chunk's cross-attention queries of the early steps (the source's
-        with the active tokens' fresh ones), which attention control in a chained edit's probe reads."""
+        """Keeps, for the result cache, the positive chunk's cross-attention queries of the early steps at the active
+        tokens (the result is a delta over the source), which attention control in a chained edit's probe reads."""
         if ctx.step >= self.source.cached_steps(key, host.COND) or host.COND not in ctx.chunks:
             return
         rows = fresh.new_zeros(fresh.shape[0], lp.height * lp.width, fresh.shape[2])

@@ -1,9 +1,10 @@
 """Sparse forwards for the UNet blocks of the sparse levels, substituted through the model patcher.
 
-Each takes and returns the full activation map, like the block it replaces, so the UNet's own traversal (skip
-connections, concatenations, dense levels) runs unchanged. Outside the level's active tiles the output is the
-cached output of the same step and CFG chunk; inside, it is the block computed from its input, which outside the
-active tiles is itself the cached input (see plan.py). Internally:
+Each takes and returns a map of the full size, like the block it replaces, so the UNet's own traversal (skip
+connections, concatenations, dense levels) runs unchanged. The output is the feed's canvas of the block (feed.py):
+on the level's active tiles the block computed from its input, on the rest of the read region the cached output of
+the same step and CFG chunk, and nothing that any op reads elsewhere (a map a dense op reads is uploaded whole).
+The input is likewise the cached input outside the active tiles (see plan.py). Internally:
 - ResBlock: gather x with a 1-px halo, GroupNorm (statistics of the whole assembled map) + SiLU, conv; add the
   time embedding; assemble h with the cached h; the same for the second half; skip connection; scatter.
 - SpatialTransformer: GroupNorm, proj_in, transformer blocks and proj_out on the active tokens only; the self-

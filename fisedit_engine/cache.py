@@ -201,8 +201,8 @@ class StepTensors:
 
     Activation maps are stored channels-last (to_storage). An edit's result is stored as a delta over its source
     (`base`): a key in `regions` holds, per step, only the values at its positions (the edit's active region),
-    [steps, batch, P, C]; everything else is the base's. A step that recomputed the whole map (a dense step) keeps it whole in `whole`; a step that
-    wrote nothing of a regional key (a replayed probe step) reads the base unchanged."""
+    [steps, batch, P, C]; everything else is the base's. A step that recomputed the whole map (a dense step) keeps
+    it whole in `whole`; a replayed probe step holds the base's own values at the region."""
     steps: int
     batch: int
     tensors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)

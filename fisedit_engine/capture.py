@@ -140,9 +140,17 @@ class Recording:
 
     def copy_step(self, source: StepTensors, ctx: StepContext, skip=()) -> None:
         """Records, for this step and the call's chunks, every tensor of `source` (a step that ran no model)."""
+        if not self.active:
+            return
         for (key, chunk), t in source.tensors.items():
-            if key not in skip and chunk in ctx.chunks and ctx.step < t.shape[0]:
+            if key in skip or chunk not in ctx.chunks or ctx.step >= t.shape[0]:
+                continue
+            region = self.delta.region(key, ctx.step) if self.delta is not None else None
+            if region is None:
                 self._write(key, chunk, ctx.step, source.step(key, chunk, ctx.step))
+            else:  # a delta keeps the source's values at its region: gather those, not the whole map
+                self.store.regions[key] = region
+                self._store(key, chunk, ctx.step, source.step_positions(key, chunk, ctx.step, region.positions))
 
     def record_latent(self, ctx: StepContext, x: torch.Tensor) -> None:
         written = self.store.written.get((LATENT_KEY, host.COND))

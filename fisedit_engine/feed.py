@@ -45,7 +45,6 @@ class FeedStats:
 
 @dataclass
 class _Entry:
-    key: str
     level: int
     whole: bool           # uploaded whole (and not at the read region only)
 
@@ -73,7 +72,7 @@ class EditFeed:
         entries = {}
 
         def add(key, level, whole):
-            entries[key] = _Entry(key, level, whole)
+            entries[key] = _Entry(level, whole)
 
         for b in layout.blocks:
             if b.level not in sparse:

@@ -71,13 +71,14 @@ class SparseStepGraph:
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             self.failure = f"{type(e).__name__}: {e} (at {where})"
+        finally:
+            recorded, rec.deferred = rec.deferred, None
+        if self.failure is not None:
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
             self.static_args, self.static_kwargs, self.output = [], {}, None
             return
-        finally:
-            self.recorded, rec.deferred = rec.deferred, None
-        self.graph, self.signature = graph, signature
+        self.graph, self.signature, self.recorded = graph, signature, recorded
 
     def close(self) -> None:
         self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, []

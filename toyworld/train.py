@@ -60,6 +60,7 @@ class TrainConfig:
     cfg: float = 5.0
     shard_mib: float = 15.0            # the GPU machine returns files of at most 16 MiB
     log_every: int = 50
+    resume: list[str] | None = None    # weights files of an earlier run: keep its VAE, train its UNet further
 
 
 @dataclass
@@ -215,8 +216,12 @@ def _schedule():
     return 1.0 / (1.0 + ms.sigmas.double() ** 2), ms
 
 
-def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float]):
-    unet, text = models.build_unet(device), models.build_text_encoder(device)
+def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float],
+                    start: tuple | None = None, first_step: int = 0):
+    """`start`: (unet, text) to continue from (a resumed run), else fresh ones. `first_step` numbers the loss
+    curve on from an earlier run's steps; the optimizer starts afresh (its state is not saved: it would double the
+    weights files) with a short warm-up."""
+    unet, text = start or (models.build_unet(device), models.build_text_encoder(device))
     unet.train()
     text.train()
     params = list(unet.parameters()) + list(text.parameters())
@@ -228,8 +233,9 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         p.requires_grad_(False)
     alphas_cumprod = _schedule()[0].to(device, torch.float32)
     log = _Log("diffusion", cfg.log_every)
-    stream = SceneStream(cfg.batch, _step_seed(cfg, 2, 0), device)
-    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, 1))
+    # A resumed run draws other scenes and noise than the runs before it: the seeds move on with the steps.
+    stream = SceneStream(cfg.batch, _step_seed(cfg, 2, first_step), device)
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, first_step + 1))
     t0, step = clock.now(), 0
     deadline = clock.train_end
     while clock.now() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
@@ -259,10 +265,10 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        log.add(step, loss, clock, f" lr {opt.param_groups[0]['lr']:.2e}" if (step + 1) % cfg.log_every == 0
-                else "")
+        log.add(first_step + step, loss, clock,
+                f" lr {opt.param_groups[0]['lr']:.2e}" if (step + 1) % cfg.log_every == 0 else "")
         step += 1
-    log.flush(step, clock)
+    log.flush(first_step + step, clock)
     clock.marks["diffusion_steps"] = step
     clock.marks["diffusion_seconds"] = clock.now() - t0
     return ema_unet, ema_text, log.curve
@@ -327,6 +333,31 @@ def evaluate(cfg: TrainConfig, unet, text, vae, norm: tuple[float, float], devic
     return result, grid, captions.captions(scenes[:n])
 
 
+def _resume(cfg: TrainConfig, device: torch.device):
+    """The networks, latent fit and training summary of the weights in `cfg.resume`. Continuing from the saved
+    (EMA) weights rather than the raw ones loses the last steps' noise, not their progress."""
+    sd, meta = models.load_weights([Path(p) for p in cfg.resume])
+    unet, text, vae = models.build_unet(device), models.build_text_encoder(device), models.build_vae(device)
+    for prefix, module in ((models.UNET_PREFIX, unet), (models.TEXT_PREFIX + models.CLIP_NAME + ".transformer.",
+                                                        text), (models.VAE_PREFIX, vae)):
+        part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+    vae.eval().requires_grad_(False)
+    fit = {"latent_shift": float(meta["latent_shift"]), "latent_scale": float(meta["latent_scale"]),
+           "rgb_factors": json.loads(meta["latent_rgb_factors"]),
+           "rgb_bias": json.loads(meta["latent_rgb_factors_bias"])}
+    fit["vae_psnr_db"] = _vae_psnr(cfg, vae, device)
+    return vae, unet, text, fit, json.loads(meta.get("training", "{}"))
+
+
+@torch.no_grad()
+def _vae_psnr(cfg: TrainConfig, vae, device) -> float:
+    x = _images(min(cfg.fit_images, 64), _step_seed(cfg, 3, 0), cfg.image_size, device)[0]
+    with _autocast(device):
+        rec = ((vae.decode(_vae_posterior(vae, x * 2 - 1)[0]).float() + 1) / 2).clamp(0, 1)
+    return 10 * math.log10(1 / max(float((rec - x).square().mean()), 1e-12))
+
+
 def run(cfg: TrainConfig, start: float | None = None) -> dict:
     clock = Clock(start if start is not None else time.monotonic(), cfg)
     device = torch.device(cfg.device)
@@ -341,20 +372,31 @@ def run(cfg: TrainConfig, start: float | None = None) -> dict:
     print(f"[{clock.now():6.1f}s] device {device}, budget {cfg.budget_seconds:.0f}s "
           f"(finish reserve {cfg.finish_seconds:.0f}s)", flush=True)
 
-    vae, vae_curve = train_vae(cfg, clock, device)
-    fit = fit_latents(cfg, vae, device)
+    earlier: dict = {}
+    if cfg.resume:
+        vae, unet, text, fit, earlier = _resume(cfg, device)
+        vae_curve, clock.marks["vae_steps"] = [], 0
+        start, first_step = (unet, text), earlier.get("diffusion_steps_total", earlier.get("diffusion_steps", 0))
+        print(f"[{clock.now():6.1f}s] resumed from {cfg.resume[0]} after {first_step} diffusion steps; the VAE and "
+              f"latent normalisation are kept", flush=True)
+    else:
+        vae, vae_curve = train_vae(cfg, clock, device)
+        fit = fit_latents(cfg, vae, device)
+        start, first_step = None, 0
     norm = (fit["latent_shift"], fit["latent_scale"])
     print(f"[{clock.now():6.1f}s] latent shift {norm[0]:.4f} scale {norm[1]:.4f}, VAE PSNR "
           f"{fit['vae_psnr_db']:.1f} dB", flush=True)
-    unet, text, diff_curve = train_diffusion(cfg, clock, device, vae, norm)
+    unet, text, diff_curve = train_diffusion(cfg, clock, device, vae, norm, start, first_step)
     t_eval = clock.now()
     evaluation, grid, grid_captions = evaluate(cfg, unet, text, vae, norm, device)
     clock.marks["eval_seconds"] = clock.now() - t_eval
     print(f"[{clock.now():6.1f}s] generations judged: object accuracy {evaluation['object_accuracy']:.3f}, "
           f"scene accuracy {evaluation['scene_accuracy']:.3f}", flush=True)
 
-    training = {"seed": cfg.seed, "vae_steps": clock.marks["vae_steps"],
-                "diffusion_steps": clock.marks["diffusion_steps"], "batch": cfg.batch,
+    training = {"seed": cfg.seed, "vae_steps": earlier.get("vae_steps", clock.marks["vae_steps"]),
+                "diffusion_steps": clock.marks["diffusion_steps"],
+                "diffusion_steps_total": first_step + clock.marks["diffusion_steps"], "batch": cfg.batch,
+                "runs": earlier.get("runs", 1) + 1 if cfg.resume else 1,
                 "final_diffusion_loss": diff_curve[-1][1] if diff_curve else None,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     sd = models.full_state_dict(unet, text, vae)

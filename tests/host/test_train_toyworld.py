@@ -4,17 +4,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_smoke_training_writes_loadable_weights_and_reports(host, tmp_path):
-    out, weights = tmp_path / "out", tmp_path / "weights"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toyworld.py"), "--smoke", "--out", str(out),
-                           "--weights-dir", str(weights), "--name", "smoke"],
+def _smoke(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toyworld.py"), "--smoke", "--name", "smoke",
+                           "--out", str(out), "--weights-dir", str(out / "weights"), *extra],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "a"
+    _smoke(out)
+    return out
+
+
+def test_smoke_training_writes_loadable_weights_and_reports(host, first_run):
+    out, weights = first_run, first_run / "weights"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["timings"]["vae_steps"] == 3 and metrics["timings"]["diffusion_steps"] == 3
     assert metrics["parameters_total"] == sum(metrics["parameters"].values()) < 25_000_000
@@ -36,3 +48,26 @@ def test_smoke_training_writes_loadable_weights_and_reports(host, tmp_path):
         samples = nodes.common_ksampler(model, 0, 1, 1.0, "euler", "normal", pos, pos, latent)[0]
         image = nodes.VAEDecode().decode(vae, samples)[0]
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+
+
+def test_smoke_training_resumes_from_its_own_weights(host, first_run, tmp_path):
+    """A resumed run loads the earlier weights, keeps their VAE and latent normalisation, skips the VAE stage,
+    trains the UNet further and numbers its steps on from the earlier run's."""
+    proc = _smoke(tmp_path / "b", "--resume", str(first_run / "weights"))
+    runs = (first_run, tmp_path / "b")
+    assert "resumed from" in proc.stdout
+    before, after = (json.loads((run / "metrics.json").read_text()) for run in runs)
+    assert after["timings"]["vae_steps"] == 0 and after["loss"]["vae"] == []
+    assert after["training"]["diffusion_steps_total"] == 6 and after["training"]["runs"] == 2
+    assert after["training"]["vae_steps"] == before["training"]["vae_steps"] == 3
+    assert [step for step, _ in before["loss"]["diffusion"]] == [0, 1, 2]
+    assert [step for step, _ in after["loss"]["diffusion"]] == [3, 4, 5]
+    assert after["latent"]["latent_scale"] == before["latent"]["latent_scale"]
+
+    from toyworld import models
+    sd_a, sd_b = (models.load_weights(models.weight_sets(run / "weights")["smoke"])[0] for run in runs)
+    assert sd_a.keys() == sd_b.keys()
+    vae = [k for k in sd_a if k.startswith(models.VAE_PREFIX)]
+    unet = [k for k in sd_a if k.startswith(models.UNET_PREFIX)]
+    assert vae and all(torch.equal(sd_a[k], sd_b[k]) for k in vae)
+    assert any(not torch.equal(sd_a[k], sd_b[k]) for k in unet)

@@ -311,6 +311,7 @@ class FisEditCache:
     final_latent: torch.Tensor        # the sampler's LATENT output, exactly as nodes received it
     conds: dict = field(default_factory=dict)  # "positive"/"negative" -> CONDITIONING ([[tensor, extras], ...])
     images: dict = field(default_factory=dict)  # VAE fingerprint -> decoded image [B, H, W, 3] (decode.py; in memory)
+    resident: object = None  # resident.ResidentContext: the attention context kept on the GPU (in memory only)
 
     def read(self, key: str, step: int, chunk: int = COND, sample: int | None = None) -> torch.Tensor:
         self.read_check(key, step, chunk)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comfy_adapter as host
+from . import resident
 from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
                     settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
@@ -75,6 +76,7 @@ class Recording:
         if delta is not None:
             self.store.base = delta.base
         self.deferred: list | None = None  # while a CUDA graph captures a step: (key, chunk, graph-owned value)
+        self.resident: resident.ResidentContext | None = None  # the attention context kept on the GPU
         self.probe_steps = probe_record_steps(steps)
         self.sigmas = sigmas.detach().float().cpu()
         self.targets = targets
@@ -186,6 +188,16 @@ class Recording:
         slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True
+        if self.delta is None and value.is_cuda and resident.is_attention_context(key):
+            self._keep_on_device(key, chunk, step, value)
+
+    def _keep_on_device(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+        """A generation's attention context stays on the GPU for its edits (resident.py). An edit's result records
+        only its region (a delta), so its context is kept by the edits of it, from what they upload."""
+        if self.resident is None:
+            self.resident = resident.budget().context(value.device)
+        if self.resident is not None:
+            self.resident.keep(key, chunk, step, value)
 
     def flush(self, recorded: list, step: int) -> None:
         """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`)."""
@@ -235,6 +247,9 @@ class Recording:
             self.registry.release_later(self.reserved)
 
     def _free(self) -> None:
+        if self.resident is not None:
+            self.resident.release()
+            self.resident = None
         self.store = StepTensors(self.store.steps, self.store.batch)  # also lets go of an edit's source (its base)
         self.delta = None
         self.registry.release(self.reserved)
@@ -242,7 +257,8 @@ class Recording:
 
     def seal(self, settings: SamplingSettings) -> FisEditCache:
         cache = FisEditCache(self.name, settings, self.store, self.noise, self.latent_image, self.final_latent,
-                             self.conds)
+                             self.conds, resident=self.resident)
+        self.resident = None
         self.registry.put(cache, reserved=self.reserved)
         self.reserved = 0
         self.state = "sealed"

@@ -8,7 +8,8 @@ the canvas is also the block's output.
 
 Uploaded whole: a map that a dense op reads (the last map of a sparse level feeding a dense level below it), the
 self-attention keys and values (the attention context of every inactive token), the GroupNorm statistics and the
-model output. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
+model output. The attention context mostly does not move at all: where the source cache keeps it on the GPU
+(resident.py) it is copied from there, and what is uploaded is kept there for the next edit. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
 minus the cached values on the active region, plus the fresh ones (`kernels.reference.exact_group_stats`).
 
 A step's data moves in three stages: `stage` gathers it on the host into pinned buffers (a whole key needs no
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import resident
 from .cache import FisEditCache, PinnedArena, from_storage
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
@@ -36,6 +38,7 @@ from .plan import EditPlan
 class FeedStats:
     steps: int = 0
     bytes_uploaded: int = 0
+    bytes_resident: int = 0      # attention context read from the GPU-resident copy instead (summed over steps)
     stage_seconds: float = 0.0   # host time gathering into pinned memory
 
     @property
@@ -47,6 +50,7 @@ class FeedStats:
 class _Entry:
     level: int
     whole: bool           # uploaded whole (and not at the read region only)
+    context: bool = False  # self-attention K/V: may be resident on the GPU
 
 
 @dataclass
@@ -56,7 +60,9 @@ class EditFeed:
     entries: dict[str, _Entry]
     stats: FeedStats = field(default_factory=FeedStats)
     _step: tuple | None = None
+    _staged_at: tuple | None = None                 # (step, chunks) of what stage() last staged
     _host: dict = field(default_factory=dict)       # key -> [host tensors per chunk] staged for the next upload
+    _resident: dict = field(default_factory=dict)   # key -> [device tensors per chunk] the next step reads in place
     _landing: dict = field(default_factory=dict)    # key -> device tensor the upload lands in
     _device: dict = field(default_factory=dict)     # key -> what the sparse ops read (canvas or whole buffer)
     _staged: dict = field(default_factory=dict)     # key -> [rows, C, P] device values at the read positions
@@ -72,7 +78,7 @@ class EditFeed:
         entries = {}
 
         def add(key, level, whole):
-            entries[key] = _Entry(level, whole)
+            entries[key] = _Entry(level, whole, context=resident.is_attention_context(key))
 
         for b in layout.blocks:
             if b.level not in sparse:
@@ -142,8 +148,14 @@ class EditFeed:
         t0 = time.perf_counter()
         if self._uploaded is not None:
             self._uploaded.synchronize()  # the previous upload has finished reading the staging buffers
+        self._host, self._resident, self._staged_at = {}, {}, (step, tuple(chunks))
+        kept = self.source.resident
         for key, e in self.entries.items():
-            if e.whole:
+            on_device = [kept.get(key, c, step) for c in chunks] if e.context and kept is not None else [None]
+            if all(t is not None for t in on_device):
+                self._resident[key] = on_device
+                self.stats.bytes_resident += sum(t.numel() * t.element_size() for t in on_device)
+            elif e.whole:
                 self._host[key] = [self.source.read_stored(key, step, c) for c in chunks]
             else:
                 positions = self.plan.levels[e.level].read_positions("cpu")
@@ -177,15 +189,23 @@ class EditFeed:
         """Landing buffers into the canvases and whole buffers the sparse ops read (fixed addresses)."""
         if self._uploaded is not None:
             torch.cuda.current_stream(device).wait_event(self._uploaded)
-        for key, landing in self._landing.items():
-            e = self.entries[key]
-            target = self._device.get(key)
+        for key, parts in self._resident.items():
+            self._whole_target(key, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype, device)
+            at = 0
+            for part in parts:
+                self._device[key][at:at + part.shape[0]].copy_(part)
+                at += part.shape[0]
+        if self._resident:
+            resident.budget().touch(self.source.resident)
+        for key in self._host:
+            e, landing = self.entries[key], self._landing[key]
             if e.whole:
                 value = from_storage(landing)
-                if target is None or target.shape != value.shape:
-                    target = self._device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)
-                target.copy_(value)
+                self._whole_target(key, value.shape, value.dtype, device).copy_(value)
+                if e.context:
+                    self._keep_context(key, landing, device)
             else:
+                target = self._device.get(key)
                 lp = self.plan.levels[e.level]
                 shape = (landing.shape[0], landing.shape[2], lp.height, lp.width)
                 if target is None or target.shape != shape:
@@ -198,6 +218,25 @@ class EditFeed:
         if torch.device(device).type == "cuda":
             self._activated = torch.cuda.Event()
             self._activated.record(torch.cuda.current_stream(device))
+
+    def _whole_target(self, key: str, shape, dtype, device) -> torch.Tensor:
+        target = self._device.get(key)
+        if target is None or target.shape != tuple(shape):
+            target = self._device[key] = torch.empty(shape, device=device, dtype=dtype)
+        return target
+
+    def _keep_context(self, key: str, landing: torch.Tensor, device) -> None:
+        """Keeps an uploaded attention context on the GPU for the next edit of the same source (resident.py)."""
+        if self.source.resident is None:
+            self.source.resident = resident.budget().context(device)
+        if self.source.resident is None:
+            return
+        step, chunks = self._staged_at
+        at = 0
+        for c, part in zip(chunks, self._host[key], strict=True):
+            if not self.source.resident.keep(key, c, step, landing[at:at + part.shape[0]]):
+                return
+            at += part.shape[0]
 
     # --- what the sparse ops read -------------------------------------------------------------------------------
     def map(self, key: str) -> torch.Tensor:
@@ -215,7 +254,7 @@ class EditFeed:
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""
         self._collect_prefetch()
-        for d in (self._host, self._landing, self._device, self._staged, self._staging):
+        for d in (self._host, self._resident, self._landing, self._device, self._staged, self._staging):
             d.clear()
         self._uploaded, self._activated, self._arena = None, None, PinnedArena()
 

@@ -134,6 +134,8 @@ class CacheRegistry:
         cache = self._caches.pop(name, None)
         if cache is None:
             return None
+        if cache.resident is not None:
+            cache.resident.release()
         made_whole = 0
         for other in list(self._caches.values()):
             if other.store.base is cache.store:

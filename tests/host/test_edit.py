@@ -210,3 +210,38 @@ def test_uploads_and_the_result_cache_scale_with_the_mask(models, source):
         fractions[rows] = result.feed_stats.bytes_per_step / handle.get().bytes_per_step()
         assert result.get().store.nbytes < handle.get().store.nbytes * fractions[rows]
     assert fractions[2] < fractions[8] < 1.0
+
+
+def test_a_resident_attention_context_replaces_its_upload_and_changes_nothing(models, source):
+    """resident.py on any device: the first edit of a cache keeps the self-attention K/V it uploads, the next edit
+    reads them from there (uploading only the rest), and both give exactly the edit without a resident context."""
+    from fisedit_engine import resident
+    handle, _ = source("sd15", "dpmpp_2m", 2, 7.0, (16, 24))
+    cache = handle.get()
+    assert cache.resident is None  # a CPU capture keeps nothing on a device
+    mask = blob_mask(2, (16, 24))
+    plain, plain_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
+    budget = resident.DeviceBudget(budget_bytes=2**40)
+    cache.resident = resident.ResidentContext(budget, torch.device("cpu"))  # what a GPU capture attaches
+    try:
+        runs = [run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED) for _ in range(2)]
+        context_keys = {k for k in cache.keys() if resident.is_attention_context(k)}
+        assert context_keys and {k for k, _, _ in cache.resident.tensors} == context_keys
+        assert len(cache.resident.tensors) == len(context_keys) * 2 * STEPS and budget.used == cache.resident.nbytes
+        (first, first_result), (second, second_result) = runs
+        assert first_result.feed_stats.bytes_resident == 0
+        assert second_result.feed_stats.bytes_resident == cache.resident.nbytes
+        assert (second_result.feed_stats.bytes_uploaded + second_result.feed_stats.bytes_resident
+                == first_result.feed_stats.bytes_uploaded == plain_result.feed_stats.bytes_uploaded)
+        for edited, result in runs:
+            assert torch.equal(edited, plain)
+            for key in context_keys:
+                for step in range(STEPS):
+                    for chunk in (0, 1):
+                        assert torch.equal(result.get().read(key, step, chunk), plain_result.get().read(key, step, chunk))
+        from fisedit_engine import api
+        api.registry().remove(handle.name)  # a cache leaving the registry lets go of its device copy
+        assert cache.resident.nbytes == 0 and not cache.resident.tensors and budget.used == 0
+    finally:
+        cache.resident = None
+        source.cache_clear()

@@ -8,7 +8,9 @@ Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 w
 - end to end, 20 euler steps: stock regenerate + VAE decode versus the edit (the probe's automatic mask at the
   `edit_size` quantile united with a user rectangle of that size, sparse sampling, FISEditDecode), second of two
   runs (warm);
-- host cache bytes per step, bytes uploaded per sparse step, GPU peak memory of the edit versus stock.
+- host cache bytes per step, bytes uploaded per sparse step and bytes read from the attention context that the
+  capture kept on the GPU (fisedit_engine/resident.py), GPU peak memory of the edit versus stock, and that
+  context's size (held from the capture on, within FISEDIT_RESIDENT_BUDGET).
 Writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (speedup versus edit size).
 
     python benchmarks/speed.py [--models sd15@512,sd21v@768,sd21v@1024,sdxl@1024] [--steps 20]
@@ -132,7 +134,7 @@ def unet_call_times(model, arch: str, lat: int, repeat: int) -> dict:
 def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
     import torch
     import comfy.sample
-    from fisedit_engine import api
+    from fisedit_engine import api, resident
     from fisedit_engine.comfy_adapter import add_apply_model_wrapper
     from fisedit_engine.edit import EditSpec, run_edit
 
@@ -163,6 +165,9 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
         api.store(handle, {"samples": generate(captured, positive)})
         source = handle.get()
         row["cache_bytes_per_step"] = source.bytes_per_step()
+        # the capture's attention context kept on the GPU for the edits (fisedit_engine/resident.py)
+        row["resident_bytes"] = source.resident.nbytes if source.resident is not None else 0
+        row["resident_budget_bytes"] = resident.budget().limit(torch.device("cuda"))
 
         row["sparse"] = []
         for fraction in FRACTIONS:
@@ -176,6 +181,8 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
                     # the first sparse step builds the buffers (and the second captures the graph): not timed
                     entry["step_ms_graph" if graph else "step_ms_eager"] = 1000 * statistics.median(timer.seconds[2:])
                     entry["bytes_uploaded_per_step"] = result.feed_stats.bytes_per_step
+                    entry["bytes_resident_per_step"] = (result.feed_stats.bytes_resident
+                                                        / max(result.feed_stats.steps, 1))
                     entry["stage_ms_per_step" + ("_graph" if graph else "_eager")] = (
                         1000 * result.feed_stats.stage_seconds / max(result.feed_stats.steps, 1))
                     entry["graph_replays" if graph else "eager_steps"] = result.graph_replays or len(timer.seconds)
@@ -227,8 +234,9 @@ def markdown(result: dict) -> str:
     lines = [f"# FISEdit speed on {result['gpu']}", "", result["setup"], "",
              "## Per UNet call (one CFG step), ms (median)", "",
              "| model | stock KSampler step | UNet eager | UNet CUDA graph | mask | FISEdit sparse step, eager | "
-             "FISEdit sparse step, CUDA graph | x stock | x graph | uploaded / step | cache / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FISEdit sparse step, CUDA graph | x stock | x graph | uploaded / step | read on GPU / step | "
+             "cache / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for s in r["sparse"]:
             lines.append(
@@ -238,15 +246,19 @@ def markdown(result: dict) -> str:
                 f"{r['stock_step_ms'] / s['step_ms']:.2f} | {r['unet_graph_ms'] / s['step_ms']:.2f} | "
                 f"{s['bytes_uploaded_per_step'] / 2**20:.0f} MiB "
                 f"({100 * s['bytes_uploaded_per_step'] / r['cache_bytes_per_step']:.0f}%) | "
+                f"{s.get('bytes_resident_per_step', 0) / 2**20:.0f} MiB | "
                 f"{r['cache_bytes_per_step'] / 2**20:.0f} MiB |")
     lines += ["", f"## End to end, {result['rows'][0]['steps']} euler steps (warm)", "",
               "| model | stock regenerate + decode, s | edit_size | mask | FISEdit probe + sparse + decode, s | "
-              "speedup | GPU peak, stock / edit |", "|---|---|---|---|---|---|---|"]
+              "speedup | GPU peak, stock / edit | attention context on GPU (budget) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for e in r["e2e"]:
             lines.append(f"| {r['model']}@{r['size']} | {r['stock_e2e_s']:.2f} | {e['edit_size']:.0%} | "
                          f"{100 * e['mask_area']:.1f}% | {e['seconds']:.2f} | {e['speedup']:.2f} | "
-                         f"{r['stock_peak_bytes'] / 2**30:.1f} / {e['peak_bytes'] / 2**30:.1f} GiB |")
+                         f"{r['stock_peak_bytes'] / 2**30:.1f} / {e['peak_bytes'] / 2**30:.1f} GiB | "
+                         f"{r.get('resident_bytes', 0) / 2**30:.1f} GiB "
+                         f"({r.get('resident_budget_bytes', 0) / 2**30:.0f}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -236,20 +236,24 @@ class StepTensors:
             return self.tensors[(key, chunk)][step]
         return to_storage(self.step(key, chunk, step)).contiguous()
 
-    def step_positions(self, key: str, chunk: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    def step_positions(self, key: str, chunk: int, step: int, positions: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """take_positions(self.step(key, chunk, step), positions), [batch, P, C], gathered from the stored layout
-        (contiguous runs of C values) and without assembling a delta's whole map."""
+        (contiguous runs of C values) and without assembling a delta's whole map; into `out` if given (an edit's
+        pinned staging buffer: one pass over the bytes instead of two)."""
         if key not in self.regions:
             stored = self.tensors[(key, chunk)][step]
-            return (stored.flatten(1, 2) if stored.dim() == 4 else stored).index_select(1, positions)
+            flat = stored.flatten(1, 2) if stored.dim() == 4 else stored
+            return flat.index_select(1, positions) if out is None else torch.index_select(flat, 1, positions, out=out)
         if (key, chunk, step) in self.whole:
-            return take_positions(self.whole[(key, chunk, step)], positions)
-        values = self.base.step_positions(key, chunk, step, positions)
+            values = take_positions(self.whole[(key, chunk, step)], positions)
+            return values if out is None else out.copy_(values)
+        values = self.base.step_positions(key, chunk, step, positions, out)
         delta = self.tensors[(key, chunk)][step]
         where = _index_of(self.regions[key].positions, positions)  # each wanted position's index in the region
         hit = torch.nonzero(where >= 0).flatten()
         if len(hit):
-            values = values.clone()
+            values = values if out is not None else values.clone()  # never write into the base's store
             values.index_copy_(1, hit, delta.index_select(1, where[hit]).to(values.dtype))
         return values
 
@@ -318,10 +322,11 @@ class FisEditCache:
         value = self.store.step(key, chunk, step)
         return value if sample is None else value[sample]
 
-    def read_positions(self, key: str, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
+    def read_positions(self, key: str, step: int, chunk: int, positions: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """read() at a set of positions only, [batch, P, C] (see take_positions): what an edit uploads per step."""
         self.read_check(key, step, chunk)
-        return self.store.step_positions(key, chunk, step, positions)
+        return self.store.step_positions(key, chunk, step, positions, out)
 
     def read_stored(self, key: str, step: int, chunk: int) -> torch.Tensor:
         """read() in the stored layout (channels-last maps), contiguous and pinned where the cache is."""

@@ -259,11 +259,13 @@ class EditFeed:
         self._uploaded, self._activated, self._arena = None, None, PinnedArena()
 
     def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
-        values = self.source.read_positions(key, step, chunk, positions)
+        self.source.read_check(key, step, chunk)
         buf = self._staging.get((key, index))
-        if buf is None or buf.shape != values.shape:
-            buf = self._staging[(key, index)] = self._arena.empty(values.shape, values.dtype)
-        return buf.copy_(values)
+        if buf is None:  # [batch, P, C]: a map is stored [steps, batch, ..., C], a delta's region [steps, batch, R, C]
+            stored = self.source.store.tensors[(key, chunk)]
+            buf = self._staging[(key, index)] = self._arena.empty((stored.shape[1], len(positions), stored.shape[-1]),
+                                                                  stored.dtype)
+        return self.source.read_positions(key, step, chunk, positions, out=buf)
 
 
 _streams: dict = {}

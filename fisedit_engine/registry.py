@@ -47,6 +47,9 @@ def default_budget() -> int:
 class CacheRegistry:
     def __init__(self, budget_bytes: int | None = None):
         self._caches: OrderedDict[str, FisEditCache] = OrderedDict()
+        # each registered cache's bytes, counted when it (or its store) changes: a recording asks for room once per
+        # tensor it allocates, and summing every tensor of every cache each time cost ~0.25 s per edit
+        self._sizes: dict[str, int] = {}
         self._reserved = 0
         self._released_later: deque[int] = deque()
         self._lock = threading.RLock()
@@ -68,8 +71,10 @@ class CacheRegistry:
                 self._reserved += reserved
                 if old is not None:
                     self._caches[cache.name] = old
+                    self._sizes[cache.name] = old.nbytes
                 raise
             self._caches[cache.name] = cache
+            self._sizes[cache.name] = cache.nbytes
 
     def get(self, name: str) -> FisEditCache:
         with self._lock:
@@ -97,6 +102,7 @@ class CacheRegistry:
     def clear(self) -> None:
         with self._lock:
             self._caches.clear()
+            self._sizes.clear()
             self._released_later.clear()
             self._reserved = 0
 
@@ -104,7 +110,7 @@ class CacheRegistry:
     def used(self) -> int:
         with self._lock:
             self._settle()
-            return sum(c.nbytes for c in self._caches.values()) + self._reserved
+            return sum(self._sizes.values()) + self._reserved
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:
@@ -132,6 +138,7 @@ class CacheRegistry:
         otherwise dropping a cache would free nothing, and the budget would stop counting memory still held. Every
         registered delta's base is the store of a registered cache, so `used` counts every byte once."""
         cache = self._caches.pop(name, None)
+        self._sizes.pop(name, None)
         if cache is None:
             return None
         if cache.resident is not None:
@@ -141,6 +148,7 @@ class CacheRegistry:
             if other.store.base is cache.store:
                 old = other.store
                 other.store = old.materialized()
+                self._sizes[other.name] = other.nbytes
                 made_whole += 1
                 for dependent in self._caches.values():  # same values, now from a store that stands alone
                     if dependent.store.base is old:

@@ -171,7 +171,8 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> 
         mask = mask[None]
     h, w = latent_hw
     if mask.dim() != 3 or mask.shape[0] == 0:
-        raise CacheError(f"the mask has shape {tuple(mask.shape)}; a MASK is [batch, height, width] with batch >= 1")
+        raise CacheError(f"the mask has shape {tuple(mask.shape)}; a MASK is [batch, height, width] with batch >= 1: "
+                         f"connect a MASK output (LoadImage's mask, a mask editor or a mask node)")
     if tuple(mask.shape[-2:]) != (h * 8, w * 8):
         raise CacheError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the cached image is {w * 8}x{h * 8}: "
                          f"give a mask of the image's size (or resize it with a mask node)")
@@ -207,7 +208,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     batch = s.latent_shape[0]
     if spec.mask.shape[0] not in (1, batch) or tuple(spec.mask.shape[-2:]) != tuple(s.latent_shape[-2:]):
         raise CacheError(f"the edit mask {tuple(spec.mask.shape)} does not fit the cached latent "
-                         f"{s.latent_shape} ({s.describe()})")
+                         f"{s.latent_shape} ({s.describe()}): re-run FISEditDifferenceMask on this cache")
     if not spec.mask.any():  # nothing to recompute: the original, exactly
         return source.final_latent.clone(), spec.cache
 

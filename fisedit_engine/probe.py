@@ -36,8 +36,8 @@ class _ProbeDone(Exception):
 class _ProbeRecorder:
     """APPLY_MODEL wrapper of the probe: records each step's latent and positive output; stops at step K."""
 
-    def __init__(self, sigmas: torch.Tensor, steps: int, batch: int):
-        self.sigmas, self.steps, self.batch = sigmas, steps, batch
+    def __init__(self, sigmas: torch.Tensor, steps: int, batch: int, on_step=None):
+        self.sigmas, self.steps, self.batch, self.on_step = sigmas, steps, batch, on_step
         self.latents: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.calls: list[list[int]] = []  # cond_or_uncond of every model call, for the tests
@@ -62,21 +62,23 @@ class _ProbeRecorder:
         finally:
             attention_control.probe_step.reset(token)
         self.outputs[step] = self._last_output[:self.batch].detach().cpu()
+        if self.on_step is not None:
+            self.on_step(step + 1)
         return out
 
 
-def run_probe(model, source: FisEditCache, positive: list, steps: int,
-              attention_control_on: bool = False) -> tuple[ProbeState, list[list[int]]]:
+def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
+              on_step=None) -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
-    original run's (attention_control.py)."""
+    original run's (attention_control.py). `on_step(done)` is called after each probe step (a progress bar)."""
     s = source.settings
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
                          f"{steps}")
     batch = s.latent_shape[0]
     sigmas = torch.tensor(s.sigmas)
-    recorder = _ProbeRecorder(sigmas[:-1], steps, batch)
+    recorder = _ProbeRecorder(sigmas[:-1], steps, batch, on_step)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
     if attention_control_on:
@@ -97,7 +99,8 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int,
     except _ProbeDone:
         pass
     else:
-        raise CacheError("the probe ran to the end of the schedule without reaching its last step")
+        raise CacheError("the probe ran to the end of the schedule without reaching its last step (the sampler skipped "
+                         "model calls): use mask_mode 'user', or a sampler such as euler")
     finally:
         hook.remove()
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])

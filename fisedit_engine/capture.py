@@ -320,8 +320,7 @@ class CaptureOuterSample(_CaptureWrapper):
         sampler = host.sampler_name(a["sampler"])
         if sampler in MULTI_EVALUATION_SAMPLERS:
             raise CacheError(f"FISEdit cannot cache sampler '{sampler}': it evaluates the model several times per "
-                             f"step. Use a single-evaluation sampler (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, "
-                             f"ddim, uni_pc, lcm, ...) with FISEditCacheCapture")
+                             f"step; {SINGLE_EVALUATION} (or dpmpp_2m_sde, ddim, lcm) with FISEditCacheCapture")
         if a.get("denoise_mask") is not None:
             raise CacheError("FISEdit cannot cache an inpainting run (the latent has a noise mask); remove "
                              "SetLatentNoiseMask, or sample without FISEditCacheCapture")

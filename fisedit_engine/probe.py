@@ -10,6 +10,7 @@ run replays the outputs for the probe steps instead of recomputing them (edit.py
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class ProbeState:
     cond_outputs: torch.Tensor   # [K, B, C, H, W]: the positive branch's model output at each probe step
     latents: torch.Tensor        # [K + 1, B, C, H, W]: the latent entering steps 0..K
     difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
+    seconds: float = 0.0         # wall time of the probe run (the edit's summary line adds it to the sampling's)
 
 
 class _ProbeDone(Exception):
@@ -94,6 +96,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     unet_out = model.model.diffusion_model.out
     hook = unet_out.register_forward_hook(recorder.on_output)
+    t0 = time.perf_counter()
     try:
         guider.sample(source.noise, source.latent_image, sampler, sigmas, seed=s.seed, disable_pbar=True)
     except _ProbeDone:
@@ -106,5 +109,5 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
-                       difference_map(list(latents[1:]), cached))
+                       difference_map(list(latents[1:]), cached), seconds=time.perf_counter() - t0)
     return state, recorder.calls

@@ -86,7 +86,7 @@ class NodeSpec:
         result = result if isinstance(result, Result) else Result(tuple(result))
         if len(result.outputs) != len(self.outputs):
             raise RuntimeError(f"{self.node_id} returned {len(result.outputs)} outputs, its spec declares "
-                               f"{len(self.outputs)}")  # a bug in this plugin, never a user error
+                               f"{len(self.outputs)}: a FISEdit bug, not a workflow error; please report it")
         return result
 
 

@@ -13,6 +13,13 @@ if _HERE not in sys.path:
 
 if __package__:  # ComfyUI imports this folder as a package; pytest, in a clone whose folder name is no Python
     # identifier (ComfyUI-FISEdit), imports this file alone, with nothing to register
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+    from . import nodes as _nodes  # noqa: E402
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    # One API per node ID: ComfyUI would take NODE_CLASS_MAPPINGS and ignore comfy_entrypoint if both were here.
+    if _nodes.node_api() == "v3":
+        comfy_entrypoint = _nodes.comfy_entrypoint
+        __all__ = ["comfy_entrypoint"]
+    else:
+        NODE_CLASS_MAPPINGS = _nodes.v1_classes()
+        NODE_DISPLAY_NAME_MAPPINGS = _nodes.display_names()
+        __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from . import comfy_adapter as host
 from . import persistence
@@ -48,16 +49,18 @@ def resolve_cache_path(save_path: str) -> Path:
     try:
         target = (folder / rel).resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop, a name the file system cannot hold
-        raise CacheError(f"save_path '{save_path}' cannot be used: {e}") from e
+        raise CacheError(f"save_path '{save_path}' cannot be used: {e}; choose another name") from e
     if folder not in target.parents:
-        raise CacheError(f"save_path '{save_path}' leads outside the FISEdit cache folder ({folder})")
+        raise CacheError(f"save_path '{save_path}' leads outside the FISEdit cache folder ({folder}): use a "
+                         f"plain name such as 'my-edit'")
     return target
 
 
 def store(handle: CacheHandle, latent: dict, save_path: str = "") -> tuple[FisEditCache, Path | None]:
     """Seals the handle's run; saves it when `save_path` is given. Returns the cache and the file written."""
     if not isinstance(handle, CacheHandle):
-        raise CacheError("FISEditCacheStore takes the FISEDIT_CACHE output of FISEditCacheCapture")
+        raise CacheError(f"FISEditCacheStore's 'cache' got {type(handle).__name__}: connect the FISEDIT_CACHE "
+                         f"output of FISEditCacheCapture")
     target = resolve_cache_path(save_path) if save_path and save_path.strip() else None
     cache = seal(handle, latent["samples"])
     if target is not None:
@@ -85,7 +88,8 @@ def list_cache_files() -> list[str]:
 def load(cache_file: str) -> CacheHandle:
     path = resolve_cache_path(cache_file)
     if not path.is_file():
-        raise CacheError(f"no cache file '{cache_file}' in {host.cache_folder()}")
+        raise CacheError(f"no cache file '{cache_file}' in {host.cache_folder()}: pick one from cache_file's list "
+                         f"(reload the page after saving), or save one with FISEditCacheStore's save_path")
     name = f"file:{Path(cache_file).with_suffix('').as_posix()}"
     cache = persistence.load(path, name=name)
     registry().put(cache)
@@ -106,18 +110,20 @@ DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
 
 def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
                     probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
-                    attention_control: bool = True):
+                    attention_control: bool = True, progress: Callable[[int], Callable[[int], None]] | None = None):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
-    `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50)."""
+    `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50). `progress(total)` returns `update(done)`:
+    called once per probe step (the node layer passes the host's progress bar)."""
     import torch.nn.functional as F
     from .decode import latent_preview
     from .edit import EditSpec, check_model, latent_mask
     from .mask import threshold_mask
     from .probe import run_probe
     if not isinstance(cache, CacheHandle):
-        raise CacheError("connect a FISEDIT_CACHE (from FISEditCacheStore or FISEditCacheLoad) to 'cache'")
+        raise CacheError(f"FISEditDifferenceMask's 'cache' got {type(cache).__name__}: connect the FISEDIT_CACHE "
+                         f"output of FISEditCacheStore or FISEditCacheLoad")
     if mask_mode not in MASK_MODES:
         raise CacheError(f"mask_mode must be one of {MASK_MODES}, got '{mask_mode}'")
     if threshold not in THRESHOLDS:
@@ -140,11 +146,13 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         if user_mask is None:
             raise CacheError(f"mask_mode '{mask_mode}' needs a user_mask: connect a MASK of the image's size")
         if user_mask.dim() == 3 and user_mask.shape[0] not in (1, batch):
-            raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}")
+            raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}: "
+                             f"give one mask for all images, or one per image")
         masks.append(latent_mask(user_mask, (h, w), dilate))
     if mask_mode in ("auto", "auto+user"):
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
-        probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control)
+        probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control,
+                             on_step=progress(steps) if progress is not None else None)
         masks.append(threshold_mask(probe.difference, threshold, edit_size, dilate_px=dilate))
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
@@ -162,11 +170,17 @@ def check_conditioning(conditioning, what: str) -> None:
                              f"encoder and any conditioning nodes before it")
 
 
-def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int):
+def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int,
+                  progress: Callable[[object, int], Callable] | None = None):
+    """FISEditSparseKSampler. `progress(model, steps)` returns a sampler callback (the node layer passes one that
+    draws the host's progress bar, one tick per step, as KSampler's does)."""
     from .edit import EditSpec, run_edit
     if not isinstance(edit, EditSpec):
-        raise CacheError("connect the FISEDIT_EDIT output of FISEditDifferenceMask to 'edit'")
-    samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics, tile_size=tile_size)
+        raise CacheError(f"FISEditSparseKSampler's 'edit' got {type(edit).__name__}: connect the FISEDIT_EDIT output "
+                         f"of FISEditDifferenceMask")
+    callback = progress(model, edit.cache.get().settings.steps) if progress is not None else None
+    samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics, tile_size=tile_size,
+                               callback=callback)
     edit.result = handle if handle is not edit.cache else None
     return {"samples": samples}, handle
 
@@ -176,6 +190,7 @@ def decode(vae, samples: dict, edit):
     from .decode import decode_edit
     from .edit import EditSpec
     if not isinstance(edit, EditSpec):
-        raise CacheError("connect the FISEDIT_EDIT output of FISEditDifferenceMask to 'edit'")
+        raise CacheError(f"FISEditDecode's 'edit' got {type(edit).__name__}: connect the FISEDIT_EDIT output of "
+                         f"FISEditDifferenceMask (the same one that went into FISEditSparseKSampler)")
     result = edit.result.get() if edit.result is not None else None
     return decode_edit(vae, samples["samples"], edit.mask, edit.cache.get(), result)

@@ -76,7 +76,8 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int) ->
     """Substitutes every cross-attention of `patched` for the probe; returns the unchanged positions."""
     original = source.conds.get("positive")
     if not original:
-        raise CacheError("attention control needs the original prompt, which this cache does not hold")
+        raise CacheError("attention control needs the original prompt, which this cache does not hold: turn "
+                         "attention_control off, or re-capture the generation")
     unchanged = unchanged_positions(original, positive)
     unet = patched.model.diffusion_model
     modules = dict(unet.named_modules())

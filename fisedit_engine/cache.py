@@ -65,7 +65,8 @@ class SamplingSettings:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise CacheError(f"unknown settings fields {sorted(unknown)}: the cache was written by a newer FISEdit")
+            raise CacheError(f"unknown settings fields {sorted(unknown)}: the cache was written by a newer FISEdit; "
+                             f"update FISEdit, or re-capture the generation with this one")
         d = dict(d)
         for k in ("sigmas", "latent_shape", "chunks", "sparse_levels"):
             d[k] = tuple(d[k])
@@ -336,9 +337,11 @@ class FisEditCache:
     def read_check(self, key: str, step: int, chunk: int) -> None:
         t = self.store.tensors.get((key, chunk))
         if t is None:
-            raise CacheError(f"the cache holds no '{key}' for the {CHUNK_NAMES.get(chunk, chunk)} chunk")
+            raise CacheError(f"the cache holds no '{key}' for the {CHUNK_NAMES.get(chunk, chunk)} chunk: re-capture "
+                             f"the generation with this FISEdit")
         if not 0 <= step < t.shape[0]:
-            raise CacheError(f"'{key}' is cached for {t.shape[0]} of the {self.settings.steps} steps, not step {step}")
+            raise CacheError(f"'{key}' is cached for {t.shape[0]} of the {self.settings.steps} steps, not step {step}: "
+                             f"re-capture the generation with this FISEdit")
 
     def cached_steps(self, key: str, chunk: int = COND) -> int:
         """For how many steps `key` is cached for that chunk (0: not at all)."""

@@ -31,6 +31,7 @@ from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY,
 from .registry import CacheRegistry
 
 log = logging.getLogger("FISEdit")
+SINGLE_EVALUATION = "use a single-evaluation sampler such as euler, euler_ancestral, dpmpp_2m or uni_pc"
 
 # Samplers that call the model more than once per step (at sigmas between the schedule's steps).
 MULTI_EVALUATION_SAMPLERS = frozenset({
@@ -98,28 +99,32 @@ class Recording:
         chunks = list(transformer_options.get("cond_or_uncond", []))
         sigmas = transformer_options.get("sigmas")
         if not chunks or sigmas is None:
-            self.fail("the model was called without ComfyUI's sampling context (cond_or_uncond, sigmas)")
+            self.fail("the model was called without ComfyUI's sampling context (cond_or_uncond, sigmas): run the "
+                      "captured MODEL through a sampler node (KSampler, KSamplerAdvanced, SamplerCustom)")
             return None
         sigma = float(sigmas.reshape(-1)[0])
         schedule = self.sigmas[:-1]
         step = schedule_step(schedule, sigma)
         if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
             self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
-                      f"samplers that evaluate the model once per step are supported")
+                      f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
             return None
         if len(set(chunks)) != len(chunks) or any(c not in host.CHUNK_NAMES for c in chunks):
             self.fail("this generation has several positive or negative conditionings in one step (combined or "
-                      "area conditioning); FISEdit supports one positive and one negative conditioning")
+                      "area conditioning); FISEdit supports one positive and one negative conditioning: remove "
+                      "ConditioningCombine / ConditioningSetArea before the sampler")
             return None
         batch = x.shape[0] // len(chunks)
         if batch != self.store.batch or x.shape[-2:] != self.noise.shape[-2:]:
             self.fail(f"a model call covered {tuple(x.shape)} but the latent is {tuple(self.noise.shape)} "
-                      f"(area conditioning crops the input); FISEdit needs whole-image conditioning")
+                      f"(area conditioning crops the input); FISEdit needs whole-image conditioning: remove "
+                      f"ConditioningSetArea / ConditioningSetMask before the sampler")
             return None
         for c in chunks:
             if (step, c) in self.evaluated:
                 self.fail(f"the model was evaluated twice at step {step} for the {host.CHUNK_NAMES[c]} chunk "
-                          f"(a multi-evaluation sampler, or several conditionings of one kind)")
+                          f"(a multi-evaluation sampler, or several conditionings of one kind): "
+                          f"{SINGLE_EVALUATION}, with one positive and one negative conditioning")
                 return None
             self.evaluated.add((step, c))
         self.last_step = max(self.last_step, step)
@@ -131,7 +136,8 @@ class Recording:
             return
         b = ctx.batch
         if rows.shape[0] != b * len(ctx.chunks):
-            self.fail(f"'{key}' had {rows.shape[0]} rows, expected {b * len(ctx.chunks)}")
+            self.fail(f"'{key}' had {rows.shape[0]} rows, expected {b * len(ctx.chunks)}: a node patching the model "
+                      f"changes its batch; sample without it")
             return
         probe_only = is_probe_key(key)
         if probe_only and ctx.step >= self.probe_steps:
@@ -235,7 +241,8 @@ class Recording:
         if missing:
             key, chunk, step = missing[0]
             self.fail(f"the run left {len(missing)} (tensor, chunk, step) entries unrecorded, e.g. '{key}' "
-                      f"{host.CHUNK_NAMES[chunk]} step {step}; the sampler skipped steps")
+                      f"{host.CHUNK_NAMES[chunk]} step {step}; the sampler skipped steps: "
+                      f"{SINGLE_EVALUATION}, which runs every step")
             return
         self.final_latent = final_latent.detach().cpu()
         self.state = "complete"
@@ -329,8 +336,7 @@ class CaptureOuterSample(_CaptureWrapper):
         sampler = host.sampler_name(a["sampler"])
         if sampler in MULTI_EVALUATION_SAMPLERS:
             raise CacheError(f"FISEdit cannot cache sampler '{sampler}': it evaluates the model several times per "
-                             f"step. Use a single-evaluation sampler (euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, "
-                             f"ddim, uni_pc, lcm, ...) with FISEditCacheCapture")
+                             f"step; {SINGLE_EVALUATION} (or dpmpp_2m_sde, ddim, lcm) with FISEditCacheCapture")
         if a.get("denoise_mask") is not None:
             raise CacheError("FISEdit cannot cache an inpainting run (the latent has a noise mask); remove "
                              "SetLatentNoiseMask, or sample without FISEditCacheCapture")
@@ -338,7 +344,8 @@ class CaptureOuterSample(_CaptureWrapper):
         try:
             layout = UNetLayout.from_unet(unet)
         except UnsupportedUNet as e:
-            raise CacheError(f"FISEdit supports SD1.x/SD2.x/SDXL UNets; this model is not one: {e}") from e
+            raise CacheError(f"FISEdit supports SD1.x/SD2.x/SDXL UNets; this model is not one ({e}): capture a "
+                             f"generation of an SD1.x, SD2.x or SDXL checkpoint") from e
         noise, sigmas = a["noise"], a["sigmas"]
         batch, _, height, width = noise.shape
         sparse = layout.sparse_levels(height, width, self.handle.min_sparse_positions)
@@ -414,7 +421,8 @@ def _install_hooks(unet, rec: Recording) -> list:
     for t in rec.targets:
         module = modules.get(t.module_path)
         if module is None:
-            raise CacheError(f"FISEdit layout names '{t.module_path}', which this UNet does not have")
+            raise CacheError(f"FISEdit layout names '{t.module_path}', which this UNet does not have (a node replaced "
+                             f"its blocks): capture with the checkpoint's own model, without that node")
         key = t.key
         if t.what == "stats":
             groups = module.num_groups

@@ -200,3 +200,30 @@ def probe_guider(model, positive, negative, cfg: float, uncond_denoised):
     guider.set_cfg(cfg)
     return guider
 
+
+
+def v3_node_api():
+    """(io, ComfyExtension) of the host's V3 node API (`comfy_api.latest`: the pinned 0.3.75 has it), or None where
+    the host has none. Only the stable core of it is used: Schema, the typed Input/Output classes, Custom, Hidden,
+    NodeOutput, ComfyNode and ComfyExtension."""
+    try:
+        from comfy_api.latest import ComfyExtension, io
+    except ImportError:
+        return None
+    needed = ("ComfyNode", "Schema", "NodeOutput", "Custom", "Hidden", "Combo", "Int", "Float", "String", "Boolean")
+    return (io, ComfyExtension) if all(hasattr(io, n) for n in needed) else None
+
+
+def progress_bar(total: int) -> Callable[[int], None]:
+    """A progress bar on the node that is running (ComfyUI's ProgressBar, which the UI draws on the node); returns
+    `update(done)`."""
+    import comfy.utils
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done: bar.update_absolute(done, total)
+
+
+def sampling_progress(model, steps: int) -> Callable:
+    """A sampler callback that does what KSampler's does: the running node's progress bar, one tick per step, with
+    ComfyUI's latent preview when one is enabled."""
+    import latent_preview
+    return latent_preview.prepare_callback(model, steps)

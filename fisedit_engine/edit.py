@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_adapter as host
+from . import cost
 from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .feed import EditFeed
@@ -171,7 +172,8 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> 
         mask = mask[None]
     h, w = latent_hw
     if mask.dim() != 3 or mask.shape[0] == 0:
-        raise CacheError(f"the mask has shape {tuple(mask.shape)}; a MASK is [batch, height, width] with batch >= 1")
+        raise CacheError(f"the mask has shape {tuple(mask.shape)}; a MASK is [batch, height, width] with batch >= 1: "
+                         f"connect a MASK output (LoadImage's mask, a mask editor or a mask node)")
     if tuple(mask.shape[-2:]) != (h * 8, w * 8):
         raise CacheError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the cached image is {w * 8}x{h * 8}: "
                          f"give a mask of the image's size (or resize it with a mask node)")
@@ -207,9 +209,14 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     batch = s.latent_shape[0]
     if spec.mask.shape[0] not in (1, batch) or tuple(spec.mask.shape[-2:]) != tuple(s.latent_shape[-2:]):
         raise CacheError(f"the edit mask {tuple(spec.mask.shape)} does not fit the cached latent "
-                         f"{s.latent_shape} ({s.describe()})")
+                         f"{s.latent_shape} ({s.describe()}): re-run FISEditDifferenceMask on this cache")
     if not spec.mask.any():  # nothing to recompute: the original, exactly
-        return source.final_latent.clone(), spec.cache
+        log.info("FISEdit edit of '%s': the mask is empty; the original is returned unchanged, no step computed",
+                 source.name)
+        final = source.final_latent.clone()
+        if callback is not None:  # a progress bar left at zero would look like a stalled node
+            callback(s.steps - 1, final, final, s.steps)
+        return final, spec.cache
 
     unet = model.model.diffusion_model
     layout = UNetLayout.from_unet(unet)
@@ -218,7 +225,6 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph)
-    replayed = spec.probe.steps if spec.probe is not None else 0
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
     delta = Delta(source.store, _result_regions(plan, layout, s), state.dense_from)
@@ -247,13 +253,29 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     seal(handle, samples)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
-    handle.edit_summary = (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of "
-                           f"the latent, {replayed} probe steps replayed, {s.steps - dense_steps - replayed} sparse + "
-                           f"{dense_steps} dense steps, {seconds:.2f}s, "
-                           f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step, "
-                           f"{_graph_note(state.graph)}; {plan.describe()}")
+    handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds)
     log.info("%s", handle.edit_summary)
     return samples, handle
+
+
+def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, layout: UNetLayout, unet, state: EditState,
+             seconds: float) -> str:
+    """The edit's one-line summary: mask area, steps by kind, time, and the speed-up estimated from MACs (cost.py)."""
+    s = source.settings
+    replayed = spec.probe.steps if spec.probe is not None else 0
+    dense = s.steps - max(replayed, state.dense_from)   # replayed steps are never recomputed, even in the tail
+    sparse = s.steps - replayed - dense
+    probe_seconds = spec.probe.seconds if spec.probe is not None else 0.0
+    context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
+    costs = cost.level_costs(unet, layout, plan.level_sizes, context)
+    fraction = cost.sparse_fraction(costs, {lvl: lp.fraction for lvl, lp in plan.levels.items()})
+    speedup = cost.edit_speedup(s.steps, replayed, sparse, dense, fraction, len(s.chunks))
+    return (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of the latent; "
+            f"{s.steps} steps: {replayed} probe (replayed), {sparse} sparse, {dense} dense; "
+            f"{probe_seconds + seconds:.2f} s (probe {probe_seconds:.2f} s, sampling {seconds:.2f} s); "
+            f"estimated speed-up {speedup:.1f}x over regenerating (a sparse step computes {100 * fraction:.0f}% of "
+            f"a dense step's MACs); {_graph_note(state.graph)}, "
+            f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step; {plan.describe()}")
 
 
 def _graph_note(graph: SparseStepGraph | None) -> str:

@@ -126,13 +126,14 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if "fisedit" not in meta:
-                raise CacheError(f"{path.name} is not a FISEdit cache file (no FISEdit header)")
+                raise CacheError(f"{path.name} is not a FISEdit cache file (no FISEdit header): choose a file saved "
+                                 f"by FISEditCacheStore")
             if meta.get(_SEALED_KEY) != "1":
                 raise CacheError(f"{path.name} is an unfinished write (the process saving it stopped); it cannot "
                                  f"be used: re-save the cache")
             header = json.loads(meta["fisedit"])
             if header.get("format") != FORMAT:
-                raise CacheError(f"{path.name} is not a FISEdit cache file")
+                raise CacheError(f"{path.name} is not a FISEdit cache file: choose a file saved by FISEditCacheStore")
             version = header.get("version")
             if type(version) is not int or version not in READABLE_VERSIONS:  # not True == 1, not "2"
                 raise CacheError(f"{path.name} has cache format version {version}; this FISEdit reads versions "
@@ -162,4 +163,5 @@ def load(path: str | os.PathLike, name: str | None = None) -> FisEditCache:
     except CacheError:
         raise
     except Exception as e:  # truncated, corrupted or foreign files surface as safetensors/json errors
-        raise CacheError(f"cannot read FISEdit cache {path.name}: {type(e).__name__}: {e}") from e
+        raise CacheError(f"cannot read FISEdit cache {path.name}: {type(e).__name__}: {e}; the file is damaged or "
+                         f"not a cache: re-save it with FISEditCacheStore") from e

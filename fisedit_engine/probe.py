@@ -10,6 +10,7 @@ run replays the outputs for the probe steps instead of recomputing them (edit.py
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class ProbeState:
     cond_outputs: torch.Tensor   # [K, B, C, H, W]: the positive branch's model output at each probe step
     latents: torch.Tensor        # [K + 1, B, C, H, W]: the latent entering steps 0..K
     difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
+    seconds: float = 0.0         # wall time of the probe run (the edit's summary line adds it to the sampling's)
 
 
 class _ProbeDone(Exception):
@@ -36,8 +38,8 @@ class _ProbeDone(Exception):
 class _ProbeRecorder:
     """APPLY_MODEL wrapper of the probe: records each step's latent and positive output; stops at step K."""
 
-    def __init__(self, sigmas: torch.Tensor, steps: int, batch: int):
-        self.sigmas, self.steps, self.batch = sigmas, steps, batch
+    def __init__(self, sigmas: torch.Tensor, steps: int, batch: int, on_step=None):
+        self.sigmas, self.steps, self.batch, self.on_step = sigmas, steps, batch, on_step
         self.latents: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.calls: list[list[int]] = []  # cond_or_uncond of every model call, for the tests
@@ -62,21 +64,23 @@ class _ProbeRecorder:
         finally:
             attention_control.probe_step.reset(token)
         self.outputs[step] = self._last_output[:self.batch].detach().cpu()
+        if self.on_step is not None:
+            self.on_step(step + 1)
         return out
 
 
-def run_probe(model, source: FisEditCache, positive: list, steps: int,
-              attention_control_on: bool = False) -> tuple[ProbeState, list[list[int]]]:
+def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
+              on_step=None) -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
-    original run's (attention_control.py)."""
+    original run's (attention_control.py). `on_step(done)` is called after each probe step (a progress bar)."""
     s = source.settings
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
                          f"{steps}")
     batch = s.latent_shape[0]
     sigmas = torch.tensor(s.sigmas)
-    recorder = _ProbeRecorder(sigmas[:-1], steps, batch)
+    recorder = _ProbeRecorder(sigmas[:-1], steps, batch, on_step)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
     if attention_control_on:
@@ -92,16 +96,18 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int,
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     unet_out = model.model.diffusion_model.out
     hook = unet_out.register_forward_hook(recorder.on_output)
+    t0 = time.perf_counter()
     try:
         guider.sample(source.noise, source.latent_image, sampler, sigmas, seed=s.seed, disable_pbar=True)
     except _ProbeDone:
         pass
     else:
-        raise CacheError("the probe ran to the end of the schedule without reaching its last step")
+        raise CacheError("the probe ran to the end of the schedule without reaching its last step (the sampler skipped "
+                         "model calls): use mask_mode 'user', or a sampler such as euler")
     finally:
         hook.remove()
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
-                       difference_map(list(latents[1:]), cached))
+                       difference_map(list(latents[1:]), cached), seconds=time.perf_counter() - t0)
     return state, recorder.calls

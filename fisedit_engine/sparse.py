@@ -111,7 +111,8 @@ class SparseUpsample(SparseForward):
         lp = self.level(ctx)
         size = tuple(output_shape[2:4]) if output_shape is not None else (x.shape[2] * 2, x.shape[3] * 2)
         if size != (lp.height, lp.width):
-            raise CacheError(f"{self.path}: upsampling to {size}, but the plan's level is {lp.height}x{lp.width}")
+            raise CacheError(f"{self.path}: upsampling to {size}, but the plan's level is {lp.height}x{lp.width}: "
+                             f"this UNet resizes differently from SD1.x/SD2.x/SDXL, which FISEdit needs")
         out = _sparse_conv(ctx, x, self.module.conv, lp, "up", in_size=tuple(x.shape[-2:]))
         return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp)
 
@@ -179,7 +180,8 @@ class SparseSpatialTransformer(SparseForward):
     @staticmethod
     def _block(ctx, block, path, x, context, lp, transformer_options):
         if block.ff_in or block.disable_self_attn or block.attn2 is None or block.switch_temporal_ca_to_sa:
-            raise CacheError(f"{path}: this transformer block variant is not supported by FISEdit")
+            raise CacheError(f"{path}: this transformer block variant is not supported by FISEdit: edit "
+                                 f"generations of SD1.x, SD2.x or SDXL checkpoints")
         attn1 = block.attn1
         n = block.norm1(x)
         q = attn1.to_q(n)

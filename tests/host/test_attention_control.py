@@ -105,7 +105,8 @@ def test_attention_control_makes_the_auto_mask_smaller_on_the_trained_toy_model(
     19.1% without)."""
     import comfy.sample
     from fisedit_engine import api
-    model, clip, _ = host.NODE_CLASS_MAPPINGS["FISEditToyModelLoader"]().execute()[:3]
+    from node_api import run_node
+    (model, clip, _), _ = run_node(host.NODE_CLASS_MAPPINGS["FISEditToyModelLoader"])
     encode = host.CLIPTextEncode()
 
     def cond(text):

@@ -133,9 +133,9 @@ def test_sampling_schedule_and_latent_format_match_comfyui(toy_weights):
 
 
 def test_loader_without_weights_says_how_to_get_them(host, tmp_path, monkeypatch):
-    import sys
+    from node_api import combo_options, run_node
     loader = host.NODE_CLASS_MAPPINGS["FISEditToyModelLoader"]
     monkeypatch.setenv("FISEDIT_TOYWORLD_DIR", str(tmp_path))
-    assert loader.INPUT_TYPES()["optional"]["weights"][0] == [sys.modules[loader.__module__].NONE_FOUND]
+    assert combo_options(loader.INPUT_TYPES()["optional"]["weights"]) == ["(no weights found)"]
     with pytest.raises(FileNotFoundError, match="train_toyworld.py"):
-        loader().execute()
+        run_node(loader)

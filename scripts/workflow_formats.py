@@ -404,7 +404,7 @@ def check_ui(ui: dict, infos: dict | None = None) -> list[str]:
                 link = links.get(link_id)
                 if link is None:
                     problems.append(f"{where} input {name}: link {link_id} is not in the links array")
-                elif link[3] != node["id"] or node["inputs"][link[4]] is not entry:
+                elif link[3] != node["id"] or link[4] >= len(node["inputs"]) or node["inputs"][link[4]] is not entry:
                     problems.append(f"{where} input {name}: link {link_id} targets node {link[3]} slot {link[4]}")
         for name, (kind, optional) in declared.items():
             is_socket = name in {n for n, _, _ in sockets(info)}

@@ -99,15 +99,16 @@ def test_check_ui_names_each_mistake(defs, change, expected):
 
 
 def test_swapped_widget_values_are_caught_by_the_api_comparison(defs):
-    """steps and cfg both pass as numbers in range when swapped (20 <-> 5.0 is caught as a float in an INT); a swap
-    of two values of one type (width and height) is not a definition error, so the API twin catches it."""
-    api = load(ROOT / "workflows" / "edit_user_mask_toy_api.json")
-    ui = load(ROOT / "workflows" / "edit_user_mask_toy_ui.json")
+    """Two values of one type swapped (the user box's width and height) break no definition; the API twin catches
+    them."""
+    api = load(ROOT / "workflows" / "edit_user_mask_api.json")
+    ui = load(ROOT / "workflows" / "edit_user_mask_ui.json")
     node = next(n for n in ui["nodes"] if n["id"] == 12)
-    node["widgets_values"][1], node["widgets_values"][2] = node["widgets_values"][2], node["widgets_values"][1]
-    node["widgets_values"][1] = 48
+    assert node["widgets_values"] == [1.0, 48, 40]
+    node["widgets_values"][1:] = [40, 48]
     assert wf.check_ui(ui) == []
-    assert wf.same_graph(api, wf.ui_to_api(ui)) == ["node 12 input width: API 64 vs UI 48"]
+    assert wf.same_graph(api, wf.ui_to_api(ui)) == ["node 12 input height: API 40 vs UI 48",
+                                                     "node 12 input width: API 48 vs UI 40"]
 
 
 def test_an_api_workflow_must_give_every_widget_value(defs):

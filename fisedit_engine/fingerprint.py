@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from .comfy_adapter import foreign_wrapper_keys
+from .comfy_adapter import foreign_wrapper_keys, short_module_name
 
 _SAMPLES_PER_TENSOR = 256
 
@@ -115,14 +115,15 @@ _PLAIN = (int, float, str, bool)
 def _update_with_callable(h, fn) -> None:
     """A patch function by what it is, not where it lives in memory (so a cache saved and loaded in another process
     still matches): its qualified name and the settings it closes over (numbers, strings, and tuples or dicts of
-    them: FreeU's scales, a LoRA-free patch's strength). Cells that hold other objects or None are skipped: patches
-    keep run-time state there (ToMe's unmerge function is set during sampling)."""
+    them: FreeU's scales, PAG's scale). Cells that hold other objects, lists or None are skipped: patches keep
+    run-time state there (ToMe's unmerge function is set during sampling)."""
     if isinstance(fn, tuple):  # forward_timestep_embed_patch entries: (layer class, handler)
         for part in fn:
             _update_with_callable(h, part)
         return
     fn = getattr(fn, "__func__", fn)
-    h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+    module = short_module_name(getattr(fn, "__module__", "") or "")  # not the install path
+    h.update(f"{module}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             value = cell.cell_contents
@@ -132,13 +133,15 @@ def _update_with_callable(h, fn) -> None:
             _update_with_object(h, value, full_tensors=False)
 
 
-def _is_plain_setting(value) -> bool:
+def _is_plain_setting(value, nested: bool = False) -> bool:
+    """Numbers and strings, and tuples or non-empty dicts of them. Lists and empty dicts are taken for state that
+    a patch fills while it runs (FreeU's per-device fallback table starts empty)."""
     if isinstance(value, _PLAIN):
         return True
-    if isinstance(value, (tuple, list)):
-        return all(_is_plain_setting(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, _PLAIN) and _is_plain_setting(v) for k, v in value.items())
+    if isinstance(value, tuple):
+        return all(_is_plain_setting(v, True) for v in value)
+    if isinstance(value, dict) and (value or nested):
+        return all(isinstance(k, _PLAIN) and _is_plain_setting(v, True) for k, v in value.items())
     return False
 
 

@@ -1,9 +1,17 @@
 """The only module that knows ComfyUI's APIs and how they differ between versions.
 
-Verified against the pinned host (ComfyUI 0.3.75+, f8b981ae). Differences in newer upstream that matter here
-(see the README's compatibility section):
-- `caches.outputs.get` is a coroutine from v0.17;
-- the guider's OUTER_SAMPLE call gains keyword arguments over time (`latent_shapes`), so wrappers pass **kwargs on.
+Verified against the pinned host (ComfyUI 0.3.75+, f8b981ae) and upstream v0.33.0 (2f35f4a0); see the README's
+"Verified ComfyUI versions". Differences that matter here, and how they are met:
+- `caches.outputs.get` is a coroutine from v0.17 (`cached_output`);
+- the guider's OUTER_SAMPLE call gains keyword arguments over time (`latent_shapes`), so wrappers pass **kwargs on
+  and `outer_sample_args` names only what it knows;
+- `comfy.ops.cast_bias_weight` returns a handle whose type changed (v0.8) and streams weights with dynamic VRAM
+  (v0.12): `cast_weights` hands it back to `uncast_bias_weight` untouched and nothing reads `module.weight`;
+- the checkpoint loader builds MODEL and CLIP differently over time: CLIP takes its state dict in the constructor
+  (v0.3.76), the MODEL is a CoreModelPatcher whose weights are assigned after it exists (v0.12, dynamic VRAM),
+  `set_inference_dtype` takes the load device (v0.24); `build_model` / `build_clip` follow whichever the host does;
+- new patch slots (`middle_block_after_patch`, `noise_refiner`, ...) and `forward_timestep_embed_patch` applying to
+  every layer (v0.20) reach other_packs.py through `model_patches`, which lists whatever slots the MODEL carries.
 ComfyUI is imported lazily so that the rest of the engine imports without it.
 """
 from __future__ import annotations
@@ -298,10 +306,10 @@ def probe_guider(model, positive, negative, cfg: float, uncond_denoised):
 
 
 # --- building a MODEL, CLIP and VAE from state dicts (the toy model's loader) ------------------------------------
-# comfy.sd's checkpoint loader changed how it builds these: from v0.12 (dynamic VRAM) the MODEL is a
-# CoreModelPatcher (ModelPatcherDynamic on GPUs) created before the weights are loaded, which are then assigned rather
-# than copied; set_inference_dtype takes the load device; CLIP takes its state dict in the constructor, before
-# it loads the text encoder onto the device. These follow whichever the host does.
+# comfy.sd's checkpoint loader changed how it builds these: CLIP takes its state dict in the constructor, before it
+# loads the text encoder onto the device (v0.3.76); the MODEL is a CoreModelPatcher (ModelPatcherDynamic on GPUs
+# when the server enables dynamic VRAM) created before the weights are loaded, which are then assigned rather than
+# copied (v0.12); set_inference_dtype takes the load device (v0.24). These follow whichever the host does.
 
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters

@@ -6,8 +6,8 @@
 - PerturbedAttentionGuidance and SelfAttentionGuidance (a post-CFG function with a second model evaluation per step):
   refused by the capture before any model call.
 - TomePatchModel (attn1 patches merging tokens across the map): a sparse edit is refused before any model call.
-- An attention replacement at a block that runs dense (PAG's own `perturbed_attention`, in the middle block): the
-  sparse edit honours it exactly (I2, I3, I4).
+- An attention replacement at a block that runs dense (a PAG-style perturbed self-attention in the middle block,
+  without PAG's second evaluation): the sparse edit honours it exactly (I2, I3, I4).
 The tiny SD1.5-structured UNet: 16x16 latent, level 0 sparse, level 1 (8x8, with the middle block) dense.
 """
 import logging

@@ -47,6 +47,7 @@ class SamplingSettings:
     positive_fingerprint: str
     noise_fingerprint: str
     latent_image_fingerprint: str
+    model_patches: tuple[str, ...] = ()     # what the fingerprint covers besides the weights, in words (messages)
 
     @property
     def steps(self) -> int:
@@ -68,8 +69,9 @@ class SamplingSettings:
             raise CacheError(f"unknown settings fields {sorted(unknown)}: the cache was written by a newer FISEdit; "
                              f"update FISEdit, or re-capture the generation with this one")
         d = dict(d)
-        for k in ("sigmas", "latent_shape", "chunks", "sparse_levels"):
-            d[k] = tuple(d[k])
+        for k in ("sigmas", "latent_shape", "chunks", "sparse_levels", "model_patches"):
+            if k in d:  # caches written before model_patches existed lack it
+                d[k] = tuple(d[k])
         return cls(**d)
 
 

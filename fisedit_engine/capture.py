@@ -22,6 +22,7 @@ import torch
 
 from . import comfy_adapter as host
 from . import resident
+from . import other_packs
 from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
                     settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
@@ -349,6 +350,7 @@ class CaptureOuterSample(_CaptureWrapper):
         noise, sigmas = a["noise"], a["sigmas"]
         batch, _, height, width = noise.shape
         sparse = layout.sparse_levels(height, width, self.handle.min_sparse_positions)
+        patches = other_packs.check_capture(guider.model_patcher, layout, sparse)
         rec = Recording(self.handle.name, self.handle.registry, len(sigmas) - 1, batch, sigmas, layout.targets(sparse),
                         self.handle.delta)
         rec.noise = noise.detach().cpu()
@@ -360,6 +362,7 @@ class CaptureOuterSample(_CaptureWrapper):
             seed=a.get("seed"), sigmas=tuple(float(s) for s in rec.sigmas), cfg=float(getattr(guider, "cfg", 1.0)),
             sparse_levels=tuple(sparse), min_sparse_positions=self.handle.min_sparse_positions,
             model_fingerprint=model_fingerprint(guider.model_patcher),
+            model_patches=tuple(v.patch.describe() for v in patches),
             negative_fingerprint=conditioning_fingerprint(rec.conds.get("negative")),
             positive_fingerprint=conditioning_fingerprint(rec.conds.get("positive")),
             noise_fingerprint=tensor_fingerprint(rec.noise),

@@ -1,15 +1,25 @@
 """The only module that knows ComfyUI's APIs and how they differ between versions.
 
-Verified against the pinned host (ComfyUI 0.3.75+, f8b981ae). Differences in newer upstream that matter here
-(see the README's compatibility section):
-- `caches.outputs.get` is a coroutine from v0.17;
-- the guider's OUTER_SAMPLE call gains keyword arguments over time (`latent_shapes`), so wrappers pass **kwargs on.
+Verified against the pinned host (ComfyUI 0.3.75+, f8b981ae) and upstream v0.33.0 (2f35f4a0); see the README's
+"Verified ComfyUI versions". Differences that matter here, and how they are met:
+- `caches.outputs.get` is a coroutine from v0.17 (`cached_output`);
+- the guider's OUTER_SAMPLE call gains keyword arguments over time (`latent_shapes`), so wrappers pass **kwargs on
+  and `outer_sample_args` names only what it knows;
+- `comfy.ops.cast_bias_weight` returns a handle whose type changed (v0.8) and streams weights with dynamic VRAM
+  (v0.12): `cast_weights` hands it back to `uncast_bias_weight` untouched and nothing reads `module.weight`;
+- the checkpoint loader builds MODEL and CLIP differently over time: CLIP takes its state dict in the constructor
+  (v0.3.76), the MODEL is a CoreModelPatcher whose weights are assigned after it exists (v0.12, dynamic VRAM),
+  `set_inference_dtype` takes the load device (v0.24); `build_model` / `build_clip` follow whichever the host does;
+- new patch slots (`middle_block_after_patch`, `noise_refiner`, ...) and `forward_timestep_embed_patch` applying to
+  every layer (v0.20) reach other_packs.py through `model_patches`, which lists whatever slots the MODEL carries.
 ComfyUI is imported lazily so that the rest of the engine imports without it.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 WRAPPER_KEY = "fisedit"
@@ -45,6 +55,100 @@ def has_fisedit_wrappers(patcher) -> bool:
 def foreign_wrapper_keys(patcher) -> list[str]:
     """Wrapper keys other packs registered on this patcher (they may change the model's output)."""
     return sorted(f"{kind}:{key}" for kind, keyed in patcher.wrappers.items() for key in keyed if key != WRAPPER_KEY)
+
+
+@dataclass(frozen=True)
+class ModelPatch:
+    """One thing another node put on a MODEL that can change what sampling computes (other_packs.py judges it)."""
+    slot: str             # ComfyUI's name for it: "attn1_patch", "attn1 replace", "output_block_patch",
+                          # "sampler_post_cfg_function", "object patch", "wrapper", "weights"
+    target: tuple = ()    # replace patches: (block name, number[, transformer index]); object patches: (path,);
+                          # wrappers: (wrapper type, key)
+    origin: str = ""      # the node whose code made it, e.g. "FreeU_V2 (comfy_extras.nodes_freelunch)"
+    detail: str = ""      # weights: how many and at which strengths
+
+    @property
+    def node(self) -> str:
+        return self.origin.split(" (", 1)[0] or "another node"
+
+    def describe(self) -> str:
+        where = f" at {self.target}" if self.slot.endswith("replace") else (
+            f" on {self.target[0]}" if self.slot == "object patch" else (
+                f" {self.target[0]}:{self.target[1]}" if self.slot == "wrapper" else ""))
+        what = f"{self.slot}{where}"
+        if self.detail:
+            what += f" ({self.detail})"
+        return f"{what} from {self.origin}" if self.origin else what
+
+
+# model_options entries that ComfyUI's sampling calls (besides transformer_options)
+_SAMPLING_FUNCTIONS = ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+                       "sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
+
+
+def origin_of(fn) -> str:
+    """The node a patch function comes from: the outermost class of its qualified name (node classes define their
+    patches inside their execute/patch method) and its module."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # bound methods
+    target = fn if inspect.isfunction(fn) or inspect.isclass(fn) else type(fn)
+    qualname = getattr(target, "__qualname__", repr(target))
+    owner = qualname.split(".<locals>", 1)[0].split(".", 1)[0]
+    module = short_module_name(getattr(target, "__module__", "") or "")
+    return f"{owner} ({module})" if module else owner
+
+
+def short_module_name(module: str) -> str:
+    """ComfyUI names the modules of comfy_extras and custom node packs by their file path; keep the part that names
+    the pack ("comfy_extras/nodes_freelunch", "custom_nodes/SomePack/nodes"), not where ComfyUI is installed."""
+    parts = module.replace("\\", "/").split("/")
+    if len(parts) == 1:
+        return module
+    if "custom_nodes" in parts:
+        return "/".join(parts[parts.index("custom_nodes"):])
+    return "/".join(parts[-2:])
+
+
+def model_patches(patcher) -> list[ModelPatch]:
+    """Everything on `patcher` besides FISEdit's own wrappers and object patches that can change sampling: weight
+    patches (LoRA and friends), UNet patches and attention replacements in transformer_options, sampling functions
+    in model_options, object patches and other packs' wrappers."""
+    found = []
+    strengths: dict[tuple, int] = {}
+    for key, patches in patcher.patches.items():
+        for p in patches:
+            value = p[1]
+            if isinstance(value, (tuple, list)):  # ("lora", (...)) in older ComfyUI, (tensor,) for model merges
+                kind = value[0] if value and isinstance(value[0], str) else "weight"
+            else:  # comfy.weight_adapter: LoRAAdapter, LoHaAdapter, ...
+                kind = type(value).__name__.removesuffix("Adapter")
+            group = (kind, float(p[0]), float(p[2]))
+            strengths[group] = strengths.get(group, 0) + 1
+    for (kind, strength, model_strength), count in sorted(strengths.items()):
+        detail = f"{count} {kind} weight patches at strength {strength:g}"
+        if model_strength != 1.0:
+            detail += f", base weight x{model_strength:g}"
+        found.append(ModelPatch("weights", detail=detail))
+    to = patcher.model_options.get("transformer_options", {})
+    for name, fns in sorted(to.get("patches", {}).items()):
+        for fn in fns:
+            found.append(ModelPatch(name, origin=origin_of(fn[1] if isinstance(fn, tuple) else fn)))
+    for name, replacements in sorted(to.get("patches_replace", {}).items()):
+        for target, fn in sorted(replacements.items(), key=str):
+            found.append(ModelPatch(f"{name} replace", tuple(target), origin_of(fn)))
+    for name in _SAMPLING_FUNCTIONS:
+        fns = patcher.model_options.get(name)
+        for fn in (fns if isinstance(fns, list) else [fns] if fns is not None else []):
+            found.append(ModelPatch(name, origin=origin_of(fn)))
+    for path, obj in sorted(patcher.object_patches.items()):
+        if not getattr(obj, "fisedit_patch", False):
+            found.append(ModelPatch("object patch", (path,), origin_of(obj)))
+    for kind, keyed in sorted(patcher.wrappers.items()):
+        for key, fns in sorted(keyed.items()):
+            if key != WRAPPER_KEY:
+                found.extend(ModelPatch("wrapper", (kind, key), origin_of(fn)) for fn in fns)
+    return found
 
 
 def diffusion_model_of_guider(guider):
@@ -227,3 +331,69 @@ def sampling_progress(model, steps: int) -> Callable:
     ComfyUI's latent preview when one is enabled."""
     import latent_preview
     return latent_preview.prepare_callback(model, steps)
+# --- building a MODEL, CLIP and VAE from state dicts (the toy model's loader) ------------------------------------
+# comfy.sd's checkpoint loader changed how it builds these: CLIP takes its state dict in the constructor, before it
+# loads the text encoder onto the device (v0.3.76); the MODEL is a CoreModelPatcher (ModelPatcherDynamic on GPUs
+# when the server enables dynamic VRAM) created before the weights are loaded, which are then assigned rather than
+# copied (v0.12); set_inference_dtype takes the load device (v0.24). These follow whichever the host does.
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def build_model(model_config, unet_state_dict: dict, model_type: str = "EPS"):
+    """A MODEL (ModelPatcher) around `model_config.get_model`-style BaseModel holding `unet_state_dict`, built as
+    the host's checkpoint loader builds one. Returns (patcher, missing keys, unexpected keys)."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    params = sum(v.numel() for v in unet_state_dict.values())
+    load_device = mm.get_torch_device()
+    unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=model_config.supported_inference_dtypes,
+                               weight_dtype=next(iter(unet_state_dict.values())).dtype)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    if _accepts(model_config.set_inference_dtype, "device"):
+        model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+    else:
+        model_config.set_inference_dtype(unet_dtype, manual_cast)
+    base = comfy.model_base.BaseModel(model_config, model_type=getattr(comfy.model_base.ModelType, model_type),
+                                      device=mm.unet_inital_load_device(params, unet_dtype))
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(base, load_device=load_device, offload_device=mm.unet_offload_device())
+    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
+    missing, unexpected = base.diffusion_model.load_state_dict(unet_state_dict, strict=False, assign=dynamic)
+    return patcher, list(missing), list(unexpected)
+
+
+def build_clip(clip_target, state_dict: dict, embedding_directory):
+    """A CLIP from a ClipTarget and its full state dict, as the host's checkpoint loader builds one. Returns (clip,
+    missing keys, unexpected keys)."""
+    import comfy.sd
+    params = sum(v.numel() for v in state_dict.values())
+    if not _accepts(comfy.sd.CLIP.__init__, "state_dict"):
+        clip = comfy.sd.CLIP(clip_target, embedding_directory=embedding_directory, parameters=params)
+        missing, unexpected = clip.load_sd(state_dict, full_model=True)
+        return clip, list(missing), list(unexpected)
+    # the constructor loads the weights (before moving the encoder to its device) and only logs what did not fit
+    clip = comfy.sd.CLIP(clip_target, embedding_directory=embedding_directory, parameters=params,
+                         state_dict=dict(state_dict))
+    expected = set(clip.cond_stage_model.state_dict())
+    return clip, sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+
+
+def build_vae(state_dict: dict, ddconfig: dict, embed_dim: int):
+    """A VAE (comfy.sd.VAE) of the KL autoencoder with this explicit config (its state-dict detection assumes SD's
+    width)."""
+    import comfy.sd
+    return comfy.sd.VAE(sd=state_dict, config={"params": {"ddconfig": dict(ddconfig), "embed_dim": embed_dim}})
+
+
+def embedding_directories():
+    """Where textual-inversion embeddings are looked up, or None in scripts that use comfy without its folders."""
+    try:
+        import folder_paths
+        return folder_paths.get_folder_paths("embeddings")
+    except (ImportError, KeyError):
+        return None
+

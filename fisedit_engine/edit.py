@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import comfy_adapter as host
 from . import cost
+from . import other_packs
 from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .feed import EditFeed
@@ -190,9 +191,19 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], dilate: int) -> 
 
 
 def check_model(model, source: FisEditCache) -> None:
-    if model_fingerprint(model) != source.settings.model_fingerprint:
-        raise CacheError(f"this model is not the one cache '{source.name}' was captured with (its weights, LoRAs or "
-                         f"patches differ): edit with the model that made the image, or re-capture")
+    if model_fingerprint(model) == source.settings.model_fingerprint:
+        return
+    now = tuple(p.describe() for p in host.model_patches(model))
+    was = source.settings.model_patches
+    if now != was:
+        detail = (f"; this model has {'; '.join(now) or 'no patches'}, the capture's had "
+                  f"{'; '.join(was) or 'no patches'}")
+    else:
+        detail = (f"; it has the same kinds of patches ({'; '.join(now)}), so their settings differ or its weights"
+                  if now else "; neither has patches, so its weights differ (another checkpoint or model)")
+    raise CacheError(f"this model is not the one cache '{source.name}' was captured with (its weights, LoRAs or "
+                     f"patches differ{detail}): edit with the model that made the image (the same LoRAs at the "
+                     f"same strengths), or re-capture")
 
 
 def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
@@ -206,6 +217,10 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     if not 0.0 <= dense_tail <= 1.0:
         raise CacheError(f"dense_tail is a fraction of the steps, between 0 and 1 (got {dense_tail})")
     check_model(model, source)
+    dense_steps = round(dense_tail * s.steps)
+    unet = model.model.diffusion_model
+    layout = UNetLayout.from_unet(unet)
+    other_packs.check_edit(model, layout, s.sparse_levels, every_step_dense=dense_steps == s.steps)
     batch = s.latent_shape[0]
     if spec.mask.shape[0] not in (1, batch) or tuple(spec.mask.shape[-2:]) != tuple(s.latent_shape[-2:]):
         raise CacheError(f"the edit mask {tuple(spec.mask.shape)} does not fit the cached latent "
@@ -218,10 +233,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             callback(s.steps - 1, final, final, s.steps)
         return final, spec.cache
 
-    unet = model.model.diffusion_model
-    layout = UNetLayout.from_unet(unet)
     plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
-    dense_steps = round(dense_tail * s.steps)
     graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph)

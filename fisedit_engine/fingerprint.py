@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from .comfy_adapter import foreign_wrapper_keys
+from .comfy_adapter import foreign_wrapper_keys, short_module_name
 
 _SAMPLES_PER_TENSOR = 256
 
@@ -91,13 +91,58 @@ def model_fingerprint(patcher) -> str:
                                if not getattr(v, "fisedit_patch", False))).encode())
     h.update(json.dumps(foreign_wrapper_keys(patcher)).encode())
     to = patcher.model_options.get("transformer_options", {})
-    h.update(json.dumps({k: sorted(map(str, v)) for k, v in to.get("patches", {}).items()}, sort_keys=True).encode())
-    h.update(json.dumps(sorted(map(str, to.get("patches_replace", {}))), sort_keys=True).encode())
-    for fn in ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
-               "model_function_wrapper"):
-        if fn in patcher.model_options:
-            h.update(fn.encode())
+    patches, replacements = to.get("patches", {}), to.get("patches_replace", {})
+    if not patches and not replacements:
+        h.update(b"{}[]")  # what earlier versions hashed here: saved caches of unpatched models keep matching
+    for name, fns in sorted(patches.items()):
+        h.update(f"patch:{name}".encode())
+        for fn in fns:
+            _update_with_callable(h, fn)
+    for name, replaced in sorted(replacements.items()):
+        for key, fn in sorted(replaced.items(), key=str):
+            h.update(f"replace:{name}:{key}".encode())
+            _update_with_callable(h, fn)
+    for name in ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+                 "model_function_wrapper"):
+        if name in patcher.model_options:
+            h.update(name.encode())
     return h.hexdigest()[:16]
+
+
+_PLAIN = (int, float, str, bool)
+
+
+def _update_with_callable(h, fn) -> None:
+    """A patch function by what it is, not where it lives in memory (so a cache saved and loaded in another process
+    still matches): its qualified name and the settings it closes over (numbers, strings, and tuples or dicts of
+    them: FreeU's scales, PAG's scale). Cells that hold other objects, lists or None are skipped: patches keep
+    run-time state there (ToMe's unmerge function is set during sampling)."""
+    if isinstance(fn, tuple):  # forward_timestep_embed_patch entries: (layer class, handler)
+        for part in fn:
+            _update_with_callable(h, part)
+        return
+    fn = getattr(fn, "__func__", fn)
+    module = short_module_name(getattr(fn, "__module__", "") or "")  # not the install path
+    h.update(f"{module}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if _is_plain_setting(value):
+            _update_with_object(h, value, full_tensors=False)
+
+
+def _is_plain_setting(value, nested: bool = False) -> bool:
+    """Numbers and strings, and tuples or non-empty dicts of them. Lists and empty dicts are taken for state that
+    a patch fills while it runs (FreeU's per-device fallback table starts empty)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, tuple):
+        return all(_is_plain_setting(v, True) for v in value)
+    if isinstance(value, dict) and (value or nested):
+        return all(isinstance(k, _PLAIN) and _is_plain_setting(v, True) for k, v in value.items())
+    return False
 
 
 def vae_fingerprint(vae) -> str:

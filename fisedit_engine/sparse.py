@@ -26,6 +26,7 @@ from .cache import CacheError
 from .capture import StepContext, current_step
 from .kernels import reference as R
 from .layout import Block
+from .other_packs import EVERY_TOKEN_PATCHES
 
 
 class SparseForward:
@@ -149,9 +150,9 @@ class SparseSpatialTransformer(SparseForward):
     def sparse(self, ctx, x, context=None, transformer_options=None):
         m, lp = self.module, self.level(ctx)
         transformer_options = {} if transformer_options is None else transformer_options
-        if transformer_options.get("patches") or transformer_options.get("patches_replace"):
-            raise CacheError("another node pack patches attention in this model; FISEdit's sparse sampler cannot "
-                             "honour such patches: remove them from the model used for the edit")
+        if _attention_patched(transformer_options):  # other_packs.check_edit refuses these before sampling
+            raise CacheError(f"{self.path}: another node patches attention here, which a sparse step cannot honour; "
+                             f"set dense_tail to 1.0 or remove that node from the model")
         blocks = m.transformer_blocks
         contexts = context if isinstance(context, list) else [context] * len(blocks)
         n, c, height, width = x.shape
@@ -207,6 +208,14 @@ class SparseSpatialTransformer(SparseForward):
         x_skip = x
         x = block.ff(block.norm3(x))
         return x_skip + x if block.is_res else x
+
+
+def _attention_patched(transformer_options: dict) -> bool:
+    patches = transformer_options.get("patches", {})
+    block = tuple(transformer_options.get("block", ()))
+    replaced = transformer_options.get("patches_replace", {})
+    return (any(patches.get(name) for name in EVERY_TOKEN_PATCHES)
+            or any(tuple(key[:2]) == block for keyed in replaced.values() for key in keyed))
 
 
 SPARSE_FORWARDS = {

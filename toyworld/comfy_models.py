@@ -111,10 +111,7 @@ def _split(sd: dict, prefix: str) -> dict:
 
 def build(sd: dict[str, torch.Tensor], meta: dict):
     """(MODEL, CLIP, VAE) from the toy model's weights and metadata."""
-    import comfy.model_base
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
+    from fisedit_engine import comfy_adapter as host
 
     unet_config = json.loads(meta["unet_config"])
     text_config = json.loads(meta["text_config"])
@@ -125,40 +122,14 @@ def build(sd: dict[str, torch.Tensor], meta: dict):
     for part, tensors in parts.items():
         if not tensors:
             raise ValueError(f"the toy model's weights have no {part} tensors")
-
-    # MODEL, as comfy.sd.load_state_dict_guess_config makes one
-    params = sum(v.numel() for v in parts["unet"].values())
-    load_device = mm.get_torch_device()
-    model_config = _model_config(unet_config, meta)
-    unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=model_config.supported_inference_dtypes,
-                               weight_dtype=next(iter(parts["unet"].values())).dtype)
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast)
-    base = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS,
-                                      device=mm.unet_inital_load_device(params, unet_dtype))
-    missing, unexpected = base.diffusion_model.load_state_dict(parts["unet"], strict=False)
+    # each as the host's checkpoint loader builds SD1.5's (the adapter knows how that differs between versions)
+    model, missing, unexpected = host.build_model(_model_config(unet_config, meta), parts["unet"], "EPS")
     _check("UNet", missing, unexpected)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
-
-    # CLIP, as the checkpoint loader makes SD1.5's
-    text_params = sum(v.numel() for v in parts["text"].values())
-    clip = comfy.sd.CLIP(clip_target(text_config, vocab), embedding_directory=_embedding_directory(),
-                         parameters=text_params)
-    missing, unexpected = clip.load_sd(parts["text"], full_model=True)
+    clip, missing, unexpected = host.build_clip(clip_target(text_config, vocab), parts["text"],
+                                                host.embedding_directories())
     _check("text encoder", missing, unexpected)
-
-    # VAE from the explicit config (comfy.sd.VAE calls AutoencoderKL(**config["params"]))
-    vae = comfy.sd.VAE(sd=parts["vae"], config={"params": {"ddconfig": dict(vae_config["ddconfig"]),
-                                                           "embed_dim": vae_config["embed_dim"]}})
+    vae = host.build_vae(parts["vae"], vae_config["ddconfig"], vae_config["embed_dim"])
     return model, clip, vae
-
-
-def _embedding_directory():
-    try:
-        import folder_paths
-        return folder_paths.get_folder_paths("embeddings")
-    except (ImportError, KeyError):  # scripts that use comfy without the host's folder registry
-        return None
 
 
 def _check(what: str, missing, unexpected) -> None:

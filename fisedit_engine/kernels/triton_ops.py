@@ -70,7 +70,9 @@ def _gather_norm_kernel(
             shift = shift + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         v = v * scale[:, None] + shift[:, None]
         if SILU:
-            v = v * tl.sigmoid(v)
+            # Not tl.sigmoid: a @triton.jit helper of Triton's own, which the interpreter can only run when
+            # TRITON_INTERPRET was set before Triton itself was imported; builtins run either way.
+            v = v / (1.0 + tl.exp(-v))
         # The conv pads its post-activation input with zeros. A product, not a select, as the reference does: NaN
         # statistics stay visible outside the input too.
         v = v * valid.to(tl.float32)[None, :]

@@ -40,16 +40,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 N, C, GROUPS, HW, TILE = 2, 96, 32, (18, 27), 4   # C = 3 x 32: two channel blocks of 64, the second partial
 
 
-@pytest.fixture(scope="module")
-def T():
+def load_triton_ops(interpret: bool):
+    """A private copy of triton_ops, its kernels decorated with TRITON_INTERPRET set to `interpret` for the import
+    only."""
     path = ROOT / "fisedit_engine" / "kernels" / "triton_ops.py"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.spec_from_file_location("fisedit_triton_ops_interpreted", path)
+        mp.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+        spec = importlib.util.spec_from_file_location(f"fisedit_triton_ops_{'interpreted' if interpret else 'compiled'}",
+                                                      path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    assert module.INTERPRETED
+    assert module.INTERPRETED == interpret
     return module
+
+
+@pytest.fixture(scope="module")
+def T():
+    return load_triton_ops(interpret=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +188,41 @@ def test_empty_and_bad_arguments(T, plan):
         T.gather_norm_patches(x, rows, cols, stats.half(), w, b, 1e-5, True)
     with pytest.raises(ValueError, match="disagree"):
         T.gather_norm_patches(x, rows, cols[:1], stats, w, b, 1e-5, True)
+
+
+PINNED_TRITON = "3.9.0"  # scripts/requirements-triton.txt
+
+
+@pytest.mark.skipif(triton.__version__ != PINNED_TRITON,
+                    reason=f"ahead-of-time compilation's signature API is Triton {PINNED_TRITON}'s (CI's pin); with "
+                           "another Triton, as on a GPU machine, tests/gpu compiles the kernels for real")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_the_h100():
+    """Every kernel variant the launchers use, compiled for sm_90 down to a cubin (Triton's bundled ptxas): what the
+    interpreter cannot catch (types the compiler rejects, unsupported ops) is caught without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    T = load_triton_ops(interpret=False)
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_(kernel, pointers, consts):
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
+               for n in kernel.arg_names}
+        return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target)
+
+    for dt in ("fp16", "bf16", "fp32"):
+        ptrs = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
+        ptrs.update(rows_ptr="*i64", cols_ptr="*i64", stats_ptr="*fp32")
+        for norm, flat in ((True, False), (True, True), (False, False)):
+            consts = dict(NORM=norm, HAS_W=norm, HAS_B=norm, SILU=norm and not flat, FLAT=flat,
+                          BLOCK_C=T.GPU_BLOCKS["gather"][0], BLOCK_S=T.GPU_BLOCKS["gather"][1])
+            assert "cubin" in compile_(T._gather_norm_kernel, ptrs, consts).asm
+        ptrs = {n: f"*{dt}" for n in ("base_ptr", "tiles_ptr", "bias_ptr", "res_ptr")}
+        ptrs.update(pos_ptr="*i64", src_ptr="*i64")
+        for res in (0, 1, 2):
+            consts = dict(HAS_BIAS=res != 1, RES=res, IDENTITY=res == 2,
+                          BLOCK_C=T.GPU_BLOCKS["scatter"][0], BLOCK_S=T.GPU_BLOCKS["scatter"][1])
+            assert "cubin" in compile_(T._scatter_kernel, ptrs, consts).asm
 
 
 # --- the dispatch -----------------------------------------------------------------------------------------------

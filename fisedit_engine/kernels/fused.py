@@ -7,6 +7,10 @@
   for CPU tensors when TRITON_INTERPRET=1 was set before the kernels were first used (Triton's interpreter: how CI runs
   the real kernels without a GPU); the reference otherwise. Every reason for taking the reference is logged once.
 
+`FISEDIT_PATCH_LAYOUT=nchw` (default) or `nhwc`: how the Triton gather stores the patches for the conv that reads
+them (cuDNN on the stacked tiles): per tile channels-first, or channels-last (NHWC, cuDNN's native layout for
+tensor-core convs). Both give the same values; benchmarks/kernels.py measures which is faster.
+
 The Triton kernels round each output once from fp32, the reference ops after every step as the unfused torch ops do,
 so in half precision the two differ by an output rounding (tests/unit/test_triton_kernels.py bounds it).
 """
@@ -23,6 +27,8 @@ log = logging.getLogger("FISEdit")
 
 ENV = "FISEDIT_KERNELS"
 MODES = ("auto", "triton", "reference")
+LAYOUT_ENV = "FISEDIT_PATCH_LAYOUT"
+LAYOUTS = ("nchw", "nhwc")
 
 _module = None          # triton_ops once imported
 _import_error = None    # why it could not be imported
@@ -35,6 +41,13 @@ def mode() -> str:
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def patch_layout() -> str:
+    value = os.environ.get(LAYOUT_ENV, "nchw").strip().lower() or "nchw"
+    if value not in LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={value!r}: expected one of {', '.join(LAYOUTS)}")
     return value
 
 
@@ -142,7 +155,8 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     GroupNorm'ed with `stats` [N, G, 2] (fp32 mean, biased variance) and weight/bias [C], and SiLU'd with `silu`;
     with stats None, the patches only. In x's dtype."""
     return _run("gather_norm", x.device,
-                lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu),
+                lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu,
+                                                    channels_last=patch_layout() == "nhwc"),
                 lambda: R.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu))
 
 

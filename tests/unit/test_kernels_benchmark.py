@@ -6,9 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import platform
+
 import pytest
 
-pytest.importorskip("triton", reason="Triton is not installed (no wheel for this platform)")
+try:
+    import triton  # noqa: F401
+except ImportError:  # scripts/setup_host.sh installs it on Linux; elsewhere there may be no wheel
+    if platform.system() == "Linux":
+        raise
+    pytest.skip("Triton is not installed (no wheel for this platform)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 

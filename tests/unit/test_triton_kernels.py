@@ -287,6 +287,12 @@ out = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
 res = {"backend": fused.backend("gather_norm", "cpu"), "interpreted": fused.triton_module().INTERPRETED,
        "err": KC.check_bound(out, R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True),
                              KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True))}
+import os
+os.environ[fused.LAYOUT_ENV] = "nhwc"
+nhwc = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+res["nhwc_equal"] = torch.equal(nhwc, out)
+res["nhwc_stacked_channels_last"] = nhwc.permute(0, 2, 1, 3, 4).reshape(-1, *nhwc.shape[1:2], *nhwc.shape[3:]).is_contiguous(
+    memory_format=torch.channels_last)
 def broken():
     raise RuntimeError("no compiler")
 res["fallback"] = fused._run("probe_op", "cpu", broken, lambda: "reference result")
@@ -305,6 +311,7 @@ def test_dispatch_runs_triton_under_the_interpreter_in_auto_mode():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["backend"] == "triton" and res["interpreted"]
+    assert res["nhwc_equal"] and res["nhwc_stacked_channels_last"]  # FISEDIT_PATCH_LAYOUT=nhwc: same values
     assert res["fallback"] == res["second"] == "reference result"
     failures = [line for line in res["logs"] if "probe_op failed on its first launch" in line]
     assert len(failures) == 1, res["logs"]

@@ -32,12 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import kernel_checks as KC  # noqa: E402
 from fisedit_engine.kernels import fused  # noqa: E402
 from fisedit_engine.kernels import reference as R  # noqa: E402
-from fisedit_engine.plan import EditPlan  # noqa: E402
 
 DEV = "cuda"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

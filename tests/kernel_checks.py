@@ -1,6 +1,6 @@
-"""Shared by the kernel tests (tests/unit/test_triton_kernels.py under Triton's interpreter, tests/gpu/test_kernels_gpu.py
-on CUDA) and benchmarks/kernels.py: test geometries from the real plan, random maps, fp64 oracles written
-independently of kernels/reference.py, and the error bound.
+"""Shared by the kernel tests (tests/unit/test_triton_kernels.py under Triton's interpreter,
+tests/gpu/test_kernels_gpu.py on CUDA) and benchmarks/kernels.py: test geometries from the real plan, random maps,
+fp64 oracles written independently of kernels/reference.py, and the error bound.
 
 The bound: a kernel's largest error against the fp64 oracle is at most K times the reference op's own largest error
 (the reference run in the same dtype) plus a tiny absolute term, so a kernel may round differently but not worse.
@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fisedit_engine.kernels import reference as R
 from fisedit_engine.plan import EditPlan
 
 KINDS = ("conv3", "interior", "down", "up")
@@ -33,7 +32,8 @@ def make_plan(hw, tile, fraction=0.1, seed=0, border=True) -> EditPlan:
     while int(mask.any(0).sum()) < target:
         b = int(torch.randint(0, 2, (1,), generator=g))
         rh, rw = (int(torch.randint(1, max(2, n // 6), (1,), generator=g)) for n in hw)
-        r, c = int(torch.randint(0, h - rh + 1, (1,), generator=g)), int(torch.randint(0, w - rw + 1, (1,), generator=g))
+        r = int(torch.randint(0, h - rh + 1, (1,), generator=g))
+        c = int(torch.randint(0, w - rw + 1, (1,), generator=g))
         mask[b, r:r + rh, c:c + rw] = True
     if border:
         mask[0, 0, 0] = True

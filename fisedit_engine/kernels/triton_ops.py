@@ -15,6 +15,8 @@ to the reference ops where Triton cannot run.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -147,6 +149,11 @@ def _blocks(op: str, channels: int, blocks):
     return min(block_c, triton.next_power_of_2(channels)), block_s
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device; the tensors may live on another one."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def _check(cond: bool, message: str):
     if not cond:
         raise ValueError(message)
@@ -212,26 +219,30 @@ def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage,
     norm = stats is not None
     groups = 1
     if norm:
-        _check(stats.dtype == torch.float32 and stats.is_contiguous() and stats.dim() == 3 and stats.shape[0] == n
-               and stats.shape[2] == 2, f"stats: contiguous fp32 [N={n}, G, 2] expected, got {stats.dtype} "
-               f"{tuple(stats.shape)}")
+        _check(stats.dtype == torch.float32 and stats.dim() == 3 and stats.shape[0] == n and stats.shape[2] == 2,
+               f"stats: fp32 [N={n}, G, 2] expected, got {stats.dtype} {tuple(stats.shape)}")
         groups = stats.shape[1]
         _check(c % groups == 0, f"{c} channels do not split into {groups} groups")
         for name, v in (("weight", weight), ("bias", bias)):
-            _check(v is None or (v.shape == (c,) and v.is_contiguous()), f"{name}: contiguous [{c}] expected")
+            _check(v is None or v.shape == (c,), f"{name}: [{c}] expected, got {None if v is None else tuple(v.shape)}")
+        # copies only if the caller's are strided (normally no-ops): the kernel reads them by flat index
+        stats = stats.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
     if s == 0 or n == 0 or c == 0:
         return
     block_c, block_s = _blocks("gather", c, blocks)
     grid = (n, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
     dummy = stats if norm else storage  # never read: the constexpr flags drop the loads
-    _gather_norm_kernel[grid](
-        x, rows, cols, stats if norm else dummy,
-        weight if weight is not None else dummy, bias if bias is not None else dummy, storage,
-        c, w, p, q, s, c // groups, groups,
-        *x.stride(), *so, float(eps),
-        NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu and norm), FLAT=flat,
-        BLOCK_C=block_c, BLOCK_S=block_s,
-    )
+    with _on(x.device):
+        _gather_norm_kernel[grid](
+            x, rows, cols, stats if norm else dummy,
+            weight if weight is not None else dummy, bias if bias is not None else dummy, storage,
+            c, w, p, q, s, c // groups, groups,
+            *x.stride(), *so, float(eps),
+            NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu and norm), FLAT=flat,
+            BLOCK_C=block_c, BLOCK_S=block_s,
+        )
 
 
 def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch.Tensor,
@@ -274,13 +285,14 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
         return base
     block_c, block_s = _blocks("scatter", c, blocks)
     grid = (n, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
-    _scatter_kernel[grid](
-        base, tiles_out, positions, sources if sources is not None else positions,
-        bias if bias is not None else base, res_t,
-        c, s, w, tiles_out.shape[3],
-        *base.stride(), *tiles_out.stride(),
-        *(bias.stride() if bias is not None else (0, 0)), *sr,
-        HAS_BIAS=bias is not None, RES=res, IDENTITY=sources is None,
-        BLOCK_C=block_c, BLOCK_S=block_s,
-    )
+    with _on(base.device):
+        _scatter_kernel[grid](
+            base, tiles_out, positions, sources if sources is not None else positions,
+            bias if bias is not None else base, res_t,
+            c, s, w, tiles_out.shape[3],
+            *base.stride(), *tiles_out.stride(),
+            *(bias.stride() if bias is not None else (0, 0)), *sr,
+            HAS_BIAS=bias is not None, RES=res, IDENTITY=sources is None,
+            BLOCK_C=block_c, BLOCK_S=block_s,
+        )
     return base

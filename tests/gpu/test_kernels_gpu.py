@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import kernel_checks as KC
-
 from fisedit_engine.kernels import fused
 from fisedit_engine.kernels import reference as R
 
@@ -137,6 +136,7 @@ def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
     weights amplify over the steps, within the I3 bounds of tests/gpu/test_edit_gpu.py."""
     import tiny_models
     from tiny_models import sample
+
     from fisedit_engine import api
     from fisedit_engine.edit import EditSpec, run_edit
     arch, size = "sd15", 64

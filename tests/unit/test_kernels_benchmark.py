@@ -2,11 +2,10 @@
 the H100 run it is written for should not be the first time its code runs. Timings on the CPU mean nothing."""
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
-
-import platform
 
 import pytest
 

@@ -46,8 +46,8 @@ def load_triton_ops(interpret: bool):
     path = ROOT / "fisedit_engine" / "kernels" / "triton_ops.py"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1" if interpret else "0")
-        spec = importlib.util.spec_from_file_location(f"fisedit_triton_ops_{'interpreted' if interpret else 'compiled'}",
-                                                      path)
+        name = f"fisedit_triton_ops_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     assert module.INTERPRETED == interpret
@@ -107,6 +107,10 @@ def test_gather_norm_variants(T, plan, affine, silu):
     lp, rows, cols, in_hw = KC.geometry(plan, "up", "cpu")
     x = KC.make_map(1, 64, in_hw, dtype, "cpu", seed=6)
     stats, w, b = KC.norm_params(1, 64, 32, dtype, "cpu", seed=7, affine=affine)
+    stats = torch.stack([stats[..., 0], stats[..., 1]], 0).permute(1, 2, 0)  # strided: the launcher copies it
+    assert not stats.is_contiguous()
+    if affine:
+        w = torch.stack([w, w], 1)[:, 0]
     out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, silu)
     ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, silu)
     KC.check_bound(out, ref, KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, silu), k_of(dtype))
@@ -142,7 +146,8 @@ def test_scatter_add(T, plan, adds, dtype):
     lp = plan.levels[0]
     positions, sources = lp.tile_scatter("cpu")
     assert len(positions) < lp.n_tiles * TILE * TILE  # partial tiles at the border: elements without a place
-    tiles_out = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, "cpu", seed=11, channels_last=dtype == torch.bfloat16)
+    tiles_out = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, "cpu", seed=11,
+                                     channels_last=dtype == torch.bfloat16)  # both layouts the conv may return
     base = KC.make_map(N, C, HW, dtype, "cpu", seed=12, nan_outside=lp.read)
     kw = {}
     if "bias" in adds:
@@ -291,8 +296,8 @@ import os
 os.environ[fused.LAYOUT_ENV] = "nhwc"
 nhwc = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
 res["nhwc_equal"] = torch.equal(nhwc, out)
-res["nhwc_stacked_channels_last"] = nhwc.permute(0, 2, 1, 3, 4).reshape(-1, *nhwc.shape[1:2], *nhwc.shape[3:]).is_contiguous(
-    memory_format=torch.channels_last)
+stacked = nhwc.permute(0, 2, 1, 3, 4).reshape(-1, nhwc.shape[1], *nhwc.shape[3:])
+res["nhwc_stacked_channels_last"] = stacked.is_contiguous(memory_format=torch.channels_last)
 def broken():
     raise RuntimeError("no compiler")
 res["fallback"] = fused._run("probe_op", "cpu", broken, lambda: "reference result")

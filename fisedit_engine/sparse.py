@@ -13,7 +13,8 @@ The input is likewise the cached input outside the active tiles (see plan.py). I
 - conv_in, Downsample, Upsample and the output head: gather (with each op's geometry), conv, scatter. The output
   head also composites with the edit mask itself, so the model output outside the mask is exactly the cached one.
 GroupNorm statistics are exact (over the assembled map: cached values outside, fresh inside) unless the edit asks
-for the paper's approximation, the cached statistics of the original run.
+for the paper's approximation, the cached statistics of the original run. The gathers, norms and scatters (with the
+adds before them) go through kernels/fused.py: fused Triton kernels on CUDA, or the pure-torch reference ops.
 Without an edit context (a model call outside an edit), in a dense step, and at a level whose active tiles cover
 the whole map, every forward is the module's own.
 """

@@ -13,7 +13,8 @@ The input is likewise the cached input outside the active tiles (see plan.py). I
 - conv_in, Downsample, Upsample and the output head: gather (with each op's geometry), conv, scatter. The output
   head also composites with the edit mask itself, so the model output outside the mask is exactly the cached one.
 GroupNorm statistics are exact (over the assembled map: cached values outside, fresh inside) unless the edit asks
-for the paper's approximation, the cached statistics of the original run.
+for the paper's approximation, the cached statistics of the original run. The gathers, norms and scatters (with the
+adds before them) go through kernels/fused.py: fused Triton kernels on CUDA, or the pure-torch reference ops.
 Without an edit context (a model call outside an edit), in a dense step, and at a level whose active tiles cover
 the whole map, every forward is the module's own.
 """
@@ -24,6 +25,7 @@ import torch
 from . import comfy_adapter as host
 from .cache import CacheError
 from .capture import StepContext, current_step
+from .kernels import fused as K
 from .kernels import reference as R
 from .layout import Block
 from .other_packs import EVERY_TOKEN_PATCHES
@@ -55,18 +57,20 @@ class SparseForward:
         raise NotImplementedError
 
 
-def _scatter(base, tiles_out, lp):
+def _scatter(base, tiles_out, lp, bias=None, residual_tiles=None, residual_map=None):
+    """Tiles (+ bias [N, C]) (+ a residual: tiles, or the map read at the tiles) into `base`, in place."""
     positions, sources = lp.tile_scatter(base.device)
-    return R.scatter_tiles_(base, tiles_out, positions, sources)
+    return K.scatter_tiles_(base, tiles_out, positions, sources, bias, residual_tiles, residual_map)
 
 
 def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, stride=1):
     """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T]."""
     rows, cols = lp.patch_index(kind, x.device, in_size)
-    patches = R.gather_patches(x, rows, cols)
-    if norm is not None:
+    if norm is None:
+        patches = K.gather_norm_patches(x, rows, cols)
+    else:
         with host.cast_weights(norm, x) as (gw, gb):
-            patches = R.group_norm_silu_patches(patches, stats, gw, gb, norm.eps, R.valid_patch_mask(rows, cols))
+            patches = K.gather_norm_patches(x, rows, cols, stats, gw, gb, norm.eps, silu=True)
     with host.cast_weights(conv, patches) as (w, b):
         return R.conv_patches(patches, w, b, stride)
 
@@ -78,17 +82,17 @@ class SparseResBlock(SparseForward):
         out_norm, out_conv = m.out_layers[0], m.out_layers[3]
         stats = ctx.edit.group_stats(ctx, f"{self.path}.in_layers.0", x, in_norm.num_groups, self.block.inputs)
         h = _sparse_conv(ctx, x, in_conv, lp, "conv3", in_norm, stats)
-        h = h + m.emb_layers(emb).type(h.dtype)[:, :, None, None, None]
-        h_full = _scatter(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp)
+        h_full = _scatter(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp, bias=m.emb_layers(emb).type(h.dtype))
         ctx.recording.record(f"{self.path}:h", ctx, h_full)
         stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups,
                                      (f"{self.path}:h",))
         out = _sparse_conv(ctx, h_full, out_conv, lp, "conv3", out_norm, stats)
+        if isinstance(m.skip_connection, torch.nn.Identity):  # the residual is x itself, read where it lands
+            return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp, residual_map=x)
         skip = R.tiles_of(x, lp.tiles_on(x.device), lp.tile)
-        if not isinstance(m.skip_connection, torch.nn.Identity):
-            with host.cast_weights(m.skip_connection, skip) as (w, b):
-                skip = R.conv_patches(skip, w, b)
-        return _scatter(ctx.edit.cached(ctx, self.path, x), skip + out, lp)
+        with host.cast_weights(m.skip_connection, skip) as (w, b):
+            skip = R.conv_patches(skip, w, b)
+        return _scatter(ctx.edit.cached(ctx, self.path, x), out, lp, residual_tiles=skip)
 
 
 class SparseConv(SparseForward):
@@ -155,13 +159,10 @@ class SparseSpatialTransformer(SparseForward):
                              f"set dense_tail to 1.0 or remove that node from the model")
         blocks = m.transformer_blocks
         contexts = context if isinstance(context, list) else [context] * len(blocks)
-        n, c, height, width = x.shape
         tokens_idx = lp.tokens(x.device)
-        x_active = x.flatten(2)[:, :, tokens_idx]                      # [N, C, P]
         stats = ctx.edit.group_stats(ctx, f"{self.path}.norm", x, m.norm.num_groups, self.block.inputs)
         with host.cast_weights(m.norm, x) as (gw, gb):
-            t = R.group_norm_silu_patches(x_active[..., None, None], stats, gw, gb, m.norm.eps, None, silu=False)
-        t = t[..., 0, 0]
+            t = K.group_norm_tokens(x, tokens_idx, stats, gw, gb, m.norm.eps)  # [N, C, P]
         if m.use_linear:
             t = m.proj_in(t.transpose(1, 2))
         else:
@@ -174,9 +175,8 @@ class SparseSpatialTransformer(SparseForward):
             t = m.proj_out(t).transpose(1, 2)
         else:
             t = m.proj_out(t.transpose(1, 2)[..., None]).squeeze(-1)
-        out = ctx.edit.cached(ctx, self.path, x)
-        out.view(n, c, -1).index_copy_(2, tokens_idx, (t + x_active).to(out.dtype))
-        return out
+        out = ctx.edit.cached(ctx, self.path, x)  # + the residual x, at the active tokens
+        return K.scatter_tiles_(out, t[..., None, None], tokens_idx, None, residual_map=x)
 
     @staticmethod
     def _block(ctx, block, path, x, context, lp, transformer_options):

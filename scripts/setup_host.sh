@@ -21,7 +21,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. virtual environment ------------------------------------------------------------------------------
 req_stamp="$(cat "$ROOT/scripts/requirements-host.txt" "$ROOT/scripts/requirements-test.txt" \
-              "$ROOT/scripts/setup_host.sh" | sha256sum | cut -c1-16)"
+              "$ROOT/scripts/requirements-triton.txt" "$ROOT/scripts/setup_host.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$VENV/.fisedit-stamp-$req_stamp" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
         if "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -38,6 +38,10 @@ if [ ! -f "$VENV/.fisedit-stamp-$req_stamp" ]; then
     fi
     log "installing host and test requirements"
     "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-host.txt" -r "$ROOT/scripts/requirements-test.txt"
+    if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then  # keep the Triton a CUDA torch came with
+        log "installing Triton (kernel tests under its interpreter)"
+        "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-triton.txt"
+    fi
     rm -f "$VENV"/.fisedit-stamp-*
     touch "$VENV/.fisedit-stamp-$req_stamp"
 fi

@@ -102,3 +102,42 @@ def tiles_of(x: torch.Tensor, tiles: torch.Tensor, tile: int) -> torch.Tensor:
     padded = F.pad(x, (0, gw * tile - w, 0, gh * tile - h))
     view = padded.view(n, c, gh, tile, gw, tile).permute(0, 1, 2, 4, 3, 5)
     return view[:, :, tiles[:, 0], tiles[:, 1]]
+
+
+def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
+                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+                        silu: bool = True) -> torch.Tensor:
+    """gather_patches, then (with `stats`) group_norm_silu_patches: what the fused gather kernel computes."""
+    patches = gather_patches(x, rows, cols)
+    if stats is None:
+        return patches
+    return group_norm_silu_patches(patches, stats, weight, bias, eps, valid_patch_mask(rows, cols), silu)
+
+
+def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, weight, bias,
+                      eps: float) -> torch.Tensor:
+    """GroupNorm (no SiLU) of x [N, C, H, W] at the flat positions `tokens` [P]: [N, C, P]."""
+    active = x.flatten(2)[:, :, tokens]
+    return group_norm_silu_patches(active[..., None, None], stats, weight, bias, eps, None, silu=False)[..., 0, 0]
+
+
+def scatter_add_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch.Tensor,
+                       sources: torch.Tensor | None, bias: torch.Tensor | None = None,
+                       residual_tiles: torch.Tensor | None = None,
+                       residual_map: torch.Tensor | None = None) -> torch.Tensor:
+    """scatter_tiles_ of `tiles_out` [N, C, tiles, T, T] (+ bias [N, C]) (+ residual_tiles, like tiles_out, or
+    residual_map, like base, read at `positions`), each sum in the tiles' dtype as the unfused ops take it. `sources`
+    None: element i of the flattened tiles goes to positions[i]."""
+    n, c = base.shape[:2]
+    values = tiles_out
+    if bias is not None:
+        values = values + bias[:, :, None, None, None]
+    if residual_tiles is not None:
+        values = residual_tiles + values
+    values = values.reshape(n, c, -1)
+    if sources is not None:
+        values = values.index_select(2, sources)
+    if residual_map is not None:
+        values = residual_map.reshape(n, c, -1).index_select(2, positions) + values
+    base.view(n, c, -1).index_copy_(2, positions, values.to(base.dtype))
+    return base

@@ -1,0 +1,298 @@
+"""Triton kernels of the sparse path. Each launcher computes what its reference in `reference.py` computes:
+
+- `gather_norm_patches`: gather with halo (`reference.gather_patches`) + GroupNorm with given statistics + optional
+  SiLU + zero outside the input (`reference.group_norm_silu_patches`), in one pass over the input.
+- `group_norm_tokens`: the same at a list of positions (SpatialTransformer's active tokens), channels innermost.
+- `scatter_tiles_`: `reference.scatter_add_tiles_`, the in-place scatter of tiles into a map with an added per-(row,
+  channel) bias and/or residual (from tiles, or read from a map at the scattered positions).
+
+Arithmetic is fp32 inside; each output element is rounded once to the output dtype. Every index and stride is a
+kernel argument, so inputs of any memory format are read where they lie (no `.contiguous()` copies).
+
+This module imports Triton, which decides at decoration time whether `@triton.jit` kernels are compiled or
+interpreted (`TRITON_INTERPRET=1`); `INTERPRETED` records which. Import it through `kernels.fused`, which falls back
+to the reference ops where Triton cannot run.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_norm_kernel(
+    x_ptr,                      # input map [N, C, H, W], strides sx_*
+    rows_ptr,                   # [T, P] int, contiguous: input row of each patch row, -1 outside (FLAT: [T] positions)
+    cols_ptr,                   # [T, Q] int, contiguous: input column of each patch column, -1 outside
+    stats_ptr,                  # [N, G, 2] fp32, contiguous: mean and biased variance per row and group
+    w_ptr, b_ptr,               # [C] GroupNorm weight and bias (read only when HAS_W / HAS_B)
+    out_ptr,                    # output [N, T, C, P*Q] addressed by strides so_*
+    C, W, P, Q, S,              # channels, input width, patch rows and columns, S = T * P * Q
+    CPG, G,                     # channels per group, groups
+    sx_n, sx_c, sx_h, sx_w,
+    so_n, so_t, so_c, so_pq,
+    eps,
+    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # One program: one batch row, BLOCK_C channels, BLOCK_S of the T * P * Q patch positions (tiles flattened, so
+    # short patches of many tiles fill a block as well as long ones).
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_ok = c < C
+    s_ok = s < S
+    pq_count = P * Q
+    t = s // pq_count
+    pq = s % pq_count
+    if FLAT:
+        pos = tl.load(rows_ptr + t, mask=s_ok, other=-1).to(tl.int64)
+        r = pos // W
+        col = pos % W
+        valid = pos >= 0
+    else:
+        r = tl.load(rows_ptr + t * P + pq // Q, mask=s_ok, other=-1).to(tl.int64)
+        col = tl.load(cols_ptr + t * Q + pq % Q, mask=s_ok, other=-1).to(tl.int64)
+        valid = (r >= 0) & (col >= 0)
+    src = n.to(tl.int64) * sx_n + c[:, None].to(tl.int64) * sx_c + (r * sx_h + col * sx_w)[None, :]
+    load_ok = c_ok[:, None] & (s_ok & valid)[None, :]
+    v = tl.load(x_ptr + src, mask=load_ok, other=0.0).to(tl.float32)
+    if NORM:
+        g = c // CPG
+        mean = tl.load(stats_ptr + (n * G + g) * 2, mask=c_ok, other=0.0)
+        var = tl.load(stats_ptr + (n * G + g) * 2 + 1, mask=c_ok, other=1.0)
+        scale = tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + eps))  # IEEE-rounded, like torch
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        v = v * scale[:, None] + shift[:, None]
+        if SILU:
+            # Not tl.sigmoid: a @triton.jit helper of Triton's own, which the interpreter can only run when
+            # TRITON_INTERPRET was set before Triton itself was imported; builtins run either way.
+            v = v / (1.0 + tl.exp(-v))
+        # The conv pads its post-activation input with zeros. A product, not a select, as the reference does: NaN
+        # statistics stay visible outside the input too.
+        v = v * valid.to(tl.float32)[None, :]
+    dst = n.to(tl.int64) * so_n + (t * so_t + pq * so_pq)[None, :].to(tl.int64) + c[:, None].to(tl.int64) * so_c
+    tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _scatter_kernel(
+    base_ptr,                   # map [N, C, H, W] written in place, strides sb_*
+    tiles_ptr,                  # tiles [N, C, T, TT, TT], strides st_*
+    pos_ptr,                    # [S] int: flat map position (h * W + w) of each scattered element
+    src_ptr,                    # [S] int: flat index into [T, TT, TT] of each element (unused when IDENTITY)
+    bias_ptr,                   # [N, C], strides sbias_* (read when HAS_BIAS)
+    res_ptr,                    # residual: tiles like `tiles` (RES == 1) or a map like `base` (RES == 2)
+    C, S, W, TT,
+    sb_n, sb_c, sb_h, sb_w,
+    st_n, st_c, st_t, st_a, st_b,
+    sbias_n, sbias_c,
+    sr_n, sr_c, sr_t, sr_a, sr_b,   # RES == 2 uses (sr_a, sr_b) as the map's row and column strides
+    HAS_BIAS: tl.constexpr, RES: tl.constexpr, IDENTITY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_ok = c < C
+    i_ok = i < S
+    ok = c_ok[:, None] & i_ok[None, :]
+    pos = tl.load(pos_ptr + i, mask=i_ok, other=0).to(tl.int64)
+    if IDENTITY:
+        src = i.to(tl.int64)
+    else:
+        src = tl.load(src_ptr + i, mask=i_ok, other=0).to(tl.int64)
+    tt2 = TT * TT
+    t = src // tt2
+    a = (src // TT) % TT
+    b = src % TT
+    n64 = n.to(tl.int64)
+    c64 = c[:, None].to(tl.int64)
+    v = tl.load(tiles_ptr + n64 * st_n + c64 * st_c + (t * st_t + a * st_a + b * st_b)[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + n64 * sbias_n + c.to(tl.int64) * sbias_c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    h = pos // W
+    w = pos % W
+    if RES == 1:
+        v += tl.load(res_ptr + n64 * sr_n + c64 * sr_c + (t * sr_t + a * sr_a + b * sr_b)[None, :],
+                     mask=ok, other=0.0).to(tl.float32)
+    if RES == 2:
+        v += tl.load(res_ptr + n64 * sr_n + c64 * sr_c + (h * sr_a + w * sr_b)[None, :],
+                     mask=ok, other=0.0).to(tl.float32)
+    tl.store(base_ptr + n64 * sb_n + c64 * sb_c + (h * sb_h + w * sb_w)[None, :],
+             v.to(base_ptr.dtype.element_ty), mask=ok)
+
+
+def _interpreted() -> bool:
+    return type(_scatter_kernel).__name__ == "InterpretedFunction"
+
+
+INTERPRETED = _interpreted()
+"""True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors, in Python."""
+
+# Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
+# runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.
+GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64)}
+INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256)}
+
+
+def _blocks(op: str, channels: int, blocks):
+    block_c, block_s = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)[op]
+    return min(block_c, triton.next_power_of_2(channels)), block_s
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device; the tensors may live on another one."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def _check(cond: bool, message: str):
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_index(name: str, index: torch.Tensor, device):
+    _check(index.dtype in (torch.int32, torch.int64), f"{name}: integer indices expected, got {index.dtype}")
+    _check(index.is_contiguous(), f"{name}: contiguous indices expected")
+    _check(index.device == device, f"{name} is on {index.device}, the map on {device}")
+
+
+def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
+                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+                        silu: bool = True, channels_last: bool = False, blocks=None) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, tiles, P, Q] patches (`reference.gather_norm_patches`).
+
+    Args:
+        x: the input map, any strides.
+        rows, cols: [tiles, P] and [tiles, Q] patch coordinates, -1 outside the input (reads zero).
+        stats: [N, G, 2] fp32 mean and biased variance per row and group; None gathers only.
+        weight, bias: [C] GroupNorm affine parameters, or None.
+        silu: apply SiLU after the norm.
+        channels_last: store the patches as [N, tiles, P, Q, C] (channels innermost, what cuDNN's NHWC convs read)
+            instead of [N, tiles, C, P, Q]. Either way the result is a view [N, C, tiles, P, Q] whose reshape to
+            the conv's [N * tiles, C, P, Q] is free.
+    Returns:
+        [N, C, tiles, P, Q] in x's dtype.
+    """
+    n, c, h, w = x.shape
+    t, p = rows.shape
+    q = cols.shape[1]
+    _check(cols.shape[0] == t, f"rows {tuple(rows.shape)} and cols {tuple(cols.shape)} disagree on the tile count")
+    _check_index("rows", rows, x.device)
+    _check_index("cols", cols, x.device)
+    if channels_last:
+        storage = torch.empty((n, t, p, q, c), device=x.device, dtype=x.dtype)
+        out = storage.permute(0, 4, 1, 2, 3)
+        so = (storage.stride(0), storage.stride(1), 1, c)
+    else:
+        storage = torch.empty((n, t, c, p, q), device=x.device, dtype=x.dtype)
+        out = storage.permute(0, 2, 1, 3, 4)
+        so = (storage.stride(0), storage.stride(1), p * q, 1)
+    _launch_gather(x, rows, cols, False, stats, weight, bias, eps, silu, storage, so, p, q, t * p * q, blocks)
+    return out
+
+
+def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, eps: float, blocks=None) -> torch.Tensor:
+    """GroupNorm (no SiLU) of x [N, C, H, W] at the flat positions `tokens` [P] -> [N, C, P] in x's dtype
+    (`reference.group_norm_tokens`), stored [N, P, C]: the token-major layout proj_in reads."""
+    n, c, h, w = x.shape
+    _check(tokens.dim() == 1, f"tokens: [P] expected, got {tuple(tokens.shape)}")
+    _check_index("tokens", tokens, x.device)
+    p = tokens.shape[0]
+    storage = torch.empty((n, p, c), device=x.device, dtype=x.dtype)
+    _launch_gather(x, tokens, tokens, True, stats, weight, bias, eps, False, storage,
+                   (storage.stride(0), c, 1, 0), 1, 1, p, blocks)
+    return storage.transpose(1, 2)
+
+
+def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage, so, p, q, s, blocks):
+    n, c, h, w = x.shape
+    norm = stats is not None
+    groups = 1
+    if norm:
+        _check(stats.dtype == torch.float32 and stats.dim() == 3 and stats.shape[0] == n and stats.shape[2] == 2,
+               f"stats: fp32 [N={n}, G, 2] expected, got {stats.dtype} {tuple(stats.shape)}")
+        groups = stats.shape[1]
+        _check(c % groups == 0, f"{c} channels do not split into {groups} groups")
+        for name, v in (("weight", weight), ("bias", bias)):
+            _check(v is None or v.shape == (c,), f"{name}: [{c}] expected, got {None if v is None else tuple(v.shape)}")
+        # copies only if the caller's are strided (normally no-ops): the kernel reads them by flat index
+        stats = stats.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
+    if s == 0 or n == 0 or c == 0:
+        return
+    block_c, block_s = _blocks("gather", c, blocks)
+    grid = (n, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
+    dummy = stats if norm else storage  # never read: the constexpr flags drop the loads
+    with _on(x.device):
+        _gather_norm_kernel[grid](
+            x, rows, cols, stats if norm else dummy,
+            weight if weight is not None else dummy, bias if bias is not None else dummy, storage,
+            c, w, p, q, s, c // groups, groups,
+            *x.stride(), *so, float(eps),
+            NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu and norm), FLAT=flat,
+            BLOCK_C=block_c, BLOCK_S=block_s,
+        )
+
+
+def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch.Tensor,
+                   sources: torch.Tensor | None, bias: torch.Tensor | None = None,
+                   residual_tiles: torch.Tensor | None = None, residual_map: torch.Tensor | None = None,
+                   blocks=None) -> torch.Tensor:
+    """In place: base[n, c, positions[i]] = tiles_out[n, c, sources[i]] (+ bias[n, c]) (+ residual_tiles[n, c,
+    sources[i]] or residual_map[n, c, positions[i]]), summed in fp32 and rounded once (`reference.scatter_add_tiles_`).
+
+    Args:
+        base: [N, C, H, W] map, any strides; returned.
+        tiles_out: [N, C, tiles, T, T], any strides; `sources` index its flattened [tiles, T, T].
+        positions, sources: [S] flat map positions and tile elements (the plan's `tile_scatter`); sources None
+            means element i of the tiles goes to positions[i] (tokens: tiles_out [N, C, P, 1, 1]).
+        bias: [N, C] (a time embedding), residual_tiles: like tiles_out, residual_map: like base (read at
+            `positions`); at most one residual.
+    """
+    n, c, h, w = base.shape
+    _check(tiles_out.dim() == 5 and tiles_out.shape[:2] == (n, c) and tiles_out.shape[3] == tiles_out.shape[4],
+           f"tiles_out: [{n}, {c}, tiles, T, T] expected, got {tuple(tiles_out.shape)}")
+    _check(residual_tiles is None or residual_map is None, "at most one residual")
+    _check_index("positions", positions, base.device)
+    s = positions.shape[0]
+    if sources is not None:
+        _check_index("sources", sources, base.device)
+        _check(sources.shape == positions.shape, "positions and sources differ in length")
+    else:
+        _check(tiles_out.shape[2] * tiles_out.shape[3] ** 2 == s, "without sources, one tile element per position")
+    if bias is not None:
+        _check(bias.shape == (n, c), f"bias: [{n}, {c}] expected, got {tuple(bias.shape)}")
+    res, res_t, sr = 0, base, (0, 0, 0, 0, 0)
+    if residual_tiles is not None:
+        _check(residual_tiles.shape == tiles_out.shape, "residual_tiles must be shaped like tiles_out")
+        res, res_t, sr = 1, residual_tiles, residual_tiles.stride()
+    elif residual_map is not None:
+        _check(residual_map.shape == base.shape, "residual_map must be shaped like base")
+        rs = residual_map.stride()
+        res, res_t, sr = 2, residual_map, (rs[0], rs[1], 0, rs[2], rs[3])
+    if s == 0 or n == 0 or c == 0:
+        return base
+    block_c, block_s = _blocks("scatter", c, blocks)
+    grid = (n, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
+    with _on(base.device):
+        _scatter_kernel[grid](
+            base, tiles_out, positions, sources if sources is not None else positions,
+            bias if bias is not None else base, res_t,
+            c, s, w, tiles_out.shape[3],
+            *base.stride(), *tiles_out.stride(),
+            *(bias.stride() if bias is not None else (0, 0)), *sr,
+            HAS_BIAS=bias is not None, RES=res, IDENTITY=sources is None,
+            BLOCK_C=block_c, BLOCK_S=block_s,
+        )
+    return base

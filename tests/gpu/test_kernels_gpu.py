@@ -1,0 +1,163 @@
+"""The Triton kernels compiled for CUDA against their references, at SD2.1@768 sizes (level 0: 320 channels, 96x96,
+tiles of 4, 5% of the tiles active; the level-1 geometries at 48x48), in fp16 and bf16, with the bound of
+tests/kernel_checks.py (K = 2: compiled kernels round to nearest). Also: partial channel blocks, every input memory
+format, NaN canvases, a CUDA-graph replay equal to the eager launch, and an edit on a tiny model whose result with the
+kernels stays within the half-precision I3 bounds of the reference ops' result. Skipped without CUDA."""
+import pytest
+import torch
+
+import kernel_checks as KC
+from fisedit_engine.kernels import fused
+from fisedit_engine.kernels import reference as R
+
+DEV = "cuda"
+DTYPES = [torch.float16, torch.bfloat16]
+N, C, GROUPS, HW, TILE = 2, 320, 32, (96, 96), 4
+
+
+@pytest.fixture(scope="module")
+def T():
+    reasons = fused.not_supported_reasons(torch.device(DEV))
+    assert not reasons, reasons  # on a GPU the kernels must run: a fallback here would hide them
+    return fused.triton_module()
+
+
+@pytest.fixture(scope="module")
+def plan():
+    p = KC.tiles_fraction_plan(HW, TILE, 0.05)
+    assert 0 < p.levels[0].fraction < 0.1
+    return p
+
+
+@pytest.fixture(scope="module")
+def border_plan():
+    return KC.make_plan(HW, TILE, fraction=0.05, seed=1)  # random rectangles, and tiles at two corners
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KC.KINDS)
+@pytest.mark.parametrize("which", ["centre", "border"])
+def test_gather_norm_silu(T, plan, border_plan, kind, dtype, which):
+    p = plan if which == "centre" else border_plan
+    lp, rows, cols, in_hw = KC.geometry(p, kind, DEV)
+    x = KC.make_map(N, C, in_hw, dtype, DEV, seed=1, nan_outside=KC.patch_read_region(rows, cols, in_hw))
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, DEV, seed=2)
+    out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    KC.check_bound(out, ref, KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True), 2.0)
+    if which == "border":
+        invalid = ~R.valid_patch_mask(rows, cols)
+        assert invalid.any() and torch.equal(out[:, :, invalid], torch.zeros_like(out[:, :, invalid]))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+@pytest.mark.parametrize("out_channels_last", [False, True])
+@pytest.mark.parametrize("channels, blocks", [(320, None), (224, (64, 128)), (96, (128, 32))])
+def test_gather_norm_formats_and_blocks(T, border_plan, layout, out_channels_last, channels, blocks):
+    dtype = torch.float16
+    lp, rows, cols, in_hw = KC.geometry(border_plan, "conv3", DEV)
+    x = KC.make_map(N, channels, in_hw, dtype, DEV, seed=3, layout=layout)
+    stats, w, b = KC.norm_params(N, channels, GROUPS, dtype, DEV, seed=4)
+    out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-6, True, channels_last=out_channels_last,
+                                blocks=blocks)
+    ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-6, True)
+    KC.check_bound(out, ref, KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-6, True), 2.0)
+    assert torch.equal(T.gather_norm_patches(x, rows, cols, blocks=blocks), R.gather_patches(x, rows, cols))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_tokens(T, plan, dtype):
+    lp = plan.levels[0]
+    tokens = lp.tokens(DEV)
+    x = KC.make_map(N, C, HW, dtype, DEV, seed=5, nan_outside=lp.active)
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, DEV, seed=6)
+    out = T.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
+    ref = R.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
+    KC.check_bound(out, ref, KC.oracle_tokens(x, tokens, stats, w, b, 1e-6), 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adds", ["none", "bias", "residual_tiles", "residual_map", "bias+residual_map",
+                                  "bias+residual_tiles"])
+def test_scatter_add(T, border_plan, adds, dtype):
+    lp = border_plan.levels[0]
+    positions, sources = lp.tile_scatter(DEV)
+    tiles_out = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, DEV, seed=7, channels_last=True)
+    base = KC.make_map(N, C, HW, dtype, DEV, seed=8, nan_outside=lp.read)
+    kw = {}
+    if "bias" in adds:
+        kw["bias"] = KC.rand(N, C, seed=9, device=DEV, dtype=dtype)
+    if "residual_tiles" in adds:
+        kw["residual_tiles"] = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, DEV, seed=10)
+    if "residual_map" in adds:
+        kw["residual_map"] = KC.make_map(N, C, HW, dtype, DEV, seed=11, layout="slice", nan_outside=lp.active)
+    out = T.scatter_tiles_(base.clone(), tiles_out, positions, sources, **kw)
+    ref = R.scatter_add_tiles_(base.clone(), tiles_out, positions, sources, **kw)
+    if adds == "none":
+        assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+    KC.check_bound(out, ref, KC.oracle_scatter(base, tiles_out, positions, sources, **kw), 2.0)
+
+
+def test_graph_replay_equals_eager(T, plan):
+    """The kernels inside a captured CUDA graph (as the sparse step runs) give the eager launch's result."""
+    dtype = torch.float16
+    lp, rows, cols, in_hw = KC.geometry(plan, "conv3", DEV)
+    positions, sources = lp.tile_scatter(DEV)
+    x = KC.make_map(N, C, in_hw, dtype, DEV, seed=12)
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, DEV, seed=13)
+    bias = KC.rand(N, C, seed=14, device=DEV, dtype=dtype)
+    base = KC.make_map(N, C, HW, dtype, DEV, seed=15)
+
+    def step(target):
+        p = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+        tiles = p[:, :, :, 1:-1, 1:-1]  # stands in for the conv: the interior of each patch
+        return T.scatter_tiles_(target, tiles, positions, sources, bias=bias, residual_map=x)
+
+    eager = step(base.clone())
+    target = base.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(target.clone())  # warm-up outside the capture (compiles nothing new, allocates the pool)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(target)
+    target.copy_(base)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(target, eager) and not torch.equal(target, base)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
+    """A whole edit of a tiny SD1.5-structured model: the kernels (auto mode picks them on CUDA) against the
+    reference ops. Outside the mask both are the original exactly (I4); inside they differ by rounding, which random
+    weights amplify over the steps, within the I3 bounds of tests/gpu/test_edit_gpu.py."""
+    import tiny_models
+    from tiny_models import sample
+
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, run_edit
+    arch, size = "sd15", 64
+    model = tiny_models.build(arch, seed=2, dtype=dtype)
+    captured, handle = api.capture(model, f"gpu-kernels-{dtype}")
+    original = sample(captured, arch, batch=2, cfg=6.0, sampler="dpmpp_2m", size=size)
+    api.store(handle, {"samples": original})
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    mask[0, 10:30, 20:44] = True
+    mask[1, 0:12, 50:64] = True  # tiles at the border
+    outside = ~mask[:, None].expand_as(original)
+    results = {}
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv(fused.ENV, mode)
+        fused.reset()
+        with torch.inference_mode():
+            results[mode] = run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, 99), mask))[0]
+        if mode == "auto":
+            assert ("gather_norm", "cuda:0") in fused._launched and ("scatter", "cuda:0") in fused._launched
+    ref, kern = results["reference"], results["auto"]
+    assert torch.equal(kern[outside], original[outside]) and torch.equal(ref[outside], original[outside])
+    bound = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype] * max(1.0, original.abs().max().item())
+    assert (kern - ref).abs().max().item() <= bound
+    assert not torch.equal(kern, original)

@@ -1,0 +1,322 @@
+"""The Triton kernels (kernels/triton_ops.py) against their references, on the CPU under Triton's interpreter, and the
+dispatch that chooses between them (kernels/fused.py).
+
+Triton decides at decoration time whether a kernel is compiled or interpreted, from TRITON_INTERPRET. The kernels
+under test are a private copy of triton_ops loaded with TRITON_INTERPRET=1 set for that import only, so nothing of it
+reaches other tests: the dispatch's own triton_ops (sys.modules) is untouched, and the variable is restored.
+
+Each kernel output is compared with an fp64 oracle (tests/kernel_checks.py) and must be within K times the reference
+op's own error (same inputs, same dtype) plus a tiny absolute term; pure data movement must be bit-exact. Shapes are
+small (the interpreter runs each program in Python) but have what the real ones have: two batch rows (CFG), 32
+groups, channel counts that are not a multiple of the block, partial tiles at the map's border, patches leaving the
+map (-1 indices), inputs channels-last or sliced from a wider map, and NaN where the feed's canvases hold it.
+"""
+import importlib.util
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernel_checks as KC
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # scripts/setup_host.sh installs it on Linux; elsewhere there may be no wheel
+    if platform.system() == "Linux":
+        raise
+    pytest.skip("Triton is not installed (no wheel for this platform)", allow_module_level=True)
+
+from fisedit_engine.kernels import fused
+from fisedit_engine.kernels import reference as R
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+N, C, GROUPS, HW, TILE = 2, 96, 32, (18, 27), 4   # C = 3 x 32: two channel blocks of 64, the second partial
+
+
+def load_triton_ops(interpret: bool):
+    """A private copy of triton_ops, its kernels decorated with TRITON_INTERPRET set to `interpret` for the import
+    only."""
+    path = ROOT / "fisedit_engine" / "kernels" / "triton_ops.py"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+        name = f"fisedit_triton_ops_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    assert module.INTERPRETED == interpret
+    return module
+
+
+@pytest.fixture(scope="module")
+def T():
+    return load_triton_ops(interpret=True)
+
+
+@pytest.fixture(scope="module")
+def plan():
+    p = KC.make_plan(HW, TILE, fraction=0.04, seed=3)
+    assert 0 < p.levels[0].fraction < 1 and 0 < p.levels[1].fraction < 1
+    return p
+
+
+def k_of(dtype):
+    return KC.tolerance_factor(dtype, interpreted=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KC.KINDS)
+def test_gather_norm_silu(T, plan, kind, dtype):
+    lp, rows, cols, in_hw = KC.geometry(plan, kind, "cpu")
+    assert (rows < 0).any() or (cols < 0).any()  # some patch leaves the map
+    x = KC.make_map(N, C, in_hw, dtype, "cpu", seed=1, nan_outside=KC.patch_read_region(rows, cols, in_hw))
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, "cpu", seed=2)
+    exact = KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True)
+    out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    KC.check_bound(out, ref, exact, k_of(dtype))
+    invalid = ~R.valid_patch_mask(rows, cols)
+    assert torch.equal(out[:, :, invalid], torch.zeros_like(out[:, :, invalid]))  # the conv's zero padding
+    assert out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "slice"])
+@pytest.mark.parametrize("out_channels_last", [False, True])
+def test_gather_norm_memory_formats(T, plan, layout, out_channels_last):
+    dtype = torch.float16
+    lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
+    x = KC.make_map(N, C, in_hw, dtype, "cpu", seed=4, layout=layout)
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, "cpu", seed=5)
+    out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-6, True, channels_last=out_channels_last)
+    ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-6, True)
+    KC.check_bound(out, ref, KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-6, True), k_of(dtype))
+    stacked = out.permute(0, 2, 1, 3, 4).reshape(N * lp.n_tiles, C, *out.shape[-2:])  # what conv_patches makes
+    assert stacked.data_ptr() == out.data_ptr()  # a view: the conv reads the kernel's output where it lies
+    assert stacked.is_contiguous(memory_format=torch.channels_last if out_channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("affine, silu", [(False, True), (True, False)])
+def test_gather_norm_variants(T, plan, affine, silu):
+    dtype = torch.bfloat16
+    lp, rows, cols, in_hw = KC.geometry(plan, "up", "cpu")
+    x = KC.make_map(1, 64, in_hw, dtype, "cpu", seed=6)
+    stats, w, b = KC.norm_params(1, 64, 32, dtype, "cpu", seed=7, affine=affine)
+    stats = torch.stack([stats[..., 0], stats[..., 1]], 0).permute(1, 2, 0)  # strided: the launcher copies it
+    assert not stats.is_contiguous()
+    if affine:
+        w = torch.stack([w, w], 1)[:, 0]
+    out = T.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, silu)
+    ref = R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, silu)
+    KC.check_bound(out, ref, KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, silu), k_of(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_only_is_exact(T, plan, dtype):
+    for kind in KC.KINDS:
+        lp, rows, cols, in_hw = KC.geometry(plan, kind, "cpu")
+        x = KC.make_map(N, 24, in_hw, dtype, "cpu", seed=8, layout="slice")
+        out = T.gather_norm_patches(x, rows, cols)
+        assert torch.equal(out, R.gather_patches(x, rows, cols)), kind
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_tokens(T, plan, dtype):
+    lp = plan.levels[0]
+    tokens = lp.tokens("cpu")
+    x = KC.make_map(N, C, HW, dtype, "cpu", seed=9, nan_outside=lp.active)
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, "cpu", seed=10)
+    out = T.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
+    ref = R.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
+    KC.check_bound(out, ref, KC.oracle_tokens(x, tokens, stats, w, b, 1e-6), k_of(dtype))
+    assert out.transpose(1, 2).is_contiguous()  # token-major, as proj_in reads it
+
+
+SCATTER_ADDS = ["none", "bias", "residual_tiles", "residual_map", "bias+residual_map", "bias+residual_tiles"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adds", SCATTER_ADDS)
+def test_scatter_add(T, plan, adds, dtype):
+    lp = plan.levels[0]
+    positions, sources = lp.tile_scatter("cpu")
+    assert len(positions) < lp.n_tiles * TILE * TILE  # partial tiles at the border: elements without a place
+    tiles_out = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, "cpu", seed=11,
+                                     channels_last=dtype == torch.bfloat16)  # both layouts the conv may return
+    base = KC.make_map(N, C, HW, dtype, "cpu", seed=12, nan_outside=lp.read)
+    kw = {}
+    if "bias" in adds:
+        kw["bias"] = KC.rand(N, C, seed=13, dtype=dtype)
+    if "residual_tiles" in adds:
+        kw["residual_tiles"] = KC.conv_output_tiles(N, C, lp.n_tiles, TILE, dtype, "cpu", seed=14)
+    if "residual_map" in adds:
+        kw["residual_map"] = KC.make_map(N, C, HW, dtype, "cpu", seed=15, layout="slice", nan_outside=lp.active)
+    exact = KC.oracle_scatter(base, tiles_out, positions, sources, **kw)
+    out = T.scatter_tiles_(base.clone(), tiles_out, positions, sources, **kw)
+    ref = R.scatter_add_tiles_(base.clone(), tiles_out, positions, sources, **kw)
+    if adds == "none":
+        assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+    KC.check_bound(out, ref, exact, k_of(dtype))
+    outside = ~lp.active
+    assert torch.equal(out[:, :, outside].nan_to_num(7.0), base[:, :, outside].nan_to_num(7.0))  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scatter_tokens_with_residual(T, plan, dtype):
+    """The transformer's output: token-major values [N, P, C] (as proj_out returns them) + x at the tokens."""
+    lp = plan.levels[1]
+    tokens = lp.tokens("cpu")
+    hw = (lp.height, lp.width)
+    values = KC.rand(N, len(tokens), 40, seed=16, dtype=dtype).transpose(1, 2)[..., None, None]
+    x = KC.make_map(N, 40, hw, dtype, "cpu", seed=17, nan_outside=lp.active)
+    base = KC.make_map(N, 40, hw, dtype, "cpu", seed=18)
+    exact = KC.oracle_scatter(base, values, tokens, None, residual_map=x)
+    out = T.scatter_tiles_(base.clone(), values, tokens, None, residual_map=x)
+    ref = R.scatter_add_tiles_(base.clone(), values, tokens, None, residual_map=x)
+    KC.check_bound(out, ref, exact, k_of(dtype))
+
+
+def test_empty_and_bad_arguments(T, plan):
+    lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
+    x = KC.make_map(N, C, in_hw, torch.float16, "cpu", seed=19)
+    stats, w, b = KC.norm_params(N, C, GROUPS, torch.float16, "cpu", seed=20)
+    empty = T.gather_norm_patches(x, rows[:0], cols[:0], stats, w, b, 1e-5, True)
+    assert empty.shape == (N, C, 0, rows.shape[1], cols.shape[1])
+    with pytest.raises(ValueError, match="groups"):
+        T.gather_norm_patches(x, rows, cols, stats[:, :5].contiguous(), w, b, 1e-5, True)
+    with pytest.raises(ValueError, match="fp32"):
+        T.gather_norm_patches(x, rows, cols, stats.half(), w, b, 1e-5, True)
+    with pytest.raises(ValueError, match="disagree"):
+        T.gather_norm_patches(x, rows, cols[:1], stats, w, b, 1e-5, True)
+
+
+PINNED_TRITON = "3.9.0"  # scripts/requirements-triton.txt
+
+
+@pytest.mark.skipif(triton.__version__ != PINNED_TRITON,
+                    reason=f"ahead-of-time compilation's signature API is Triton {PINNED_TRITON}'s (CI's pin); with "
+                           "another Triton, as on a GPU machine, tests/gpu compiles the kernels for real")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_the_h100():
+    """Every kernel variant the launchers use, compiled for sm_90 down to a cubin (Triton's bundled ptxas): what the
+    interpreter cannot catch (types the compiler rejects, unsupported ops) is caught without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    T = load_triton_ops(interpret=False)
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_(kernel, pointers, consts):
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
+               for n in kernel.arg_names}
+        return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target)
+
+    for dt in ("fp16", "bf16", "fp32"):
+        ptrs = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
+        ptrs.update(rows_ptr="*i64", cols_ptr="*i64", stats_ptr="*fp32")
+        for norm, flat in ((True, False), (True, True), (False, False)):
+            consts = dict(NORM=norm, HAS_W=norm, HAS_B=norm, SILU=norm and not flat, FLAT=flat,
+                          BLOCK_C=T.GPU_BLOCKS["gather"][0], BLOCK_S=T.GPU_BLOCKS["gather"][1])
+            assert "cubin" in compile_(T._gather_norm_kernel, ptrs, consts).asm
+        ptrs = {n: f"*{dt}" for n in ("base_ptr", "tiles_ptr", "bias_ptr", "res_ptr")}
+        ptrs.update(pos_ptr="*i64", src_ptr="*i64")
+        for res in (0, 1, 2):
+            consts = dict(HAS_BIAS=res != 1, RES=res, IDENTITY=res == 2,
+                          BLOCK_C=T.GPU_BLOCKS["scatter"][0], BLOCK_S=T.GPU_BLOCKS["scatter"][1])
+            assert "cubin" in compile_(T._scatter_kernel, ptrs, consts).asm
+
+
+# --- the dispatch -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def dispatch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(fused.ENV, raising=False)
+    fused.reset()
+    yield monkeypatch
+    fused.reset()
+
+
+def _args(plan):
+    lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
+    x = KC.make_map(N, C, in_hw, torch.float32, "cpu", seed=21)
+    stats, w, b = KC.norm_params(N, C, GROUPS, torch.float32, "cpu", seed=22)
+    return x, rows, cols, stats, w, b
+
+
+def test_dispatch_falls_back_on_cpu_and_logs_once(plan, dispatch, caplog):
+    x, rows, cols, stats, w, b = _args(plan)
+    with caplog.at_level(logging.INFO, logger="FISEdit"):
+        first = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+        second = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    assert fused.backend("gather_norm", "cpu") == "reference"
+    assert torch.equal(first, R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True))
+    assert torch.equal(first, second)
+    lines = [r.getMessage() for r in caplog.records if "reference ops" in r.getMessage()]
+    assert len(lines) == 1 and "TRITON_INTERPRET" in lines[0], lines
+
+
+def test_dispatch_modes(plan, dispatch, caplog):
+    x, rows, cols, stats, w, b = _args(plan)
+    dispatch.setenv(fused.ENV, "triton")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    dispatch.setenv(fused.ENV, "fast")
+    with pytest.raises(ValueError, match="expected one of"):
+        fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    dispatch.setenv(fused.ENV, "reference")
+    with caplog.at_level(logging.INFO, logger="FISEdit"):
+        out = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+    assert torch.equal(out, R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True))
+    assert any("FISEDIT_KERNELS=reference" in r.getMessage() for r in caplog.records)
+
+
+_SUBPROCESS = r"""
+import json, logging, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import kernel_checks as KC
+from fisedit_engine.kernels import fused, reference as R
+records = []
+class H(logging.Handler):
+    def emit(self, r): records.append(r.getMessage())
+logging.getLogger("FISEdit").addHandler(H()); logging.getLogger("FISEdit").setLevel(logging.INFO)
+plan = KC.make_plan((18, 27), 4, fraction=0.04, seed=3)
+lp, rows, cols, hw = KC.geometry(plan, "conv3", "cpu")
+x = KC.make_map(2, 32, hw, torch.float16, "cpu", seed=1)
+stats, w, b = KC.norm_params(2, 32, 32, torch.float16, "cpu", seed=2)
+out = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+res = {"backend": fused.backend("gather_norm", "cpu"), "interpreted": fused.triton_module().INTERPRETED,
+       "err": KC.check_bound(out, R.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True),
+                             KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True))}
+import os
+os.environ[fused.LAYOUT_ENV] = "nhwc"
+nhwc = fused.gather_norm_patches(x, rows, cols, stats, w, b, 1e-5, True)
+res["nhwc_equal"] = torch.equal(nhwc, out)
+stacked = nhwc.permute(0, 2, 1, 3, 4).reshape(-1, nhwc.shape[1], *nhwc.shape[3:])
+res["nhwc_stacked_channels_last"] = stacked.is_contiguous(memory_format=torch.channels_last)
+def broken():
+    raise RuntimeError("no compiler")
+res["fallback"] = fused._run("probe_op", "cpu", broken, lambda: "reference result")
+res["second"] = fused._run("probe_op", "cpu", broken, lambda: "reference result")
+res["logs"] = records
+print(json.dumps(res))
+"""
+
+
+def test_dispatch_runs_triton_under_the_interpreter_in_auto_mode():
+    """A fresh process with TRITON_INTERPRET=1 (as CI's interpreted runs set it): auto mode takes the Triton kernels
+    on CPU tensors; a kernel whose first launch fails is logged once and the reference answers from then on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", fused.ENV: "auto"}
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(ROOT)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["backend"] == "triton" and res["interpreted"]
+    assert res["nhwc_equal"] and res["nhwc_stacked_channels_last"]  # FISEDIT_PATCH_LAYOUT=nhwc: same values
+    assert res["fallback"] == res["second"] == "reference result"
+    failures = [line for line in res["logs"] if "probe_op failed on its first launch" in line]
+    assert len(failures) == 1, res["logs"]

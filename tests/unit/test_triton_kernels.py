@@ -310,7 +310,7 @@ print(json.dumps(res))
 def test_dispatch_runs_triton_under_the_interpreter_in_auto_mode():
     """A fresh process with TRITON_INTERPRET=1 (as CI's interpreted runs set it): auto mode takes the Triton kernels
     on CPU tensors; a kernel whose first launch fails is logged once and the reference answers from then on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", fused.ENV: "auto"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", fused.ENV: "auto", fused.LAYOUT_ENV: "nchw"}  # then nhwc
     proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(ROOT)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,20 +7,14 @@ The same tolerances as with the reference ops hold. About 80 s of CPU; all of te
 (README, Tests).
 """
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import kernel_checks
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # scripts/setup_host.sh installs it on Linux; elsewhere there may be no wheel
-    if platform.system() == "Linux":
-        raise
-    pytest.skip("Triton is not installed (no wheel for this platform)", allow_module_level=True)
+kernel_checks.require_triton()
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBSET = [

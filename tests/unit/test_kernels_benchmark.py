@@ -2,19 +2,13 @@
 the H100 run it is written for should not be the first time its code runs. Timings on the CPU mean nothing."""
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import kernel_checks
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # scripts/setup_host.sh installs it on Linux; elsewhere there may be no wheel
-    if platform.system() == "Linux":
-        raise
-    pytest.skip("Triton is not installed (no wheel for this platform)", allow_module_level=True)
+kernel_checks.require_triton()
 
 ROOT = Path(__file__).resolve().parents[2]
 

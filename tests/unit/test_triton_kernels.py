@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,8 @@ import torch
 
 import kernel_checks as KC
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # scripts/setup_host.sh installs it on Linux; elsewhere there may be no wheel
-    if platform.system() == "Linux":
-        raise
-    pytest.skip("Triton is not installed (no wheel for this platform)", allow_module_level=True)
+KC.require_triton()
+import triton  # noqa: E402  (the ahead-of-time compile check below)
 
 from fisedit_engine.kernels import fused
 from fisedit_engine.kernels import reference as R

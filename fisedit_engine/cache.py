@@ -336,6 +336,12 @@ class FisEditCache:
         self.read_check(key, step, chunk)
         return self.store.stored_step(key, chunk, step)
 
+    def stored_channels(self, key: str, chunk: int) -> tuple[int, int, torch.dtype]:
+        """(batch, channels, dtype) of `key`'s values: the shape read_positions gives, less the positions."""
+        self.read_check(key, 0, chunk)
+        t = self.store.tensors[(key, chunk)]  # [steps, batch, ..., C]
+        return int(t.shape[1]), int(t.shape[-1]), t.dtype
+
     def read_check(self, key: str, step: int, chunk: int) -> None:
         t = self.store.tensors.get((key, chunk))
         if t is None:

@@ -259,12 +259,10 @@ class EditFeed:
         self._uploaded, self._activated, self._arena = None, None, PinnedArena()
 
     def _gather(self, key: str, index: int, step: int, chunk: int, positions: torch.Tensor) -> torch.Tensor:
-        self.source.read_check(key, step, chunk)
         buf = self._staging.get((key, index))
-        if buf is None:  # [batch, P, C]: a map is stored [steps, batch, ..., C], a delta's region [steps, batch, R, C]
-            stored = self.source.store.tensors[(key, chunk)]
-            buf = self._staging[(key, index)] = self._arena.empty((stored.shape[1], len(positions), stored.shape[-1]),
-                                                                  stored.dtype)
+        if buf is None:
+            batch, channels, dtype = self.source.stored_channels(key, chunk)
+            buf = self._staging[(key, index)] = self._arena.empty((batch, len(positions), channels), dtype)
         return self.source.read_positions(key, step, chunk, positions, out=buf)
 
 

@@ -21,6 +21,8 @@ ROWS_CHUNKS, BATCH = [1, 0], 2
 class FakeSource:
     """Stands in for a sealed cache: returns the test's random 'cached' tensors per (key, chunk)."""
 
+    resident = None  # nothing kept on a device (fisedit_engine/resident.py)
+
     def __init__(self):
         self.values = {}
 
@@ -35,9 +37,14 @@ class FakeSource:
         from fisedit_engine.cache import to_storage
         return to_storage(self.values[(key, chunk)]).contiguous()
 
-    def read_positions(self, key, step, chunk, positions):
+    def read_positions(self, key, step, chunk, positions, out=None):
         from fisedit_engine.cache import take_positions
-        return take_positions(self.values[(key, chunk)], positions)
+        values = take_positions(self.values[(key, chunk)], positions)
+        return values if out is None else out.copy_(values)
+
+    def stored_channels(self, key, chunk):
+        value = self.values[(key, chunk)]  # maps [B, C, H, W], tokens [B, T, C]
+        return value.shape[0], value.shape[1] if value.dim() == 4 else value.shape[-1], value.dtype
 
     def set_input(self, layout, block, cached_x, gn_path, groups):
         """The cached input of `block` (the channel concatenation of its input blocks' cached outputs, e.g. an

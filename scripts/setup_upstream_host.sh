@@ -9,8 +9,8 @@
 # GitHub). Installs: torch (the torch==2.13.0 CPU wheel, or the torch already importable by $PYTHON), the tree's
 # requirements.txt without the frontend packages (comfyui-*: server only) and without torch, torchvision and
 # torchaudio (no CPU builds here; the test harness stands in for the last two, see scripts/comfy_host.py), and the
-# test requirements. The "non essential" block of requirements.txt (kornia, spandrel, ...) is skipped: only optional
-# comfy_extras nodes need it. Idempotent: a second run only checks a stamp.
+# test requirements. Of the "non essential" block only kornia and pydantic(-settings) are installed (spandrel needs
+# torchvision; the rest serves nodes the tests never use). Idempotent: a second run only checks a stamp.
 set -euo pipefail
 
 usage() { echo "usage: $0 COMFYUI_DIR VENV_DIR [--clone TAG]" >&2; exit 2; }
@@ -35,10 +35,13 @@ fi
 
 reqs="$(mktemp)"
 trap 'rm -f "$reqs"' EXIT
-# everything above the "non essential" marker, less the frontend packages and torch's own family
+# everything above the "non essential" marker, less the frontend packages and torch's own family; of the optional
+# block, kornia (v0.33's comfy_extras/nodes_post_processing, with ImageBlur, imports it; 0.3.75's did not) and
+# pydantic(-settings)
 sed '/^#non essential/,$d' "$COMFY/requirements.txt" \
     | grep -v -E '^\s*(#|$)' \
     | grep -v -i -E '^(comfyui[-_]|torch(vision|audio)?\s*([<>=~!;].*)?$)' > "$reqs"
+sed -n '/^#non essential/,$p' "$COMFY/requirements.txt" | grep -i -E '^(kornia|pydantic)' >> "$reqs" || true
 stamp="$VENV/.fisedit-upstream-$(cat "$reqs" "$ROOT/scripts/requirements-test.txt" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
     log "ready: $VENV (ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null))"

@@ -77,7 +77,6 @@ class DeviceBudget:
     """The process-wide bound on resident contexts, least recently used first out."""
 
     def __init__(self, budget_bytes: int | None = None):
-        self._fixed = budget_bytes
         self._limit: int | None = budget_bytes
         self._users: OrderedDict[int, ResidentContext] = OrderedDict()
         self._used = 0

@@ -20,10 +20,16 @@ LATENT_SCALE = 8
 
 
 def original_image(vae, cache: FisEditCache) -> torch.Tensor:
-    """[B, H, W, 3]: the cache's image for this VAE, decoded once and kept with the cache."""
+    """[B, H, W, 3]: the cache's image for this VAE, decoded once and kept with the cache. An edit's result that no
+    FISEditDecode has decoded yet (a graph may run the next edit's decode first) is rebuilt as that decode would
+    have made it, from its source's image; decoding its whole latent instead would change pixels outside its mask."""
     key = vae_fingerprint(vae)
     if key not in cache.images:
-        cache.images[key] = vae.decode(cache.final_latent).cpu()
+        if cache.edited_from is not None:
+            source, mask = cache.edited_from
+            decode_edit(vae, cache.final_latent, mask, source, cache)
+        else:
+            cache.images[key] = vae.decode(cache.final_latent).cpu()
     return cache.images[key]
 
 

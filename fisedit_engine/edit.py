@@ -262,7 +262,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     finally:
         state.close()
     seconds = time.perf_counter() - t0
-    seal(handle, samples)
+    seal(handle, samples).edited_from = (source, spec.mask)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
     handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds)

@@ -73,6 +73,31 @@ def test_a_chained_edit_keeps_the_first_edits_pixels(checkpoint, source):
     assert torch.equal(second[outside], first[outside])
 
 
+def test_a_chained_edit_decoded_before_the_first_edit_still_keeps_its_pixels(checkpoint, source):
+    """ComfyUI may run the second edit's FISEditDecode first: the first result's image is then rebuilt as the first
+    decode makes it, not decoded whole (which would change pixels outside both masks)."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec
+    model, vae = checkpoint
+    handle, original_latent = source
+    first_mask = torch.zeros(2, 16, 24, dtype=torch.bool)
+    first_mask[:, 3:8, 4:10] = True
+    second_mask = torch.zeros_like(first_mask)
+    second_mask[:, 9:14, 14:20] = True
+    with torch.inference_mode():
+        first_spec = EditSpec(handle, cond(77), first_mask)
+        first_latent, first_result = api.sparse_sample(model, first_spec, 0.0, "exact", 4)
+        second_spec = EditSpec(first_result, cond(78), second_mask)
+        second_latent, _ = api.sparse_sample(model, second_spec, 0.0, "exact", 4)
+        second = api.decode(vae, second_latent, second_spec)
+        first = api.decode(vae, first_latent, first_spec)
+        original = vae.decode(original_latent).cpu()
+    outside_second, outside_both = ~pixel_mask(second_mask), ~pixel_mask(first_mask | second_mask)
+    assert torch.equal(second[outside_second], first[outside_second])
+    assert torch.equal(second[outside_both], original[outside_both])
+    assert not torch.equal(second[~outside_second], first[~outside_second])
+
+
 def test_an_empty_mask_decodes_to_the_original(checkpoint, source):
     _, vae = checkpoint
     handle, original_latent = source

@@ -9,8 +9,8 @@
 # GitHub). Installs: torch (the torch==2.13.0 CPU wheel, or the torch already importable by $PYTHON), the tree's
 # requirements.txt without the frontend packages (comfyui-*: server only) and without torch, torchvision and
 # torchaudio (no CPU builds here; the test harness stands in for the last two, see scripts/comfy_host.py), and the
-# test requirements. Of the "non essential" block only kornia and pydantic(-settings) are installed (spandrel needs
-# torchvision; the rest serves nodes the tests never use). Idempotent: a second run only checks a stamp.
+# test requirements and Triton (for the kernel tests under its interpreter). Of the "non essential" block only
+# kornia and pydantic(-settings) are installed (spandrel needs torchvision; the rest serves nodes the tests never use). Idempotent: a second run only checks a stamp.
 set -euo pipefail
 
 usage() { echo "usage: $0 COMFYUI_DIR VENV_DIR [--clone TAG]" >&2; exit 2; }
@@ -42,7 +42,7 @@ sed '/^#non essential/,$d' "$COMFY/requirements.txt" \
     | grep -v -E '^\s*(#|$)' \
     | grep -v -i -E '^(comfyui[-_]|torch(vision|audio)?\s*([<>=~!;].*)?$)' > "$reqs"
 sed -n '/^#non essential/,$p' "$COMFY/requirements.txt" | grep -i -E '^(kornia|pydantic)' >> "$reqs" || true
-stamp="$VENV/.fisedit-upstream-$(cat "$reqs" "$ROOT/scripts/requirements-test.txt" "$0" | sha256sum | cut -c1-16)"
+stamp="$VENV/.fisedit-upstream-$(cat "$reqs" "$ROOT/scripts/requirements-test.txt" "$ROOT/scripts/requirements-triton.txt" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
     log "ready: $VENV (ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null))"
     exit 0
@@ -63,6 +63,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 log "installing $(wc -l < "$reqs") requirements of $COMFY and the test requirements"
 "$VENV/bin/pip" install -q -r "$reqs" -r "$ROOT/scripts/requirements-test.txt"
+if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then  # keep the Triton a CUDA torch came with
+    log "installing Triton (kernel tests under its interpreter)"
+    "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-triton.txt"
+fi
 rm -f "$VENV"/.fisedit-upstream-*
 touch "$stamp"
 log "ready: $VENV; run: COMFYUI_PATH=$COMFY $VENV/bin/python -m pytest -p no:cacheprovider tests"

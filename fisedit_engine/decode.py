@@ -19,22 +19,23 @@ DEFAULT_HALO = 8  # latent pixels (64 image pixels) of context around the decode
 LATENT_SCALE = 8
 
 
-def original_image(vae, cache: FisEditCache) -> torch.Tensor:
+def original_image(vae, cache: FisEditCache, key: str | None = None) -> torch.Tensor:
     """[B, H, W, 3]: the cache's image for this VAE, decoded once and kept with the cache. An edit's result that no
     FISEditDecode has decoded yet (a graph may run the next edit's decode first) is rebuilt as that decode would
-    have made it, from its source's image; decoding its whole latent instead would change pixels outside its mask."""
-    key = vae_fingerprint(vae)
+    have made it, from its source's image; decoding its whole latent instead would change pixels outside its mask.
+    `key`: the VAE's fingerprint, where the caller has it already."""
+    key = key or vae_fingerprint(vae)
     if key not in cache.images:
         if cache.edited_from is not None:
             source, mask = cache.edited_from
-            decode_edit(vae, cache.final_latent, mask, source, cache)
+            decode_edit(vae, cache.final_latent, mask, source, cache, key=key)
         else:
             cache.images[key] = vae.decode(cache.final_latent).cpu()
     return cache.images[key]
 
 
 def decode_edit(vae, samples: torch.Tensor, mask: torch.Tensor, source: FisEditCache, result: FisEditCache | None,
-                halo: int = DEFAULT_HALO) -> torch.Tensor:
+                halo: int = DEFAULT_HALO, key: str | None = None) -> torch.Tensor:
     """The edited image: the original with each sample's masked pixels decoded from `samples`."""
     if samples.shape != source.final_latent.shape:
         raise CacheError(f"FISEditDecode got a latent of shape {tuple(samples.shape)}, but the edit's cache holds "
@@ -42,7 +43,8 @@ def decode_edit(vae, samples: torch.Tensor, mask: torch.Tensor, source: FisEditC
     if not torch.isfinite(samples).all():
         raise CacheError("FISEditDecode got a latent with NaN or infinite values: connect the FISEditSparseKSampler "
                          "output of this edit, not a latent changed on the way")
-    base = original_image(vae, source)
+    key = key or vae_fingerprint(vae)
+    base = original_image(vae, source, key)
     image = base.clone()
     masks = mask.expand(samples.shape[0], *mask.shape[1:]) if mask.shape[0] == 1 else mask
     for b, m in enumerate(masks):
@@ -57,7 +59,7 @@ def decode_edit(vae, samples: torch.Tensor, mask: torch.Tensor, source: FisEditC
         region = image[b, r0 * s:r1 * s, c0 * s:c1 * s]
         region[pixels] = crop[pixels].to(region.dtype)
     if result is not None:
-        result.images[vae_fingerprint(vae)] = image
+        result.images[key] = image
     return image
 
 

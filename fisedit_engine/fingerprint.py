@@ -18,14 +18,35 @@ _SAMPLES_PER_TENSOR = 256
 
 
 def _update_with_tensor(h, t: torch.Tensor, full: bool = False) -> None:
-    t = t.detach()
-    flat = t.reshape(-1)
+    _update_with_tensors(h, [(b"", t)], full)
+
+
+def _update_with_tensors(h, items: list[tuple[bytes, torch.Tensor]], full: bool = False) -> None:
+    """Hashes (prefix, tensor) pairs in order: the prefix, the tensor's shape and dtype, and its values (a strided
+    sample unless `full`) as float32. The values reach the host in one copy per device: a copy per tensor, each a
+    device sync, cost 0.13 s per fingerprint of an SD2.1 UNet on an H100, several times per edit."""
+    samples = [_sample(t, full) for _, t in items]
+    on_host: list = [None] * len(samples)
+    by_device: dict = {}
+    for i, s in enumerate(samples):
+        by_device.setdefault(s.device, []).append(i)
+    for members in by_device.values():
+        joined = torch.cat([samples[i].to(torch.float32) for i in members]).to("cpu")
+        for i, values in zip(members, joined.split([samples[i].numel() for i in members]), strict=True):
+            on_host[i] = values
+    for (prefix, t), values in zip(items, on_host, strict=True):
+        h.update(prefix)
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(values.contiguous().numpy().tobytes())
+
+
+def _sample(t: torch.Tensor, full: bool) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
     if not full and flat.numel() > _SAMPLES_PER_TENSOR:
         # integer spacing: float32 linspace cannot address the last element of tensors over 2**24 elements
         idx = torch.arange(_SAMPLES_PER_TENSOR, device=flat.device) * (flat.numel() - 1) // (_SAMPLES_PER_TENSOR - 1)
         flat = flat[idx]
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return flat
 
 
 def _update_with_object(h, obj, full_tensors: bool) -> None:
@@ -78,11 +99,11 @@ def model_fingerprint(patcher) -> str:
             if isinstance(getattr(sampling, name, None), torch.Tensor):
                 _update_with_tensor(h, getattr(sampling, name))
     backup = getattr(patcher, "backup", {})
+    weights = []
     for name, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
         full_name = f"diffusion_model.{name}"
-        original = backup[full_name].weight if full_name in backup else tensor
-        h.update(full_name.encode())
-        _update_with_tensor(h, original)
+        weights.append((full_name.encode(), backup[full_name].weight if full_name in backup else tensor))
+    _update_with_tensors(h, weights)
     for key in sorted(patcher.patches):
         h.update(key.encode())
         _update_with_object(h, [list(p) for p in patcher.patches[key]], full_tensors=False)
@@ -148,7 +169,5 @@ def _is_plain_setting(value, nested: bool = False) -> bool:
 def vae_fingerprint(vae) -> str:
     """Which VAE decoded an image: a strided sample of its weights."""
     h = hashlib.sha256()
-    for name, tensor in sorted(vae.first_stage_model.state_dict().items()):
-        h.update(name.encode())
-        _update_with_tensor(h, tensor)
+    _update_with_tensors(h, [(name.encode(), t) for name, t in sorted(vae.first_stage_model.state_dict().items())])
     return h.hexdigest()[:16]

@@ -10,7 +10,8 @@
 # requirements.txt without the frontend packages (comfyui-*: server only) and without torch, torchvision and
 # torchaudio (no CPU builds here; the test harness stands in for the last two, see scripts/comfy_host.py), and the
 # test requirements and Triton (for the kernel tests under its interpreter). Of the "non essential" block only
-# kornia and pydantic(-settings) are installed (spandrel needs torchvision; the rest serves nodes the tests never use). Idempotent: a second run only checks a stamp.
+# kornia and pydantic(-settings) are installed (spandrel needs torchvision; the rest serves nodes the tests never use).
+# Idempotent: a second run only checks a stamp.
 set -euo pipefail
 
 usage() { echo "usage: $0 COMFYUI_DIR VENV_DIR [--clone TAG]" >&2; exit 2; }

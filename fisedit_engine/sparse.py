@@ -72,7 +72,7 @@ def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, st
         with host.cast_weights(norm, x) as (gw, gb):
             patches = K.gather_norm_patches(x, rows, cols, stats, gw, gb, norm.eps, silu=True)
     with host.cast_weights(conv, patches) as (w, b):
-        return R.conv_patches(patches, w, b, stride)
+        return R.conv_patches(patches, ctx.edit.conv_weight(conv, w, patches), b, stride)
 
 
 class SparseResBlock(SparseForward):

@@ -319,8 +319,9 @@ class FisEditCache:
     conds: dict = field(default_factory=dict)  # "positive"/"negative" -> CONDITIONING ([[tensor, extras], ...])
     images: dict = field(default_factory=dict)  # VAE fingerprint -> decoded image [B, H, W, 3] (decode.py; in memory)
     resident: object = None  # resident.ResidentContext: the attention context kept on the GPU (in memory only)
-    edited_from: tuple | None = None  # (source FisEditCache, edit mask) of an edit's result, so that decode.py can
-    # rebuild its image from the source's in whatever order the decodes run (in memory only)
+    edited_from: tuple | None = None  # (weak reference to the source FisEditCache, edit mask) of an edit's result:
+    # decode.py rebuilds its image from the source's, in whatever order the decodes run (in memory only; weak, so
+    # that a chain of edits does not keep every source alive)
 
     def read(self, key: str, step: int, chunk: int = COND, sample: int | None = None) -> torch.Tensor:
         self.read_check(key, step, chunk)

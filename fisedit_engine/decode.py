@@ -9,11 +9,15 @@ edit keeps the first edit's pixels exactly too.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .cache import CacheError, FisEditCache
 from .fingerprint import vae_fingerprint
+
+log = logging.getLogger("FISEdit")
 
 DEFAULT_HALO = 8  # latent pixels (64 image pixels) of context around the decoded region
 LATENT_SCALE = 8
@@ -26,10 +30,15 @@ def original_image(vae, cache: FisEditCache, key: str | None = None) -> torch.Te
     `key`: the VAE's fingerprint, where the caller has it already."""
     key = key or vae_fingerprint(vae)
     if key not in cache.images:
-        if cache.edited_from is not None:
-            source, mask = cache.edited_from
+        source_ref, mask = cache.edited_from or (None, None)
+        source = source_ref() if source_ref is not None else None
+        if source is not None:
             decode_edit(vae, cache.final_latent, mask, source, cache, key=key)
         else:
+            if cache.edited_from is not None:
+                log.warning("FISEdit: '%s' is decoded whole: its source left memory before any FISEditDecode of it "
+                            "ran, so pixels outside its edit's mask may differ from the source image's; raise "
+                            "FISEDIT_CACHE_BUDGET to keep sources of chained edits", cache.name)
             cache.images[key] = vae.decode(cache.final_latent).cpu()
     return cache.images[key]
 

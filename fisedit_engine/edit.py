@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, 
 from .feed import EditFeed
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .graphs import SparseStepGraph
-from .kernels import reference as R
+from .kernels import fused as K
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
 from .probe import ProbeState
@@ -130,9 +131,10 @@ class EditState:
         cached = self.cached(ctx, f"{gn_path}:stats", x).float()
         if self.stats_mode == "exact":
             lp = self.plan.levels[self.feed.entries[inputs[0]].level]
-            cached_active = torch.cat([self.feed.cached_active(k) for k in inputs], dim=1)
+            parts = [self.feed.cached_active(k) for k in inputs]
+            cached_active = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             fresh_active = x.flatten(2).index_select(2, lp.tokens(x.device))
-            cached = R.exact_group_stats(cached, cached_active, fresh_active, lp.height * lp.width)
+            cached = K.exact_group_stats(cached, cached_active, fresh_active, lp.height * lp.width)
         ctx.recording.record(f"{gn_path}:stats", ctx, cached)
         return cached
 
@@ -171,9 +173,15 @@ class SparseStepWrapper:
         if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
             return executor(*args, **kwargs)
         state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
-        out = state.graph.run(ctx, executor, args, kwargs)
+        # this step's values are in the buffers it reads now: the next step's can be staged and uploaded while this
+        # one runs and records (feed.py), except while a graph captures, when no other thread may call into CUDA
         following = ctx.step + 1
-        if following < min(state.dense_from, state.source.settings.steps):
+        prefetch = following < min(state.dense_from, state.source.settings.steps)
+        if prefetch and not state.graph.captures_next():
+            state.feed.prefetch(following, ctx.chunks, args[0].device)
+            prefetch = False
+        out = state.graph.run(ctx, executor, args, kwargs)
+        if prefetch:
             state.feed.prefetch(following, ctx.chunks, args[0].device)
         return out
 
@@ -276,7 +284,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     finally:
         state.close()
     seconds = time.perf_counter() - t0
-    seal(handle, samples).edited_from = (source, spec.mask)
+    seal(handle, samples).edited_from = (weakref.ref(source), spec.mask)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
     handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds)

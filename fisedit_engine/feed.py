@@ -10,7 +10,7 @@ Uploaded whole: a map that a dense op reads (the last map of a sparse level feed
 self-attention keys and values (the attention context of every inactive token), the GroupNorm statistics and the
 model output. The attention context mostly does not move at all: where the source cache keeps it on the GPU
 (resident.py) it is copied from there, and what is uploaded is kept there for the next edit. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
-minus the cached values on the active region, plus the fresh ones (`kernels.reference.exact_group_stats`).
+minus the cached values on the active region, plus the fresh ones (`kernels.fused.exact_group_stats`).
 
 A step's data moves in three stages: `stage` gathers it on the host into pinned buffers (a whole key needs no
 gather: its cache slice is pinned already), `upload` copies it to device landing buffers on a side stream, and
@@ -249,7 +249,7 @@ class EditFeed:
         if self.entries[key].whole:
             return self._device[key].flatten(2).index_select(2, lp.tokens(self._device[key].device))
         staged = self._staged[key]  # [rows, P, C]
-        return staged.index_select(1, lp.active_in_read(staged.device)).transpose(1, 2).contiguous()
+        return staged.index_select(1, lp.active_in_read(staged.device)).transpose(1, 2)
 
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""

@@ -36,6 +36,10 @@ class SparseStepGraph:
         self.replays = 0
         self.failure: str | None = None
 
+    def captures_next(self) -> bool:
+        """Whether the next run() captures the graph."""
+        return self.failure is None and self.graph is None and self.eager_steps >= EAGER_WARMUP_STEPS
+
     def run(self, ctx, call, args: tuple, kwargs: dict):
         """One sparse model call: eager (warm-up, or after a failed capture), captured, or replayed."""
         signature = (tuple(ctx.chunks), _signature(args), _signature(kwargs))

@@ -153,6 +153,26 @@ def oracle_scatter(base, tiles_out, positions, sources, bias=None, residual_tile
     return out
 
 
+def stats_case(n, c, groups, hw, tokens, dtype, device, seed, token_major=False):
+    """A GroupNorm input before and after an edit at the flat positions `tokens`: (the cached statistics [n, G, 2]
+    fp32 of the map before, its values and the fresh ones at the tokens [n, c, P] (token-major views when
+    `token_major`, as the feed's staged values are), the fp64 statistics of the map after)."""
+    before = (rand(n, c, *hw, seed=seed) * 2 + 0.7).to(device, dtype)
+    fresh = (rand(n, c, len(tokens), seed=seed + 1) * 3 - 0.4).to(device, dtype)
+    after = before.clone()
+    after.view(n, c, -1)[:, :, tokens] = fresh
+    cached_active = before.view(n, c, -1)[:, :, tokens]
+    if token_major:
+        cached_active, fresh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (cached_active, fresh))
+    return oracle_group_stats(before, groups).float(), cached_active, fresh, oracle_group_stats(after, groups)
+
+
+def oracle_group_stats(x, groups):
+    """fp64 [N, G, 2]: mean and biased variance per row and group."""
+    var, mean = torch.var_mean(x.double().reshape(x.shape[0], groups, -1), dim=-1, unbiased=False)
+    return torch.stack([mean, var], dim=-1)
+
+
 # --- the bound --------------------------------------------------------------------------------------------------
 
 def max_err(a: torch.Tensor, exact: torch.Tensor) -> float:

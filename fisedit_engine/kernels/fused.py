@@ -182,3 +182,12 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
                                                residual_map),
                 lambda: R.scatter_add_tiles_(base, tiles_out, positions, sources, bias, residual_tiles,
                                              residual_map))
+
+
+def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
+                      positions: int) -> torch.Tensor:
+    """[N, G, 2] fp32: the GroupNorm statistics of a map of `positions` positions whose cached statistics are
+    `cached`, with its cached values `cached_active` [N, C, P] at the active positions replaced by `fresh_active`."""
+    return _run("exact_stats", cached.device,
+                lambda: _module.exact_group_stats(cached, cached_active, fresh_active, positions),
+                lambda: R.exact_group_stats(cached, cached_active, fresh_active, positions))

@@ -39,7 +39,7 @@ def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_a
     count = positions * (c // groups)
 
     def centred_sums(values):
-        v = values.to(STATS_DTYPE).view(n, groups, -1) - mean[..., None]
+        v = values.to(STATS_DTYPE).reshape(n, groups, -1) - mean[..., None]
         return v.sum(-1), v.square().sum(-1)
 
     s1_old, s2_old = centred_sums(cached_active)

@@ -5,6 +5,8 @@
 - `group_norm_tokens`: the same at a list of positions (SpatialTransformer's active tokens), channels innermost.
 - `scatter_tiles_`: `reference.scatter_add_tiles_`, the in-place scatter of tiles into a map with an added per-(row,
   channel) bias and/or residual (from tiles, or read from a map at the scattered positions).
+- `exact_group_stats`: `reference.exact_group_stats`, a GroupNorm's statistics over a map of cached values with fresh
+  ones at the active positions, from the cached statistics (one program per batch row and group).
 
 Arithmetic is fp32 inside; each output element is rounded once to the output dtype. Every index and stride is a
 kernel argument, so inputs of any memory format are read where they lie (no `.contiguous()` copies).
@@ -131,6 +133,48 @@ def _scatter_kernel(
              v.to(base_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _add(a, b):
+    # tl.sum's combine function is a @triton.jit helper of Triton's own (see SILU above); this one is ours
+    return a + b
+
+
+@triton.jit
+def _exact_stats_kernel(
+    stats_ptr,                  # [N, G, 2] fp32, contiguous: the cached map's mean and biased variance
+    old_ptr, new_ptr,           # [N, C, P] cached and fresh values at the active positions, strides so_* / sn_*
+    out_ptr,                    # [N, G, 2] fp32, contiguous
+    P, CPG, G, count,           # active positions, channels per group, groups, positions of the map x CPG
+    so_n, so_c, so_p, sn_n, sn_c, sn_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # One program: one batch row and group. Sums about the cached mean, so nothing cancels (as the reference).
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    mean = tl.load(stats_ptr + (n * G + g) * 2)
+    var = tl.load(stats_ptr + (n * G + g) * 2 + 1)
+    k = tl.arange(0, BLOCK_C)
+    c = (g * CPG + k).to(tl.int64)
+    c_ok = k < CPG
+    n64 = n.to(tl.int64)
+    s1 = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)  # not tl.zeros: a @triton.jit helper, as tl.sum
+    s2 = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        ok = c_ok[:, None] & (p < P)[None, :]
+        old = tl.load(old_ptr + n64 * so_n + c[:, None] * so_c + p[None, :] * so_p, mask=ok, other=0.0)
+        new = tl.load(new_ptr + n64 * sn_n + c[:, None] * sn_c + p[None, :] * sn_p, mask=ok, other=0.0)
+        old = tl.where(ok, old.to(tl.float32) - mean, 0.0)
+        new = tl.where(ok, new.to(tl.float32) - mean, 0.0)
+        s1 += new - old
+        s2 += new * new - old * old
+    d1 = tl.reduce(tl.reduce(s1, 1, _add), 0, _add)  # the cached map's centred sum is zero
+    d2 = tl.reduce(tl.reduce(s2, 1, _add), 0, _add)
+    shift = d1 / count
+    tl.store(out_ptr + (n * G + g) * 2, mean + shift)
+    tl.store(out_ptr + (n * G + g) * 2 + 1, tl.maximum(var + d2 / count - shift * shift, 0.0))
+
+
 def _interpreted() -> bool:
     return type(_scatter_kernel).__name__ == "InterpretedFunction"
 
@@ -140,8 +184,10 @@ INTERPRETED = _interpreted()
 
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
 # runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.
-GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64)}
-INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256)}
+# "stats": elements per loop iteration of a program (one group's channels by as many positions as fit); small in the
+# interpreter, which runs the final reductions' combine function once per element pair, in Python.
+GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096}
+INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 256}
 
 
 def _blocks(op: str, channels: int, blocks):
@@ -296,3 +342,31 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
             BLOCK_C=block_c, BLOCK_S=block_s,
         )
     return base
+
+
+def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
+                      positions: int, blocks: int | None = None) -> torch.Tensor:
+    """`reference.exact_group_stats` in one launch: [N, G, 2] fp32 statistics of the cached map with its active
+    positions replaced by fresh values, from the cached statistics `cached` [N, G, 2] (fp32) and the cached and fresh
+    values at the active positions [N, C, P] (any strides, any float dtype) of a map of `positions` positions."""
+    n, c, p = fresh_active.shape
+    _check(cached_active.shape == fresh_active.shape,
+           f"cached_active {tuple(cached_active.shape)} and fresh_active {tuple(fresh_active.shape)} differ")
+    _check(cached.dtype == torch.float32 and cached.dim() == 3 and cached.shape[0] == n and cached.shape[2] == 2,
+           f"cached: fp32 [N={n}, G, 2] expected, got {cached.dtype} {tuple(cached.shape)}")
+    groups = cached.shape[1]
+    _check(groups > 0 and c % groups == 0, f"{c} channels do not split into {groups} groups")
+    cached = cached.contiguous()
+    if n == 0 or p == 0:
+        return cached.clone()
+    per = c // groups
+    block_c = triton.next_power_of_2(per)  # a program holds a whole group's channels
+    block_p = max(1, (blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["stats"]) // block_c)
+    out = torch.empty_like(cached)
+    with _on(cached.device):
+        _exact_stats_kernel[(n, groups)](
+            cached, cached_active, fresh_active, out, p, per, groups, float(positions * per),
+            *cached_active.stride(), *fresh_active.stride(),
+            BLOCK_C=block_c, BLOCK_P=block_p,
+        )
+    return out

@@ -1,8 +1,9 @@
 """The Triton kernels compiled for CUDA against their references, at SD2.1@768 sizes (level 0: 320 channels, 96x96,
 tiles of 4, 5% of the tiles active; the level-1 geometries at 48x48), in fp16 and bf16, with the bound of
-tests/kernel_checks.py (K = 2: compiled kernels round to nearest). Also: partial channel blocks, every input memory
-format, NaN canvases, a CUDA-graph replay equal to the eager launch, and an edit on a tiny model whose result with the
-kernels stays within the half-precision I3 bounds of the reference ops' result. Skipped without CUDA."""
+tests/kernel_checks.py (K = 2: compiled kernels round to nearest); the exact GroupNorm statistics too. Also: partial
+channel blocks, every input memory format, NaN canvases, a CUDA-graph replay equal to the eager launch, and an edit on
+a tiny model whose result with the kernels stays within the half-precision I3 bounds of the reference ops' result.
+Skipped without CUDA."""
 import pytest
 import torch
 
@@ -75,6 +76,18 @@ def test_group_norm_tokens(T, plan, dtype):
     out = T.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
     ref = R.group_norm_tokens(x, tokens, stats, w, b, 1e-6)
     KC.check_bound(out, ref, KC.oracle_tokens(x, tokens, stats, w, b, 1e-6), 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [320, 960, 2560])  # 10, 30 and 80 channels per group (concatenated inputs)
+def test_exact_group_stats(T, plan, dtype, channels):
+    tokens = plan.levels[0].tokens(DEV)
+    cached, cached_active, fresh, exact = KC.stats_case(N, channels, GROUPS, HW, tokens, dtype, DEV, seed=12,
+                                                        token_major=True)
+    out = T.exact_group_stats(cached, cached_active, fresh, HW[0] * HW[1])
+    ref = R.exact_group_stats(cached, cached_active, fresh, HW[0] * HW[1])
+    KC.check_bound(out, ref, exact, 2.0)
+    assert torch.equal(T.exact_group_stats(cached, cached_active, cached_active, HW[0] * HW[1]), cached)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -98,6 +98,28 @@ def test_a_chained_edit_decoded_before_the_first_edit_still_keeps_its_pixels(che
     assert not torch.equal(second[~outside_second], first[~outside_second])
 
 
+def test_a_result_whose_source_left_memory_is_decoded_whole_and_says_so(checkpoint, source, caplog):
+    import logging
+    import weakref
+    from fisedit_engine import api
+    from fisedit_engine.decode import original_image
+    from fisedit_engine.edit import EditSpec
+    model, vae = checkpoint
+    handle, _ = source
+    mask = torch.zeros(2, 16, 24, dtype=torch.bool)
+    mask[:, 3:8, 4:10] = True
+    with torch.inference_mode():
+        _, result = api.sparse_sample(model, EditSpec(handle, cond(79), mask), 0.0, "exact", 4)
+        cache = result.get()
+        gone = type("Gone", (), {})()
+        cache.edited_from = (weakref.ref(gone), mask)
+        del gone
+        with caplog.at_level(logging.WARNING, logger="FISEdit"):
+            image = original_image(vae, cache)
+        assert torch.equal(image, vae.decode(cache.final_latent).cpu())
+    assert "decoded whole: its source left memory" in caplog.text
+
+
 def test_an_empty_mask_decodes_to_the_original(checkpoint, source):
     _, vae = checkpoint
     handle, original_latent = source

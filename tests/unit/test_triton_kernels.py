@@ -176,6 +176,25 @@ def test_scatter_tokens_with_residual(T, plan, dtype):
     KC.check_bound(out, ref, exact, k_of(dtype))
 
 
+@pytest.mark.parametrize("dtype, token_major", [(torch.float32, False), (torch.float16, True),
+                                                (torch.bfloat16, False)])
+def test_exact_group_stats(T, plan, dtype, token_major):
+    """The statistics of the assembled map from the cached ones, for a map edited at the level's active tokens."""
+    lp = plan.levels[0]
+    tokens = lp.tokens("cpu")
+    positions = HW[0] * HW[1]
+    cached, cached_active, fresh, exact = KC.stats_case(N, C, GROUPS, HW, tokens, dtype, "cpu", seed=23,
+                                                        token_major=token_major)
+    out = T.exact_group_stats(cached, cached_active, fresh, positions)
+    ref = R.exact_group_stats(cached, cached_active, fresh, positions)
+    KC.check_bound(out, ref, exact, 2.0)
+    if token_major:  # a program looping over the positions in several blocks: fp32 summation order only
+        torch.testing.assert_close(T.exact_group_stats(cached, cached_active, fresh, positions, blocks=64), out)
+    # no edit gives the cached statistics exactly, and so does an empty active region
+    assert torch.equal(T.exact_group_stats(cached, cached_active, cached_active, positions), cached)
+    assert torch.equal(T.exact_group_stats(cached, cached_active[..., :0], fresh[..., :0], positions), cached)
+
+
 def test_empty_and_bad_arguments(T, plan):
     lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
     x = KC.make_map(N, C, in_hw, torch.float16, "cpu", seed=19)
@@ -206,7 +225,7 @@ def test_kernels_compile_for_the_h100():
     target = GPUTarget("cuda", 90, 32)
 
     def compile_(kernel, pointers, consts):
-        sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "eps" else "i32")
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in ("eps", "count") else "i32")
                for n in kernel.arg_names}
         return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target)
 
@@ -223,6 +242,9 @@ def test_kernels_compile_for_the_h100():
             consts = dict(HAS_BIAS=res != 1, RES=res, IDENTITY=res == 2,
                           BLOCK_C=T.GPU_BLOCKS["scatter"][0], BLOCK_S=T.GPU_BLOCKS["scatter"][1])
             assert "cubin" in compile_(T._scatter_kernel, ptrs, consts).asm
+        ptrs = {"stats_ptr": "*fp32", "old_ptr": f"*{dt}", "new_ptr": f"*{dt}", "out_ptr": "*fp32"}
+        sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
+        assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm
 
 
 # --- the dispatch -----------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Where a replayed sparse step's time goes: the host time of each phase of one edit's steps (the feed's stage,
+upload and activate, the result's flush, the graph launch) and the GPU time of the graph replay itself.
+
+    python benchmarks/step_phases.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--steps 20]
+
+The phases are timed by wrapping the methods for this measurement only (this process); the wrapped GPU time is
+taken with CUDA events around each replay. Staging and upload run in the prefetch worker, overlapped with the step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
+    """Wraps each (class, method, on_gpu) to append its wall ms (and, on_gpu, its CUDA-event ms) to `times`."""
+    import torch
+
+    def wrap(cls, name, on_gpu):
+        original = getattr(cls, name)
+
+        def timed(*args, **kwargs):
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            times.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+            if on_gpu:
+                end.record()
+                end.synchronize()
+                times.setdefault(f"{name} (GPU)", []).append(start.elapsed_time(end))
+            return out
+        setattr(cls, name, timed)
+        return original
+
+    return [(cls, name, wrap(cls, name, on_gpu)) for cls, name, on_gpu in targets]
+
+
+def run(arch: str, size: int, fraction: float, steps: int) -> None:
+    import torch
+    import comfy.sample
+    import speed
+    from fisedit_engine import api, capture, feed
+    from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+    from fisedit_engine.edit import EditSpec, run_edit
+
+    model, _ = speed.load_model(arch)
+    lat = size // 8
+    latent = torch.zeros(1, 4, lat, lat)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    with torch.inference_mode():
+        captured, handle = api.capture(model, f"phases-{arch}")
+        out = comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal", speed.conditioning(arch, 1, size),
+                                  speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
+        api.store(handle, {"samples": out})
+        spec = EditSpec(handle, speed.conditioning(arch, 3, size), speed.region_mask(lat, fraction, "rect"))
+        timer = speed.CallTimer()
+        patched = model.clone()
+        add_apply_model_wrapper(patched, timer)
+        _, warm = run_edit(patched, spec)  # compiles, plans cuDNN
+        api.registry().remove(warm.name)
+        timer.seconds.clear()
+        times: dict = {}
+        wrapped = timed_methods(times, [(feed.EditFeed, "stage", False), (feed.EditFeed, "upload", False),
+                                        (feed.EditFeed, "activate", False), (capture.Recording, "flush", False),
+                                        (torch.cuda.CUDAGraph, "replay", True)])
+        try:
+            t0 = time.perf_counter()
+            _, result = run_edit(patched, spec)
+            torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+        finally:
+            for cls, name, original in wrapped:
+                setattr(cls, name, original)
+        api.registry().remove(result.name)
+    print(f"{arch}@{size}, {100 * fraction:.0f}% rectangle, {steps} steps: edit {total:.2f} s, model call "
+          f"(synchronised) median {1000 * statistics.median(timer.seconds[2:]):.1f} ms")
+    for name, values in times.items():
+        later = values[2:] or values  # the first steps build buffers and capture the graph
+        print(f"  {name:16s} median {statistics.median(later):7.2f} ms over {len(later)} steps")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=20)
+    a = parser.parse_args(argv)
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/step_phases.py times CUDA graph replays: run it on a machine with CUDA")
+    for spec in a.models.split(","):
+        arch, size = spec.split("@")
+        run(arch, int(size), a.fraction, a.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

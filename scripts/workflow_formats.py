@@ -415,9 +415,11 @@ def check_ui(ui: dict, infos: dict | None = None) -> list[str]:
                 if entry.get("link") is None:
                     problems.append(f"{where}: required input {name!r} is not connected")
         outputs = node.get("outputs", [])
-        expected = list(zip(info["output"], info["output_name"]))
-        if [o.get("type") for o in outputs] != [t for t, _ in expected]:
-            problems.append(f"{where}: output types {[o.get('type') for o in outputs]}, expected {[t for t, _ in expected]}")
+        saved, expected = [o.get("type") for o in outputs], list(info["output"])
+        # An output node saved without outputs is what older ComfyUI versions save for SaveImage and SaveLatent,
+        # which later pass their input through (v0.33 has outputs on both); the frontend loads it either way.
+        if saved != expected and not (saved == [] and info.get("output_node")):
+            problems.append(f"{where}: output types {saved}, expected {expected}")
         for slot, out in enumerate(outputs):
             for link_id in out.get("links") or []:
                 link = links.get(link_id)

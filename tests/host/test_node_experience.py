@@ -218,9 +218,13 @@ def conditioning(seed: int):
 
 
 @pytest.fixture
-def progress_calls(host):
-    """Every call of ComfyUI's global progress-bar hook (what the server forwards to the UI) during the test."""
+def progress_calls(host, monkeypatch):
+    """Every call of ComfyUI's global progress-bar hook (what the server forwards to the UI) during the test. Newer
+    hosts (v0.33) throttle the hook to one update per 100 ms; the throttle is off here, so that every update the bar
+    gets reaches the hook."""
     import comfy.utils
+    if hasattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL"):
+        monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0)
     calls, previous = [], comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
     try:

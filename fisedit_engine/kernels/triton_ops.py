@@ -135,8 +135,14 @@ def _scatter_kernel(
 
 @triton.jit
 def _add(a, b):
-    # tl.sum's combine function is a @triton.jit helper of Triton's own (see SILU above); this one is ours
     return a + b
+
+
+# The sum that the reductions below combine with. tl.sum cannot be called by kernels that the interpreter runs when
+# TRITON_INTERPRET was set after Triton was imported (see SILU above), but the interpreter sums with numpy when a
+# reduction names Triton's own `_sum_combine`, and element by element in Python for any other combine function (some
+# seconds per launch). Compiled, `_add` is the same sum; it is what the H100 runs were measured with.
+_SUM = tl.standard._sum_combine if type(_add).__name__ == "InterpretedFunction" else _add
 
 
 @triton.jit
@@ -168,8 +174,8 @@ def _exact_stats_kernel(
         new = tl.where(ok, new.to(tl.float32) - mean, 0.0)
         s1 += new - old
         s2 += new * new - old * old
-    d1 = tl.reduce(tl.reduce(s1, 1, _add), 0, _add)  # the cached map's centred sum is zero
-    d2 = tl.reduce(tl.reduce(s2, 1, _add), 0, _add)
+    d1 = tl.reduce(tl.reduce(s1, 1, _SUM), 0, _SUM)  # the cached map's centred sum is zero
+    d2 = tl.reduce(tl.reduce(s2, 1, _SUM), 0, _SUM)
     shift = d1 / count
     tl.store(out_ptr + (n * G + g) * 2, mean + shift)
     tl.store(out_ptr + (n * G + g) * 2 + 1, tl.maximum(var + d2 / count - shift * shift, 0.0))
@@ -184,10 +190,9 @@ INTERPRETED = _interpreted()
 
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
 # runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.
-# "stats": elements per loop iteration of a program (one group's channels by as many positions as fit); small in the
-# interpreter, which runs the final reductions' combine function once per element pair, in Python.
+# "stats": elements per loop iteration of a program (one group's channels by as many positions as fit).
 GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096}
-INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 256}
+INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 1 << 14}
 
 
 def _blocks(op: str, channels: int, blocks):

@@ -138,11 +138,19 @@ def _add(a, b):
     return a + b
 
 
+def _interpreted() -> bool:
+    return type(_add).__name__ == "InterpretedFunction"
+
+
+INTERPRETED = _interpreted()
+"""True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors, in Python."""
+
+
 # The sum that the reductions below combine with. tl.sum cannot be called by kernels that the interpreter runs when
 # TRITON_INTERPRET was set after Triton was imported (see SILU above), but the interpreter sums with numpy when a
 # reduction names Triton's own `_sum_combine`, and element by element in Python for any other combine function (some
 # seconds per launch). Compiled, `_add` is the same sum; it is what the H100 runs were measured with.
-_SUM = tl.standard._sum_combine if type(_add).__name__ == "InterpretedFunction" else _add
+_SUM = tl.standard._sum_combine if INTERPRETED else _add
 
 
 @triton.jit
@@ -180,13 +188,6 @@ def _exact_stats_kernel(
     tl.store(out_ptr + (n * G + g) * 2, mean + shift)
     tl.store(out_ptr + (n * G + g) * 2 + 1, tl.maximum(var + d2 / count - shift * shift, 0.0))
 
-
-def _interpreted() -> bool:
-    return type(_scatter_kernel).__name__ == "InterpretedFunction"
-
-
-INTERPRETED = _interpreted()
-"""True when the kernels were decorated under TRITON_INTERPRET=1: they then run on CPU tensors, in Python."""
 
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
 # runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         cfg.budget_seconds, cfg.finish_seconds = 3600.0, 60.0
         cfg.batch, cfg.vae_batch, cfg.image_size = 2, 2, 128
         cfg.max_vae_steps, cfg.max_steps, cfg.warmup_steps = 3, 3, 2
+        cfg.pool_batches = 2
         cfg.fit_images, cfg.eval_images, cfg.grid_images, cfg.sample_steps = 4, 2, 2, 2
         cfg.log_every = 1
     train.run(cfg, start=START)

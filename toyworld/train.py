@@ -7,10 +7,11 @@ budget is spent and stop after a whole step; the finish (latent scale, samples, 
 - VAE: L1 + MSE reconstruction in -1..1 with a small KL term, sampling the posterior so that the decoder tolerates
   latents that are slightly off, as a diffusion model's are. Then the latent normalisation (shift and scale to
   zero mean and unit variance of the posterior means) and the latent-preview colours are fitted on fresh images.
-- Diffusion: the standard eps-prediction DDPM loss on SD's scaled-linear schedule (beta 0.00085..0.012, 1000
-  steps: ComfyUI's defaults for SD1.5, read from ComfyUI's ModelSamplingDiscrete), 10% empty captions for
+- Diffusion: eps prediction on SD's scaled-linear schedule (beta 0.00085..0.012, 1000 steps: ComfyUI's defaults
+  for SD1.5, read from ComfyUI's ModelSamplingDiscrete) with min-SNR-5 loss weights, 10% empty captions for
   classifier-free guidance, AdamW, warm-up then cosine decay over the stage's time, EMA weights (saved), bf16
-  autocast on CUDA.
+  autocast on CUDA. Batches are drawn from a pool of encoded examples that is renewed by an eighth of a batch
+  per step (LatentPool), so the VAE encoder does not cost as much as the UNet.
 - Finish: samples with an Euler loop on ComfyUI's "normal" schedule and CFG, read back by toyworld.judge (object
   and scene accuracy of the generations against their captions), VAE reconstruction PSNR, the weights as fp16
   safetensors, metrics.json (losses, timings, accuracies, parameter counts), loss.png and samples.png.
@@ -26,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import captions, judge, models, plots, render, world
 
@@ -60,6 +60,9 @@ class TrainConfig:
     cfg: float = 5.0
     shard_mib: float = 15.0            # the GPU machine returns files of at most 16 MiB
     log_every: int = 50
+    pool_batches: int = 64             # encoded examples kept for reuse: pool_batches * batch of them
+    fresh_fraction: float = 0.125      # of a batch, newly rendered and encoded each step (the rest is reused)
+    min_snr: float | None = 5.0        # min-SNR-gamma loss weights (None: the plain eps loss)
     resume: list[str] | None = None    # weights files of an earlier run: keep its VAE, train its UNet further
 
 
@@ -107,6 +110,46 @@ class SceneStream:
             self._first = first
         i = (step - first) * self.batch
         return self._scenes[i:i + self.batch]
+
+
+class LatentPool:
+    """Encoded training examples (normalised latents and caption tokens) that steps draw their batches from.
+
+    Rendering and VAE-encoding a whole batch costs about as much as the UNet's own forward and backward pass, so
+    each step encodes only `fresh` new scenes, in place of the oldest ones, and draws its batch at random from the
+    pool: an example serves about batch / fresh steps before it is replaced, and the scenes never repeat."""
+
+    def __init__(self, stream: SceneStream, encode, size: int, fresh: int, generator: torch.Generator):
+        self.stream, self.encode, self.fresh, self.g = stream, encode, fresh, generator
+        chunks = [self._encode(i) for i in range(-(-size // stream.batch))]
+        self.latents = torch.cat([c[0] for c in chunks])[:size]
+        self.tokens = torch.cat([c[1] for c in chunks])[:size]
+        self._chunk, self._left, self._next, self._oldest = None, 0, len(chunks), 0
+
+    def _encode(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scenes = self.stream.at(index)
+        return self.encode(scenes), captions.token_ids(scenes)
+
+    def refresh(self) -> None:
+        """Replaces the `fresh` oldest examples by new ones (whole stream batches are encoded and used up in
+        slices, so the encoder always runs at full batch width)."""
+        n = len(self.latents)
+        take = self.fresh
+        while take:
+            if not self._left:
+                self._chunk, self._left = self._encode(self._next), self.stream.batch
+                self._next += 1
+            k = min(take, self._left, n - self._oldest)
+            lo = self.stream.batch - self._left
+            self.latents[self._oldest:self._oldest + k] = self._chunk[0][lo:lo + k]
+            self.tokens[self._oldest:self._oldest + k] = self._chunk[1][lo:lo + k]
+            self._oldest = (self._oldest + k) % n
+            self._left -= k
+            take -= k
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.randint(0, len(self.latents), (size,), device=self.latents.device, generator=self.g)
+        return self.latents[i], self.tokens[i]
 
 
 def _step_seed(cfg: TrainConfig, stage: int, step: int) -> int:
@@ -236,6 +279,20 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
     # A resumed run draws other scenes and noise than the runs before it: the seeds move on with the steps.
     stream = SceneStream(cfg.batch, _step_seed(cfg, 2, first_step), device)
     g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, first_step + 1))
+
+    def encode(scenes):
+        x = render.render(scenes, cfg.image_size)[0]
+        with _autocast(device):
+            return (_vae_posterior(vae, x * 2 - 1)[0].float() - norm[0]) * norm[1]
+
+    t_pool = clock.now()
+    with torch.no_grad():
+        pool = LatentPool(stream, encode, cfg.pool_batches * cfg.batch, max(1, round(cfg.fresh_fraction * cfg.batch)),
+                          g)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"[{clock.now():6.1f}s] latent pool of {len(pool.latents)} encoded in {clock.now() - t_pool:.1f}s; "
+          f"{pool.fresh} new per step", flush=True)
     t0, step = clock.now(), 0
     deadline = clock.train_end
     while clock.now() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
@@ -243,11 +300,8 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, frac, cfg.warmup_steps)
         with torch.no_grad():
-            scenes = stream.at(step)
-            x = render.render(scenes, cfg.image_size)[0]
-            with _autocast(device):
-                z0 = (_vae_posterior(vae, x * 2 - 1)[0].float() - norm[0]) * norm[1]
-            tokens = captions.token_ids(scenes)
+            pool.refresh()
+            z0, tokens = pool.batch(cfg.batch)
             drop = torch.rand(cfg.batch, device=device, generator=g) < cfg.caption_dropout
             tokens = torch.where(drop[:, None], captions.empty_token_ids(cfg.batch, device), tokens)
             t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), device=device, generator=g)
@@ -257,9 +311,17 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         with _autocast(device):
             context = models.encode_tokens(text, tokens)
             eps = unet(x_t, t.float(), context=context, transformer_options={})
-        loss = F.mse_loss(eps.float(), noise)
+        per_example = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+        loss = per_example.mean()  # logged: the plain eps loss, comparable across runs and weightings
+        if cfg.min_snr is not None:
+            # Min-SNR-gamma (Hang et al. 2023): the nearly clean steps, whose eps loss is large but easy, count
+            # less; the noisy steps that decide the layout (where each captioned object goes) count fully.
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            objective = (per_example * snr.clamp(max=cfg.min_snr) / snr).mean()
+        else:
+            objective = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         with torch.no_grad():

@@ -3,6 +3,7 @@
     python benchmarks/edit_quality.py [--pairs 200] [--size 256] [--steps 20] [--weights toyworld]
     python benchmarks/edit_quality.py --pairs 4 --size 128 --steps 4 --random-weights --out /tmp/q   # plumbing
     python benchmarks/edit_quality.py --start 100 --pairs 100 --out R/shard2; ... --merge R/shard1 R/shard2 --out R
+    python benchmarks/edit_quality.py --pairs 240 --workers 6        # six shards at once on one GPU, then merged
     (--budget-seconds S stops before a pair that would not finish in time; the shard then holds fewer pairs)
 
 Edit pairs come from toyworld.edits (colour, shape, size, add, remove in turn): a caption, its edited caption, and
@@ -17,12 +18,12 @@ FISEditCacheCapture, stored), and then edited by each method, all through ComfyU
   plain inpainting), KSampler, VAEDecode;
 - img2img: KSampler on the original latent with the edited caption at denoise 0.8, VAEDecode.
 Metrics per method and pair, against the original image and the generator's truth (the `affected` region):
-mask IoU and recall (masked methods; also FISEdit's undilated mask), PSNR and maximum error (8-bit levels) of the
+mask IoU and recall on pixels and on the latent grid (masked methods; also FISEdit's undilated mask), PSNR and maximum error (8-bit levels) of the
 pixels outside the true region, the maximum change outside the method's own mask (FISEdit: 0 by construction),
 edit success (toyworld.judge reads the edited object's cell: the requested colour, shape and size, or nothing for
 a removal), and the seconds of the method's own nodes (FISEditDecode's one-time decode of the original image is
-timed on its own). The originals are judged too: edits of an original that
-does not show its caption are reported separately.
+timed on its own). The originals are judged too: edits of an original that does not show its caption are
+reported separately.
 
 Writes edit_quality.json (every pair and the summaries), edit_quality.md (the tables) and edit_quality_examples.png
 to --out (default benchmarks/results).
@@ -57,6 +58,9 @@ MASK_NODE = {"fisedit_ac": "20", "fisedit": "25", "inpaint": "20", "diffdiff": "
 # What the run must compute (plain VAEDecode nodes are no output nodes, so name them)
 OUTPUTS = ["7", "8", "23", "24", "28", *IMAGE_NODE.values()]
 PSNR_CAP = 100.0  # dB, for pixels that are exactly the original's
+LATENT_SCALE = 8
+MASK_KEYS = ("iou", "recall", "iou_grid", "recall_grid", "iou_undilated", "recall_undilated", "iou_grid_undilated",
+             "recall_grid_undilated", "mask_fraction")
 
 
 def pair_prompt(i: int, old: str, new: str, a) -> dict:
@@ -123,6 +127,20 @@ def _mask_scores(mask, truth) -> dict:
     return {"iou": inter / union if union else 1.0, "recall": inter / float(truth.sum()) if truth.any() else 1.0}
 
 
+def _on_latent_grid(pixels):
+    """[H, W] bool -> [H/8, W/8]: the latent cells that hold any of the pixels. A FISEdit mask is made on this grid
+    (its pixel form repeats each cell 8x8), and a cell with one changed pixel is a cell the edit must recompute, so
+    this is the truth a mask can reach; on pixels, the corners of a cell that a circle or triangle misses cap IoU
+    well below 1 even for a perfect mask."""
+    import torch.nn.functional as F
+    return F.max_pool2d(pixels[None, None].float(), LATENT_SCALE)[0, 0] > 0
+
+
+def _grid_scores(mask, truth) -> dict:
+    scores = _mask_scores(_on_latent_grid(mask), _on_latent_grid(truth))
+    return {"iou_grid": scores["iou"], "recall_grid": scores["recall"]}
+
+
 def _outside_scores(image, original, region) -> dict:
     """PSNR (dB, capped) and max error (8-bit levels) of the pixels outside `region` ([H, W] bool)."""
     keep = ~region
@@ -155,12 +173,12 @@ def measure_pair(run, i: int, edit, a) -> dict:
                   **_outside_scores(image, original, truth)}
         if m in MASK_NODE:
             mask = run.outputs[MASK_NODE[m]][1][0][0] > 0.5
-            scores.update(_mask_scores(mask, truth))
+            scores.update(_mask_scores(mask, truth), **_grid_scores(mask, truth))
             scores["max_err_outside_own_mask"] = _outside_scores(image, original, mask)["max_err_out"]
             if m.startswith("fisedit"):
                 raw = run.outputs["23" if m == "fisedit_ac" else "28"][1][0][0] > 0.5
-                undilated = _mask_scores(raw, truth)
-                scores.update(iou_undilated=undilated["iou"], recall_undilated=undilated["recall"],
+                undilated = {**_mask_scores(raw, truth), **_grid_scores(raw, truth)}
+                scores.update({f"{k}_undilated": v for k, v in undilated.items()},
                               mask_fraction=float(mask.float().mean()))
         record["methods"][m] = scores
     record["images"] = {"original": original, **{m: run.outputs[IMAGE_NODE[m]][0][0][0] for m in METHODS},
@@ -188,7 +206,7 @@ def summarise(records: list[dict]) -> dict:
                  "max_err_out_mean": _mean([x["max_err_out"] for x in rows]),
                  "max_err_out_max": max(x["max_err_out"] for x in rows),
                  "seconds": _mean([x["seconds"] for x in rows])}
-            for key in ("iou", "recall", "iou_undilated", "recall_undilated", "mask_fraction"):
+            for key in MASK_KEYS:
                 if key in rows[0]:
                     s[key] = _mean([x[key] for x in rows])
             if "max_err_outside_own_mask" in rows[0]:
@@ -206,6 +224,8 @@ def summarise(records: list[dict]) -> dict:
         "original_correct_only": block(good),
         "by_kind": {k: block([r for r in records if r["kind"] == k]) for k in EDIT_KINDS
                     if any(r["kind"] == k for r in records)},
+        "by_kind_correct": {k: block([r for r in good if r["kind"] == k]) for k in EDIT_KINDS
+                            if any(r["kind"] == k for r in good)},
     }
 
 
@@ -214,23 +234,33 @@ def _fmt(v, spec=".2f", none="–"):
 
 
 def markdown(summary: dict, settings: dict) -> str:
+    workers = settings.get("workers", 1)
     lines = [(f"Edit quality on the toy world: {summary['pairs']} edit pairs "
               f"({settings['size']}x{settings['size']}, {settings['sampler']}/{settings['scheduler']}, "
               f"{settings['steps']} steps, cfg {settings['cfg']}, weights `{settings['weights']}`, "
-              f"device {settings['device']}). Originals that show their caption (judge): "
-              f"{_fmt(100 * (summary['original_correct'] or 0), '.0f')}%."), ""]
+              f"device {settings['device']}"
+              + (f", {workers} worker processes sharing it, so the seconds are each method's under that load"
+                 if workers > 1 else "")
+              + f"). Originals that show their caption (judge): "
+              f"{_fmt(100 * (summary['original_correct'] or 0), '.0f')}%. Mask IoU is given on the latent grid "
+              "(the cells that hold a changed pixel: the resolution a mask has) and on pixels; in brackets, the "
+              "undilated mask."), ""]
+
+    def iou(s, key):
+        return _fmt(s.get(key)) + (f" ({_fmt(s[key + '_undilated'])})" if key + "_undilated" in s else "")
 
     def table(block, title):
         lines.extend([f"**{title}**", "",
-                      ("| method | mask IoU (undilated) | mask recall | PSNR outside truth (dB) | max error outside "
-                       "truth (mean / max, 8-bit) | max change outside own mask | edit success | s per edit |"),
-                      "|---|---|---|---|---|---|---|---|"])
+                      ("| method | mask IoU, latent grid | mask IoU, pixels | mask recall, grid | PSNR outside truth "
+                       "(dB) | max error outside truth (mean / max, 8-bit) | max change outside own mask | "
+                       "edit success | s per edit |"),
+                      "|---|---|---|---|---|---|---|---|---|"])
         for m in METHODS:
             if m not in block:
                 continue
             s = block[m]
-            iou = _fmt(s.get("iou")) + (f" ({_fmt(s['iou_undilated'])})" if "iou_undilated" in s else "")
-            lines.append(f"| {LABELS[m]} | {iou} | {_fmt(s.get('recall'))} | {_fmt(s['psnr_out'], '.1f')} | "
+            lines.append(f"| {LABELS[m]} | {iou(s, 'iou_grid')} | {iou(s, 'iou')} | {_fmt(s.get('recall_grid'))} | "
+                         f"{_fmt(s['psnr_out'], '.1f')} | "
                          f"{_fmt(s['max_err_out_mean'], '.0f')} / {_fmt(s['max_err_out_max'], '.0f')} | "
                          f"{_fmt(s.get('max_err_outside_own_mask'), '.0f')} | {_fmt(100 * s['success'], '.0f')}% | "
                          f"{_fmt(s['seconds'], '.2f')} |")
@@ -239,15 +269,19 @@ def markdown(summary: dict, settings: dict) -> str:
     table(summary["all"], "All pairs")
     if summary["original_correct_only"]:
         table(summary["original_correct_only"], "Pairs whose original shows its caption")
-    lines.extend(["**By edit kind** (FISEdit with attention control vs regenerate)", "",
-                  ("| kind | pairs | FISEdit IoU (undilated) | FISEdit success | regenerate success | "
-                   "FISEdit PSNR out | regenerate PSNR out |"), "|---|---|---|---|---|---|---|"])
-    for kind, block in summary["by_kind"].items():
-        f, r = block["fisedit_ac"], block["regenerate"]
-        lines.append(f"| {kind} | {f['pairs']} | {_fmt(f['iou'])} ({_fmt(f['iou_undilated'])}) | "
-                     f"{_fmt(100 * f['success'], '.0f')}% | {_fmt(100 * r['success'], '.0f')}% | "
-                     f"{_fmt(f['psnr_out'], '.1f')} | {_fmt(r['psnr_out'], '.1f')} |")
-    lines.append("")
+    for title, key in (("all pairs", "by_kind"), ("pairs whose original shows its caption", "by_kind_correct")):
+        if not summary.get(key):
+            continue
+        lines.extend([f"**By edit kind, {title}** (FISEdit with attention control vs regenerate)", "",
+                      ("| kind | pairs | FISEdit IoU, grid | FISEdit IoU, pixels | FISEdit success | "
+                       "regenerate success | FISEdit PSNR out | regenerate PSNR out |"),
+                      "|---|---|---|---|---|---|---|---|"])
+        for kind, block in summary[key].items():
+            f, r = block["fisedit_ac"], block["regenerate"]
+            lines.append(f"| {kind} | {f['pairs']} | {iou(f, 'iou_grid')} | {iou(f, 'iou')} | "
+                         f"{_fmt(100 * f['success'], '.0f')}% | {_fmt(100 * r['success'], '.0f')}% | "
+                         f"{_fmt(f['psnr_out'], '.1f')} | {_fmt(r['psnr_out'], '.1f')} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -324,19 +358,48 @@ def write(out: Path, records: list[dict], settings: dict, examples: list[dict]) 
     return result
 
 
-def merge(folders: list[Path], out: Path) -> dict:
-    """Combines shard results (run with --start/--pairs) into one result."""
+def merge(folders: list[Path], out: Path, workers: int = 1) -> dict:
+    """Combines shard results (run with --start/--pairs) into one result; `workers`: how many of the shards ran at
+    once (their times are then each under that load)."""
     parts = [json.loads((f / "edit_quality.json").read_text()) for f in folders]
     records = sorted((r for p in parts for r in p["pairs"]), key=lambda r: r["pair"])
     if len({r["pair"] for r in records}) != len(records):
         raise SystemExit("the shards overlap: a pair appears twice")
+    seconds = [p["settings"]["seconds"] for p in parts]
     settings = dict(parts[0]["settings"], pairs=len(records), start=records[0]["pair"] if records else 0,
-                    seconds=sum(p["settings"]["seconds"] for p in parts), shards=[str(f) for f in folders])
+                    seconds=max(seconds) if workers > 1 else sum(seconds), shards=[str(f) for f in folders],
+                    workers=workers)
     result = write(out, records, settings, [])
     figure = folders[0] / "edit_quality_examples.png"  # the first shard's examples are the first pairs
     if figure.is_file() and figure.resolve() != (out / figure.name).resolve():
         shutil.copyfile(figure, out / figure.name)
     return result
+
+
+def run_workers(argv: list[str], a) -> dict:
+    """Runs the pairs in `a.workers` processes at once (contiguous shards under OUT/shards/), then merges them
+    into OUT. One process leaves most of a GPU idle: the toy model's steps are launch-bound."""
+    import subprocess
+    passed = []
+    skip = False
+    for arg in argv:  # this command line without the options that each shard sets itself
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--start", "--pairs", "--out"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--start=", "--pairs=", "--out=")):
+            passed.append(arg)
+    n = max(1, min(a.workers, a.pairs))
+    bounds = [a.start + a.pairs * k // n for k in range(n + 1)]
+    folders = [a.out / "shards" / f"{k + 1:02d}" for k in range(n)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
+    procs = [subprocess.Popen([sys.executable, __file__, *passed, "--start", str(lo), "--pairs", str(hi - lo),
+                               "--out", str(folder)], env=env)
+             for lo, hi, folder in zip(bounds, bounds[1:], folders, strict=False)]
+    failed = [k + 1 for k, proc in enumerate(procs) if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"shard(s) {failed} failed: see their output above")
+    return merge(folders, a.out, workers=n)
 
 
 def main(argv=None) -> int:
@@ -361,9 +424,15 @@ def main(argv=None) -> int:
                         "continue with --start and combine with --merge)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="combine these shard folders into --out instead of running")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run the pairs in this many processes at once and merge them (for a GPU: 6 keep an H100 "
+                        "busy); each method's seconds are then measured under that shared load")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     if a.merge:
         result = merge(a.merge, a.out)
+    elif a.workers > 1:
+        result = run_workers(argv, a)
     else:
         old_dir = os.environ.get("FISEDIT_TOYWORLD_DIR")
         try:

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--shard-mib", type=float, default=15.0, help="largest weights file (MiB)")
     p.add_argument("--resume", default=None, metavar="FOLDER",
                    help="continue training the weights set --name in FOLDER (skips the VAE stage)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="print the kernel time table of this many diffusion steps (after two warm-up steps)")
     p.add_argument("--smoke", action="store_true",
                    help="a few iterations of every stage on the CPU at 128 px (tests the pipeline, not quality)")
     a = p.parse_args(argv)
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = train.TrainConfig(out=a.out, weights_dir=a.weights_dir, name=a.name, budget_seconds=a.budget_seconds,
                             vae_fraction=a.vae_fraction, batch=a.batch, vae_batch=a.vae_batch, lr=a.lr,
-                            seed=a.seed, device=device, shard_mib=a.shard_mib, resume=resume)
+                            seed=a.seed, device=device, shard_mib=a.shard_mib, resume=resume,
+                            profile_steps=a.profile_steps)
     if a.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         cfg.device = a.device or "cpu"

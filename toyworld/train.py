@@ -64,6 +64,7 @@ class TrainConfig:
     fresh_fraction: float = 0.125      # of a batch, newly rendered and encoded each step (the rest is reused)
     min_snr: float | None = 5.0        # min-SNR-gamma loss weights (None: the plain eps loss)
     resume: list[str] | None = None    # weights files of an earlier run: keep its VAE, train its UNet further
+    profile_steps: int = 0             # > 0: print the GPU kernel table of that many diffusion steps
 
 
 @dataclass
@@ -293,6 +294,7 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         torch.cuda.synchronize(device)
     print(f"[{clock.now():6.1f}s] latent pool of {len(pool.latents)} encoded in {clock.now() - t_pool:.1f}s; "
           f"{pool.fresh} new per step", flush=True)
+    profiler = _step_profiler(cfg.profile_steps) if cfg.profile_steps else None
     t0, step = clock.now(), 0
     deadline = clock.train_end
     while clock.now() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
@@ -330,10 +332,31 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         log.add(first_step + step, loss, clock,
                 f" lr {opt.param_groups[0]['lr']:.2e}" if (step + 1) % cfg.log_every == 0 else "")
         step += 1
+        if profiler is not None:
+            profiler.step()
+            if step == cfg.profile_steps + 2:
+                profiler.stop()
+                profiler = None
     log.flush(first_step + step, clock)
     clock.marks["diffusion_steps"] = step
     clock.marks["diffusion_seconds"] = clock.now() - t0
     return ema_unet, ema_text, log.curve
+
+
+def _step_profiler(steps: int):
+    """A started torch profiler that, after two warm-up steps, records `steps` steps and prints where their time
+    went (what to speed up next: the step's budget is fixed, so its speed is the model's quality)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def report(prof):
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=schedule(wait=0, warmup=2, active=steps, repeat=1),
+                   on_trace_ready=report)
+    prof.start()
+    return prof
 
 
 # --- sampling and evaluation --------------------------------------------------------------------------------------

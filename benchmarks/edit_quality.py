@@ -58,7 +58,6 @@ MASK_NODE = {"fisedit_ac": "20", "fisedit": "25", "inpaint": "20", "diffdiff": "
 # What the run must compute (plain VAEDecode nodes are no output nodes, so name them)
 OUTPUTS = ["7", "8", "23", "24", "28", *IMAGE_NODE.values()]
 PSNR_CAP = 100.0  # dB, for pixels that are exactly the original's
-LATENT_SCALE = 8
 MASK_KEYS = ("iou", "recall", "iou_grid", "recall_grid", "iou_undilated", "recall_undilated", "iou_grid_undilated",
              "recall_grid_undilated", "mask_fraction")
 
@@ -133,6 +132,8 @@ def _on_latent_grid(pixels):
     this is the truth a mask can reach; on pixels, the corners of a cell that a circle or triangle misses cap IoU
     well below 1 even for a perfect mask."""
     import torch.nn.functional as F
+
+    from fisedit_engine.decode import LATENT_SCALE
     return F.max_pool2d(pixels[None, None].float(), LATENT_SCALE)[0, 0] > 0
 
 

@@ -11,7 +11,7 @@ budget is spent and stop after a whole step; the finish (latent scale, samples, 
   for SD1.5, read from ComfyUI's ModelSamplingDiscrete) with min-SNR-5 loss weights, 10% empty captions for
   classifier-free guidance, AdamW, warm-up then cosine decay over the stage's time, EMA weights (saved), bf16
   autocast on CUDA. Batches are drawn from a pool of encoded examples that is renewed by an eighth of a batch
-  per step (LatentPool), so the VAE encoder does not cost as much as the UNet.
+  per step (LatentPool).
 - Finish: samples with an Euler loop on ComfyUI's "normal" schedule and CFG, read back by toyworld.judge (object
   and scene accuracy of the generations against their captions), VAE reconstruction PSNR, the weights as fp16
   safetensors, metrics.json (losses, timings, accuracies, parameter counts), loss.png and samples.png.
@@ -116,9 +116,9 @@ class SceneStream:
 class LatentPool:
     """Encoded training examples (normalised latents and caption tokens) that steps draw their batches from.
 
-    Rendering and VAE-encoding a whole batch costs about as much as the UNet's own forward and backward pass, so
-    each step encodes only `fresh` new scenes, in place of the oldest ones, and draws its batch at random from the
-    pool: an example serves about batch / fresh steps before it is replaced, and the scenes never repeat."""
+    Each step encodes only `fresh` new scenes, in place of the oldest ones, and draws its batch at random from the
+    pool: an example serves about batch / fresh steps before it is replaced, and the scenes never repeat. (On the
+    H100 this did not shorten the step, which is bound by the host's launches: see --profile-steps.)"""
 
     def __init__(self, stream: SceneStream, encode, size: int, fresh: int, generator: torch.Generator):
         self.stream, self.encode, self.fresh, self.g = stream, encode, fresh, generator
@@ -316,8 +316,8 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         per_example = (eps.float() - noise).square().mean(dim=(1, 2, 3))
         loss = per_example.mean()  # logged: the plain eps loss, comparable across runs and weightings
         if cfg.min_snr is not None:
-            # Min-SNR-gamma (Hang et al. 2023): the nearly clean steps, whose eps loss is large but easy, count
-            # less; the noisy steps that decide the layout (where each captioned object goes) count fully.
+            # Min-SNR-gamma (Hang et al. 2023): the nearly clean steps, whose eps error is the largest but matters
+            # least to the image, count less; the noisy steps that decide the layout count fully.
             snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
             objective = (per_example * snr.clamp(max=cfg.min_snr) / snr).mean()
         else:

@@ -48,6 +48,9 @@ def main(argv=None) -> int:
                    help="continue training the weights set --name in FOLDER (skips the VAE stage)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="print the kernel time table of this many diffusion steps (after two warm-up steps)")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="run the diffusion step's forwards through torch.compile with this mode (e.g. default, "
+                        "max-autotune-no-cudagraphs); benchmarks/train_step.py measures which is fastest")
     p.add_argument("--smoke", action="store_true",
                    help="a few iterations of every stage on the CPU at 128 px (tests the pipeline, not quality)")
     a = p.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     cfg = train.TrainConfig(out=a.out, weights_dir=a.weights_dir, name=a.name, budget_seconds=a.budget_seconds,
                             vae_fraction=a.vae_fraction, batch=a.batch, vae_batch=a.vae_batch, lr=a.lr,
                             seed=a.seed, device=device, shard_mib=a.shard_mib, resume=resume,
-                            profile_steps=a.profile_steps)
+                            profile_steps=a.profile_steps, compile=a.compile)
     if a.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         cfg.device = a.device or "cpu"

@@ -65,6 +65,7 @@ class TrainConfig:
     min_snr: float | None = 5.0        # min-SNR-gamma loss weights (None: the plain eps loss)
     resume: list[str] | None = None    # weights files of an earlier run: keep its VAE, train its UNet further
     profile_steps: int = 0             # > 0: print the GPU kernel table of that many diffusion steps
+    compile: str | None = None         # torch.compile mode for the diffusion step's forwards (None: eager)
 
 
 @dataclass
@@ -260,77 +261,105 @@ def _schedule():
     return 1.0 / (1.0 + ms.sigmas.double() ** 2), ms
 
 
-def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float],
-                    start: tuple | None = None, first_step: int = 0):
-    """`start`: (unet, text) to continue from (a resumed run), else fresh ones. `first_step` numbers the loss
-    curve on from an earlier run's steps; the optimizer starts afresh (its state is not saved: it would double the
-    weights files) with a short warm-up."""
-    unet, text = start or (models.build_unet(device), models.build_text_encoder(device))
-    unet.train()
-    text.train()
-    params = list(unet.parameters()) + list(text.parameters())
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, **fused)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    for p in ema_params:
-        p.requires_grad_(False)
-    alphas_cumprod = _schedule()[0].to(device, torch.float32)
-    log = _Log("diffusion", cfg.log_every)
-    # A resumed run draws other scenes and noise than the runs before it: the seeds move on with the steps.
+class DiffusionStep:
+    """One optimizer step of the UNet and text encoder, with the EMA update, on a batch drawn from a LatentPool.
+
+    `compile` runs the forward passes through torch.compile (a torch.compile mode name, e.g. "default" or
+    "max-autotune-no-cudagraphs"): eager, the step is bound by the host's launches (ComfyUI's modules cast weights and
+    dispatch patches in Python per layer), so fused kernels buy steps. The modules themselves stay uncompiled: their
+    parameters and state dicts (what is saved) are the same either way."""
+
+    def __init__(self, cfg: TrainConfig, unet, text, pool: LatentPool, generator: torch.Generator,
+                 device: torch.device, compile: str | None = None):
+        self.cfg, self.unet, self.text, self.pool, self.g, self.device = cfg, unet, text, pool, generator, device
+        unet.train()
+        text.train()
+        self.params = list(unet.parameters()) + list(text.parameters())
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.01, **fused)
+        self.ema_unet, self.ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+        self.ema_params = list(self.ema_unet.parameters()) + list(self.ema_text.parameters())
+        for p in self.ema_params:
+            p.requires_grad_(False)
+        self.alphas_cumprod = _schedule()[0].to(device, torch.float32)
+        self._unet_forward = torch.compile(unet, mode=compile) if compile else unet
+        self._text_forward = torch.compile(models.encode_tokens, mode=compile) if compile else models.encode_tokens
+
+    def __call__(self, step: int, lr: float) -> torch.Tensor:
+        """The step's plain eps loss (a device tensor: reading it would wait for the device)."""
+        cfg, g, device = self.cfg, self.g, self.device
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():
+            self.pool.refresh()
+            z0, tokens = self.pool.batch(cfg.batch)
+            drop = torch.rand(cfg.batch, device=device, generator=g) < cfg.caption_dropout
+            tokens = torch.where(drop[:, None], captions.empty_token_ids(cfg.batch, device), tokens)
+            t = torch.randint(0, len(self.alphas_cumprod), (cfg.batch,), device=device, generator=g)
+            noise = torch.randn(z0.shape, device=device, generator=g)
+            a = self.alphas_cumprod[t][:, None, None, None]
+            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with _autocast(device):
+            context = self._text_forward(self.text, tokens)
+            eps = self._unet_forward(x_t, t.float(), context=context, transformer_options={})
+        per_example = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+        loss = per_example.mean()  # logged: the plain eps loss, comparable across runs and weightings
+        if cfg.min_snr is not None:
+            # Min-SNR-gamma (Hang et al. 2023): the nearly clean steps, whose eps error is the largest but matters
+            # least to the image, count less; the noisy steps that decide the layout count fully.
+            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+            objective = (per_example * snr.clamp(max=cfg.min_snr) / snr).mean()
+        else:
+            objective = loss
+        self.opt.zero_grad(set_to_none=True)
+        objective.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
+        return loss
+
+
+def latent_pool(cfg: TrainConfig, device: torch.device, vae, norm: tuple[float, float], first_step: int,
+                generator: torch.Generator) -> LatentPool:
+    """The pool of encoded examples a diffusion run starts from; a resumed run (`first_step` > 0) draws other
+    scenes than the runs before it: the seeds move on with the steps."""
     stream = SceneStream(cfg.batch, _step_seed(cfg, 2, first_step), device)
-    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, first_step + 1))
 
     def encode(scenes):
         x = render.render(scenes, cfg.image_size)[0]
         with _autocast(device):
             return (_vae_posterior(vae, x * 2 - 1)[0].float() - norm[0]) * norm[1]
 
-    t_pool = clock.now()
     with torch.no_grad():
-        pool = LatentPool(stream, encode, cfg.pool_batches * cfg.batch, max(1, round(cfg.fresh_fraction * cfg.batch)),
-                          g)
+        return LatentPool(stream, encode, cfg.pool_batches * cfg.batch,
+                          max(1, round(cfg.fresh_fraction * cfg.batch)), generator)
+
+
+def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, norm: tuple[float, float],
+                    start: tuple | None = None, first_step: int = 0):
+    """`start`: (unet, text) to continue from (a resumed run), else fresh ones. `first_step` numbers the loss
+    curve on from an earlier run's steps; the optimizer starts afresh (its state is not saved: it would double the
+    weights files) with a short warm-up."""
+    unet, text = start or (models.build_unet(device), models.build_text_encoder(device))
+    g = torch.Generator(device=device).manual_seed(_step_seed(cfg, 2, first_step + 1))
+    t_pool = clock.now()
+    pool = latent_pool(cfg, device, vae, norm, first_step, g)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     print(f"[{clock.now():6.1f}s] latent pool of {len(pool.latents)} encoded in {clock.now() - t_pool:.1f}s; "
           f"{pool.fresh} new per step", flush=True)
+    train_step = DiffusionStep(cfg, unet, text, pool, g, device, cfg.compile)
+    log = _Log("diffusion", cfg.log_every)
     profiler = _step_profiler(cfg.profile_steps) if cfg.profile_steps else None
     t0, step = clock.now(), 0
     deadline = clock.train_end
     while clock.now() < deadline and (cfg.max_steps is None or step < cfg.max_steps):
         frac = (clock.now() - t0) / max(1e-9, deadline - t0)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, frac, cfg.warmup_steps)
-        with torch.no_grad():
-            pool.refresh()
-            z0, tokens = pool.batch(cfg.batch)
-            drop = torch.rand(cfg.batch, device=device, generator=g) < cfg.caption_dropout
-            tokens = torch.where(drop[:, None], captions.empty_token_ids(cfg.batch, device), tokens)
-            t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), device=device, generator=g)
-            noise = torch.randn(z0.shape, device=device, generator=g)
-            a = alphas_cumprod[t][:, None, None, None]
-            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        with _autocast(device):
-            context = models.encode_tokens(text, tokens)
-            eps = unet(x_t, t.float(), context=context, transformer_options={})
-        per_example = (eps.float() - noise).square().mean(dim=(1, 2, 3))
-        loss = per_example.mean()  # logged: the plain eps loss, comparable across runs and weightings
-        if cfg.min_snr is not None:
-            # Min-SNR-gamma (Hang et al. 2023): the nearly clean steps, whose eps error is the largest but matters
-            # least to the image, count less; the noisy steps that decide the layout count fully.
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            objective = (per_example * snr.clamp(max=cfg.min_snr) / snr).mean()
-        else:
-            objective = loss
-        opt.zero_grad(set_to_none=True)
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        log.add(first_step + step, loss, clock,
-                f" lr {opt.param_groups[0]['lr']:.2e}" if (step + 1) % cfg.log_every == 0 else "")
+        lr = cfg.lr * _lr_factor(step, frac, cfg.warmup_steps)
+        loss = train_step(step, lr)
+        log.add(first_step + step, loss, clock, f" lr {lr:.2e}" if (step + 1) % cfg.log_every == 0 else "")
         step += 1
         if profiler is not None:
             profiler.step()
@@ -340,7 +369,7 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
     log.flush(first_step + step, clock)
     clock.marks["diffusion_steps"] = step
     clock.marks["diffusion_seconds"] = clock.now() - t0
-    return ema_unet, ema_text, log.curve
+    return train_step.ema_unet, train_step.ema_text, log.curve
 
 
 def _step_profiler(steps: int):
@@ -481,6 +510,9 @@ def run(cfg: TrainConfig, start: float | None = None) -> dict:
     training = {"seed": cfg.seed, "vae_steps": earlier.get("vae_steps", clock.marks["vae_steps"]),
                 "diffusion_steps": clock.marks["diffusion_steps"],
                 "diffusion_steps_total": first_step + clock.marks["diffusion_steps"], "batch": cfg.batch,
+                # runs may differ in batch size: the examples seen are the comparable measure of training
+                "examples_total": earlier.get("examples_total", first_step * earlier.get("batch", cfg.batch))
+                + clock.marks["diffusion_steps"] * cfg.batch, "compile": cfg.compile,
                 "runs": earlier.get("runs", 1) + 1 if cfg.resume else 1,
                 "final_diffusion_loss": diff_curve[-1][1] if diff_curve else None,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}

@@ -99,7 +99,7 @@ def test_fisedit_edit_workflow_runs_on_the_toy_model(toy_weights):
     prompt["7"]["inputs"]["save_path"] = ""
     prompt["5"]["inputs"].update(width=SIZE, height=SIZE)
     prompt["6"]["inputs"]["steps"] = 4
-    # A random UNet localises nothing (the mask's opening removes its scattered differences): add a user box.
+    # A random UNet localises nothing (the mask keeps only scattered specks of its differences): add a user box.
     prompt["11"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
     prompt["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 40, "height": 32}}
     prompt["13"] = {"class_type": "MaskComposite", "inputs": {"destination": ["11", 0], "source": ["12", 0],

@@ -57,18 +57,71 @@ def test_otsu_splits_a_bimodal_histogram_between_its_modes():
     assert (values[:900] <= t).all() and (values[900:] > t).all()
 
 
-def test_opening_removes_specks_keeps_blobs_and_is_centred():
-    m = torch.zeros(1, 12, 12, dtype=torch.bool)
-    m[0, 1, 1] = True             # a speck
-    m[0, 5:9, 5:9] = True         # a blob
-    m[0, 0:4, 9:12] = True        # a blob at the border
-    opened = M.opening(m)
-    expected = torch.zeros_like(m)
-    expected[0, 5:9, 5:9] = True
-    expected[0, 0:4, 9:12] = True
-    assert torch.equal(opened, expected)
-    with pytest.raises(ValueError, match="odd"):
-        M.opening(m, 2)
+def components_reference(mask):
+    """Connected components by breadth-first search over 8-neighbours, written independently of the engine's."""
+    h, w = mask.shape
+    labels = [[-1] * w for _ in range(h)]
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x] and labels[y][x] < 0:
+                labels[y][x], queue = y * w + x, [(y, x)]
+                while queue:
+                    cy, cx = queue.pop()
+                    for ny in range(cy - 1, cy + 2):
+                        for nx in range(cx - 1, cx + 2):
+                            if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and labels[ny][nx] < 0:
+                                labels[ny][nx] = y * w + x
+                                queue.append((ny, nx))
+    return torch.tensor(labels)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_components_equal_a_breadth_first_search(seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, 13, 17, generator=gen) < 0.35 + 0.1 * seed
+    labels = M.components(mask)
+    for b in range(2):
+        assert torch.equal(labels[b], components_reference(mask[b]))
+
+
+def test_weak_regions_are_dropped_and_small_strong_ones_kept():
+    """A 2x2 region (which a 3x3 opening would erase) holding the strongest difference stays; a larger region
+    whose difference never reaches half of it goes; a region touching the strongest one's peak level stays."""
+    diff = torch.zeros(1, 12, 12)
+    diff[0, 1:3, 1:3] = 1.0              # small, strongest
+    diff[0, 6:11, 6:11] = 0.4            # large, weak
+    diff[0, 0:4, 8:12] = 0.3
+    diff[0, 1, 9] = 0.6                  # a region whose peak passes half of the strongest
+    kept = M.drop_weak_components(diff > 0.2, diff)
+    expected = torch.zeros(1, 12, 12, dtype=torch.bool)
+    expected[0, 1:3, 1:3] = True
+    expected[0, 0:4, 8:12] = True
+    assert torch.equal(kept, expected)
+    assert not M.drop_weak_components(torch.zeros(1, 4, 4, dtype=torch.bool), torch.rand(1, 4, 4)).any()
+
+
+def test_fill_holes_fills_enclosed_regions_only():
+    m = torch.zeros(1, 10, 10, dtype=torch.bool)
+    m[0, 2:7, 2] = m[0, 2:7, 6] = m[0, 2, 2:7] = m[0, 6, 2:7] = True   # a closed ring
+    m[0, 0:3, 8] = m[0, 2, 8:10] = True                                  # a corner pocket open to the border
+    filled = M.fill_holes(m)
+    expected = m.clone()
+    expected[0, 3:6, 3:6] = True
+    assert torch.equal(filled, expected)
+    m[0, 4, 6] = False                                                   # open the ring: nothing is enclosed
+    assert torch.equal(M.fill_holes(m), m)
+
+
+def test_the_mask_keeps_a_small_object_and_fills_a_rim():
+    """What the opening lost: a size change of a small object differs at its rim; the mask is the whole object."""
+    diff = torch.zeros(1, 16, 16)
+    diff[0, 5:10, 5:10] = 1.0
+    diff[0, 6:9, 6:9] = 0.0    # the unchanged inside
+    diff[0, 12, 1] = 0.2       # a faint speck elsewhere
+    m = M.threshold_mask(diff, "otsu", dilate_px=0)
+    expected = torch.zeros(1, 16, 16, dtype=torch.bool)
+    expected[0, 5:10, 5:10] = True
+    assert torch.equal(m, expected)
 
 
 def test_dilate_grows_by_the_given_pixels():

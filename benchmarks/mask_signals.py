@@ -1,0 +1,82 @@
+"""Collects the probe's raw difference signals on toy-world edit pairs, for tuning the automatic mask offline.
+
+    python benchmarks/mask_signals.py --pairs 40 --probe-steps 6 --out out/mask_signals.pt
+
+Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the original generation through
+FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
+per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; with the
+generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on the saved file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--probe-steps", type=int, default=6)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+
+    import comfy_host
+    import torch
+    nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-signals-")))
+    import comfy.sample
+    from edit_quality import _on_latent_grid, all_edits_slice
+    from fisedit_engine import api, registry
+    from fisedit_engine.comfy_adapter import COND
+    from fisedit_engine.layout import LATENT_KEY, MODEL_OUTPUT_KEY
+    from fisedit_engine.probe import run_probe
+    from toyworld import comfy_models, models
+    from toyworld import edits as edits_mod
+    model, clip, _, _ = comfy_models.load(models.weight_sets(ROOT / "toyworld" / "weights")["toyworld"])
+    encode = nodes.CLIPTextEncode()
+    edits = edits_mod.sample_edits(a.pairs, seed=a.seed)
+    records = []
+    for i in range(a.pairs):
+        edit = all_edits_slice(edits, i)
+        old, new = edit.captions()[0][0], edit.captions()[1][0]
+        seed = a.seed * 100_003 + i
+        latent = torch.zeros(1, 4, a.size // 8, a.size // 8)
+        with torch.inference_mode():
+            captured, handle = api.capture(model, f"mask-signals-{i}")
+            out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
+                                      "normal", encode.encode(clip, old)[0], encode.encode(clip, "")[0], latent,
+                                      seed=seed, disable_pbar=True)
+            api.store(handle, {"samples": out})
+            source = handle.get()
+            probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True)
+        # signed differences [K, C, H, W]: rules may combine them (the predicted clean latent is x - sigma * eps)
+        latent_diff = torch.stack([probe.latents[k + 1][0].float() - source.read(LATENT_KEY, k + 1)[0].float()
+                                   for k in range(a.probe_steps)])
+        output_diff = torch.stack([probe.cond_outputs[k][0].float() - source.read(MODEL_OUTPUT_KEY, k, COND)[0].float()
+                                   for k in range(a.probe_steps)])
+        entering_diff = torch.stack([probe.latents[k][0].float() - source.read(LATENT_KEY, k)[0].float()
+                                     for k in range(a.probe_steps)])
+        truth = edit.regions(a.size)[0][0]
+        records.append({"pair": i, "kind": edits_mod.EDIT_KINDS[int(edit.kind[0])], "before": old, "after": new,
+                        "latent_diff": latent_diff, "output_diff": output_diff,
+                        "entering_diff": entering_diff, "sigmas": torch.tensor(source.settings.sigmas[:a.probe_steps + 1]),
+                        "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
+                        "truth_grid": _on_latent_grid(truth), "truth": truth})
+        registry.registry().clear()
+        print(f"pair {i} {records[-1]['kind']}: truth {float(records[-1]['truth_grid'].float().mean()):.3f}",
+              flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"settings": vars(a) | {"out": str(a.out)}, "records": records}, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

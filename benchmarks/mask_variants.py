@@ -1,0 +1,100 @@
+"""Scores rules for the automatic mask on the probe signals that benchmarks/mask_signals.py saved.
+
+    python benchmarks/mask_variants.py out/mask_signals.pt
+
+Each rule turns a pair's per-step difference maps into a mask on the latent grid; scored against the
+generator's true region on that grid: IoU (undilated and dilated by one latent pixel), recall, and the share of
+empty masks, over all pairs and per edit kind. The rules are the engine's own functions (fisedit_engine.mask)
+with different settings, so a rule chosen here is the rule the node runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.nn.functional as F
+
+from fisedit_engine import mask as M
+
+
+def scores(mask: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    inter, union = float((mask & truth).sum()), float((mask | truth).sum())
+    return (inter / union if union else 1.0), (inter / float(truth.sum()) if truth.any() else 1.0)
+
+
+def table(records: list[dict], rules: dict) -> str:
+    kinds = sorted({r["kind"] for r in records}, key=["colour", "shape", "size", "add", "remove"].index)
+    lines = ["| rule | IoU | recall | precision | IoU dilated 1 | recall dilated 1 | empty | " + " | ".join(f"{k} IoU / d1" for k in kinds)
+             + " |", "|---" * (7 + len(kinds)) + "|"]
+    for name, rule in rules.items():
+        rows = []
+        for r in records:
+            m = rule(r)
+            i0, rec0 = scores(m, r["truth_grid"])
+            prec0 = float((m & r["truth_grid"]).sum()) / float(m.sum()) if m.any() else 1.0
+            d = M.dilate(m[None], 1)[0]
+            i1, rec1 = scores(d, r["truth_grid"])
+            rows.append((r["kind"], i0, i1, rec1, not m.any(), rec0, prec0))
+        mean = lambda j, rs=rows: statistics.fmean(x[j] for x in rs)
+        per_kind = " | ".join(f"{mean(1, [x for x in rows if x[0] == k]):.2f} / {mean(2, [x for x in rows if x[0] == k]):.2f}"
+                              for k in kinds)
+        lines.append(f"| {name} | {mean(1):.2f} | {mean(5):.2f} | {mean(6):.2f} | {mean(2):.2f} | {mean(3):.2f} | "
+                     f"{mean(4):.0%} | {per_kind} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("signals", type=Path)
+    a = p.parse_args(argv)
+    data = torch.load(a.signals)
+    records = data["records"]
+    print(f"{len(records)} pairs, probe of {data['settings']['probe_steps']} steps")
+
+    def signal(r, kind):
+        """[K, H, W] channel-summed |edited - cached| per probe step: of the latent leaving the step, of the
+        positive model output, or of the predicted clean latent (x - sigma * eps) entering the step."""
+        if kind == "latent":
+            d = r["latent_diff"]
+        elif kind == "eps":
+            d = r["output_diff"]
+        else:
+            d = r["entering_diff"] - r["sigmas"][:len(r["output_diff"]), None, None, None] * r["output_diff"]
+        return d.abs().sum(1)
+
+    def diff(r, k, kind="latent"):
+        """The engine's difference_map of the first k probe steps (its noise floor from step 1's magnitude)."""
+        floor = M.NOISE_FLOOR * r["latent_scale"]
+        return M.normalised_sum([torch.where(d > floor, d, torch.zeros_like(d))[None]
+                                 for d in signal(r, kind)[:k]])[0]
+
+    def opening(m):
+        """The earlier rule's cleaning: a centred 3x3 opening, outside the map counting as set."""
+        e = -F.max_pool2d(F.pad(-m[None, None].float(), (1, 1, 1, 1), value=-1.0), 3, stride=1)
+        return (F.max_pool2d(e, 3, stride=1, padding=1) > 0)[0, 0]
+
+    def otsu(r, k):
+        d = diff(r, k)
+        return d, d > M.otsu_threshold(d)
+
+    rules = {}
+    for k in (2, 4, 6):
+        rules[f"{k} steps: Otsu, 3x3 opening (the earlier rule)"] = lambda r, k=k: opening(otsu(r, k)[1])
+        rules[f"{k} steps: Otsu alone"] = lambda r, k=k: otsu(r, k)[1]
+        rules[f"{k} steps: Otsu, holes filled"] = lambda r, k=k: M.fill_holes(otsu(r, k)[1][None])[0]
+        rules[f"{k} steps: Otsu, weak regions dropped"] = (
+            lambda r, k=k: M.drop_weak_components(otsu(r, k)[1][None], otsu(r, k)[0][None])[0])
+        rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
+            lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
+    print(table(records, rules))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,13 +97,28 @@ TOY_EDITS = [  # (original, edited caption); the edit changes one word of one ob
 ]
 
 
+def edited_object(original: str, edited: str, size: int) -> torch.Tensor:
+    """[H, W] bool: the pixels of the object the edit changes, before and after (the generator's truth)."""
+    from toyworld import captions, render
+    before, after = captions.parse(original), captions.parse(edited)
+    differs = ((before.shape != after.shape) | (before.colour != after.colour) | (before.size != after.size)
+               | (before.cell != after.cell) | (before.present != after.present))[0]
+    masks = render.object_masks(before, size)[0] | render.object_masks(after, size)[0]   # [K, H, W]
+    return masks[differs].any(dim=0)
+
+
 @pytest.mark.parametrize("original, edited", TOY_EDITS)
-def test_attention_control_makes_the_auto_mask_smaller_on_the_trained_toy_model(host, original, edited):
-    """The controlled case: the committed toy model (trained, toyworld/weights), 20 euler steps at 256x256, edits of
-    one attribute of one object. With the unchanged words' cross-attention maps taken from the cached run, the
-    probe's latent departs from the cached one in a smaller region (measured: 5.1% of the latent versus 11.2% and
-    19.1% without)."""
+def test_the_auto_mask_finds_the_edited_object_on_the_trained_toy_model(host, original, edited):
+    """The committed toy model (trained, toyworld/weights), 20 euler steps at 256x256, an edit of one attribute of one
+    object: the undilated auto mask, with attention control and without, lies on the edited object (at least 3/4 of
+    its cells on the object's cells on the latent grid or next to them) and covers a good part of it (recall at least
+    0.4; the quality benchmark measures the rest). On the first trained
+    weights, which placed few objects where their caption said, control had made these masks smaller (5.1% of the
+    latent versus 11.2% and 19.1%); on the weights trained further, both masks lie on the object (recall 0.42 with
+    control and 0.79 without on the first edit here), and the quality benchmark finds that control changes little
+    (benchmarks/results/edit_quality.md)."""
     import comfy.sample
+    import torch.nn.functional as F
     from fisedit_engine import api
     from node_api import run_node
     (model, clip, _), _ = run_node(host.NODE_CLASS_MAPPINGS["FISEditToyModelLoader"])
@@ -112,13 +127,16 @@ def test_attention_control_makes_the_auto_mask_smaller_on_the_trained_toy_model(
     def cond(text):
         return encode.encode(clip, text)[0]
     latent = torch.zeros(1, 4, 32, 32)
+    truth = F.max_pool2d(edited_object(original, edited, 256)[None, None].float(), 8)[0, 0] > 0
     captured, handle = api.capture(model, f"toy-ac-{TOY_EDITS.index((original, edited))}")
     with torch.inference_mode():
         out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, 7), 20, 5.0, "euler", "normal",
                                   cond(original), cond(""), latent, seed=7, disable_pbar=True)
         api.store(handle, {"samples": out})
-        areas = {}
+        found = {}
         for control in (True, False):
-            spec, _, _ = api.difference_mask(model, handle, cond(edited), "auto", dilate=1, attention_control=control)
-            areas[control] = float(spec.mask.float().mean())
-    assert 0 < areas[True] < 0.6 * areas[False], areas
+            spec, _, _ = api.difference_mask(model, handle, cond(edited), "auto", dilate=0, attention_control=control)
+            mask = spec.mask[0]
+            near = F.max_pool2d(truth[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+            found[control] = (float((mask & truth).sum() / truth.sum()), float((mask & near).sum() / mask.sum()))
+    assert all(recall >= 0.4 and on_object >= 0.75 for recall, on_object in found.values()), found

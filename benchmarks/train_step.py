@@ -32,8 +32,7 @@ def time_variant(batch: int, mode: str | None, steps: int, device: torch.device,
     vae = models.build_vae(device).eval().requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(0)
     pool = train.latent_pool(cfg, device, vae, (0.0, 1.0), 0, g)
-    step = train.DiffusionStep(cfg, models.build_unet(device), models.build_text_encoder(device), pool, g, device,
-                               mode)
+    step = train.DiffusionStep(cfg, models.build_unet(device), models.build_text_encoder(device), pool, g, device)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()

@@ -264,13 +264,13 @@ def _schedule():
 class DiffusionStep:
     """One optimizer step of the UNet and text encoder, with the EMA update, on a batch drawn from a LatentPool.
 
-    `compile` runs the forward passes through torch.compile (a torch.compile mode name, e.g. "default" or
+    `cfg.compile` runs the forward passes through torch.compile (a torch.compile mode name, e.g. "default" or
     "max-autotune-no-cudagraphs"): on the H200 a batch-256 step took 127 ms eager and 72 ms compiled
     (benchmarks/train_step.py), after two to three minutes of compiling. The modules themselves stay uncompiled:
     their parameters and state dicts (what is saved) are the same either way."""
 
     def __init__(self, cfg: TrainConfig, unet, text, pool: LatentPool, generator: torch.Generator,
-                 device: torch.device, compile: str | None = None):
+                 device: torch.device):
         self.cfg, self.unet, self.text, self.pool, self.g, self.device = cfg, unet, text, pool, generator, device
         unet.train()
         text.train()
@@ -282,8 +282,9 @@ class DiffusionStep:
         for p in self.ema_params:
             p.requires_grad_(False)
         self.alphas_cumprod = _schedule()[0].to(device, torch.float32)
-        self._unet_forward = torch.compile(unet, mode=compile) if compile else unet
-        self._text_forward = torch.compile(models.encode_tokens, mode=compile) if compile else models.encode_tokens
+        mode = cfg.compile
+        self._unet_forward = torch.compile(unet, mode=mode) if mode else unet
+        self._text_forward = torch.compile(models.encode_tokens, mode=mode) if mode else models.encode_tokens
 
     def __call__(self, step: int, lr: float) -> torch.Tensor:
         """The step's plain eps loss (a device tensor: reading it would wait for the device)."""
@@ -350,7 +351,7 @@ def train_diffusion(cfg: TrainConfig, clock: Clock, device: torch.device, vae, n
         torch.cuda.synchronize(device)
     print(f"[{clock.now():6.1f}s] latent pool of {len(pool.latents)} encoded in {clock.now() - t_pool:.1f}s; "
           f"{pool.fresh} new per step", flush=True)
-    train_step = DiffusionStep(cfg, unet, text, pool, g, device, cfg.compile)
+    train_step = DiffusionStep(cfg, unet, text, pool, g, device)
     log = _Log("diffusion", cfg.log_every)
     profiler = _step_profiler(cfg.profile_steps) if cfg.profile_steps else None
     t0, step = clock.now(), 0

@@ -59,6 +59,7 @@ def test_smoke_training_resumes_from_its_own_weights(host, first_run, tmp_path):
     before, after = (json.loads((run / "metrics.json").read_text()) for run in runs)
     assert after["timings"]["vae_steps"] == 0 and after["loss"]["vae"] == []
     assert after["training"]["diffusion_steps_total"] == 6 and after["training"]["runs"] == 2
+    assert before["training"]["examples_total"] == 3 * 2 and after["training"]["examples_total"] == 6 * 2
     assert after["training"]["vae_steps"] == before["training"]["vae_steps"] == 3
     assert [step for step, _ in before["loss"]["diffusion"]] == [0, 1, 2]
     assert [step for step, _ in after["loss"]["diffusion"]] == [3, 4, 5]
@@ -71,3 +72,15 @@ def test_smoke_training_resumes_from_its_own_weights(host, first_run, tmp_path):
     unet = [k for k in sd_a if k.startswith(models.UNET_PREFIX)]
     assert vae and all(torch.equal(sd_a[k], sd_b[k]) for k in vae)
     assert any(not torch.equal(sd_a[k], sd_b[k]) for k in unet)
+
+
+def test_the_step_benchmark_times_the_trainers_own_step(host, tmp_path):
+    """benchmarks/train_step.py on tiny settings: one row per batch size, finite losses, the JSON written."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--batches", "1,2",
+                           "--compile", "eager", "--steps", "3", "--image-size", "64", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert [(r["batch"], r["compile"]) for r in rows] == [(1, "eager"), (2, "eager")]
+    assert all(r["finite"] and r["median_ms"] > 0 and r["examples_per_s"] > 0 for r in rows)
+    assert "| 2 | eager |" in proc.stdout

@@ -4,9 +4,9 @@ Per probe step, the channel-summed absolute difference between the edited and th
 [0, 1] per step and sample (so late steps with small absolute changes count as much as early ones), summed over the
 steps, then thresholded: by Otsu's method (the cut that best separates two classes of values) or by the quantile
 that selects `edit_size` of the area. Then cleaned: connected regions whose strongest difference is under half of
-the map's strongest are dropped (specks, and the faint echoes an edit leaves on other objects), and the holes the
-rest encloses are filled (a change of an object's size or shape differs at its rim first, but the whole object is
-redrawn); then dilated. The authors cleaned with a 2x2 opening, which shifted their mask by a latent pixel; a
+the map's strongest are dropped (specks, and the faint echoes an edit leaves on other objects), and, after Otsu, the
+holes the rest encloses are filled (a change of an object's size or shape differs at its rim first, but the whole
+object is redrawn; `edit_size` is a bound on the area, so its cut is not filled); then dilated. The authors cleaned with a 2x2 opening, which shifted their mask by a latent pixel; a
 centred 3x3 opening (this module's earlier rule) removes every region under 3 latent pixels across, which on the toy
 model was the whole mask of 16% of the edits, most of them shape changes of small objects
 (benchmarks/mask_variants.py). A step where nothing differs contributes nothing (the authors' min-max normalisation
@@ -127,8 +127,8 @@ def drop_weak_components(mask: torch.Tensor, diff: torch.Tensor, min_peak: float
 
 def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 0.15, dilate_px: int = 1,
                    min_peak: float = MIN_PEAK) -> torch.Tensor:
-    """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes filled, dilation.
-    All-zero maps stay empty."""
+    """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes filled (Otsu only:
+    `edit_size` bounds the area, so its cut is only ever reduced), dilation. All-zero maps stay empty."""
     out = []
     for d in diff:
         if not (d > 0).any():
@@ -136,5 +136,5 @@ def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 
             continue
         t = otsu_threshold(d) if method == "otsu" else quantile_threshold(d, edit_size)
         out.append(d > t if method == "otsu" else d >= t)
-    cut = torch.stack(out)
-    return dilate(fill_holes(drop_weak_components(cut, diff, min_peak)), dilate_px)
+    kept = drop_weak_components(torch.stack(out), diff, min_peak)
+    return dilate(fill_holes(kept) if method == "otsu" else kept, dilate_px)

@@ -52,7 +52,8 @@ DIFFERENCE_MASK = NodeSpec(
         In("threshold", "COMBO", ("otsu: split the difference map automatically. edit_size: keep the edit_size share "
                                   "of the area that changed most."),
            options=api.THRESHOLDS, default="otsu"),
-        In("edit_size", "FLOAT", "With threshold edit_size: the share of the image to recompute.",
+        In("edit_size", "FLOAT", "With threshold edit_size: the share of the image to recompute, at most (weak "
+                                 "regions are dropped from it; dilate adds to it).",
            default=0.15, min=0.01, max=1.0, step=0.01),
         In("dilate", "INT", "Grow the mask by this many latent pixels (8 image pixels each) so the edit can blend in.",
            default=1, min=0, max=64),

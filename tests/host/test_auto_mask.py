@@ -112,10 +112,7 @@ def test_edit_size_bounds_the_area_and_dilate_grows_it(model, source):
     handle, _ = source()
     small, _, _ = auto(model, handle, 99, probe_steps=2, threshold="edit_size", edit_size=0.5, dilate=0)
     grown, _, _ = auto(model, handle, 99, probe_steps=2, threshold="edit_size", edit_size=0.5, dilate=1)
-    from fisedit_engine.mask import fill_holes, quantile_threshold
-    # cleaning drops regions of the quantile cut and fills what the rest encloses; it adds nothing else
-    cut = torch.stack([d >= quantile_threshold(d, 0.5) for d in small.probe.difference])
-    assert 0 < small.mask.float().mean() < 1 and (small.mask <= fill_holes(cut)).all()
+    assert 0 < small.mask.float().mean() <= 0.5 + 1e-6  # cleaning only removes from an edit_size cut
     assert (grown.mask >= small.mask).all() and grown.mask.sum() > small.mask.sum()
 
 

@@ -139,3 +139,14 @@ def test_late_steps_weigh_as_much_as_early_ones():
     edited[1][:, :, 6:8, 6:8] += 0.01    # late and small
     diff = M.difference_map(edited, cached)
     assert diff[0, 0, 0] == pytest.approx(1.0) and diff[0, 7, 7] == pytest.approx(1.0)
+
+
+def test_an_edit_size_cut_is_never_filled():
+    """edit_size bounds the area: a ring selected by the quantile stays a ring (Otsu would fill it)."""
+    diff = torch.zeros(1, 16, 16)
+    diff[0, 4:12, 4:12] = 1.0
+    diff[0, 6:10, 6:10] = 0.0
+    ring = diff > 0
+    size = float(ring.float().mean())
+    assert torch.equal(M.threshold_mask(diff, "edit_size", edit_size=size, dilate_px=0), ring)
+    assert M.threshold_mask(diff, "otsu", dilate_px=0).sum() == 64

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 128  # 16x16 latent: level 0 (256 positions) still runs sparse; keeps the CPU tier fast
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def toy_weights(host, tmp_path_factory):
-    """Random toy-model weights, sharded as the trainer writes them, in a folder the loader node is pointed at."""
+    """Random toy-model weights, sharded as the trainer writes them, in a folder the loader node is pointed at (for
+    this module's tests only: later modules' toy workflows run on the committed weights)."""
     from toyworld import models
     folder = tmp_path_factory.mktemp("toyworld_weights")
     sd, meta = models.random_weights(seed=0)
@@ -99,7 +100,7 @@ def test_fisedit_edit_workflow_runs_on_the_toy_model(toy_weights):
     prompt["7"]["inputs"]["save_path"] = ""
     prompt["5"]["inputs"].update(width=SIZE, height=SIZE)
     prompt["6"]["inputs"]["steps"] = 4
-    # A random UNet localises nothing (the mask keeps only scattered specks of its differences): add a user box.
+    # A random UNet localises nothing (its automatic mask may be most of the image): add a user box.
     prompt["11"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
     prompt["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 40, "height": 32}}
     prompt["13"] = {"class_type": "MaskComposite", "inputs": {"destination": ["11", 0], "source": ["12", 0],

@@ -4,8 +4,10 @@
 
 Each rule turns a pair's per-step difference maps into a mask on the latent grid; scored against the
 generator's true region on that grid: IoU (undilated and dilated by one latent pixel), recall, and the share of
-empty masks, over all pairs and per edit kind. The rules are the engine's own functions (fisedit_engine.mask)
-with different settings, so a rule chosen here is the rule the node runs.
+empty masks, over all pairs and per edit kind. The rules are built from the engine's own functions
+(fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
+the engine, is written out here. Besides the latent difference the engine uses, the engine's rule is also scored on
+the difference of the positive model output (eps) and of the predicted clean latent (x0).
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def scores(mask: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
 
 def table(records: list[dict], rules: dict) -> str:
     kinds = sorted({r["kind"] for r in records}, key=["colour", "shape", "size", "add", "remove"].index)
-    lines = ["| rule | IoU | recall | precision | IoU dilated 1 | recall dilated 1 | empty | " + " | ".join(f"{k} IoU / d1" for k in kinds)
-             + " |", "|---" * (7 + len(kinds)) + "|"]
+    lines = ["| rule | IoU | recall | precision | IoU dilated 1 | recall dilated 1 | empty | "
+             + " | ".join(f"{k} IoU / d1" for k in kinds) + " |", "|---" * (7 + len(kinds)) + "|"]
     for name, rule in rules.items():
         rows = []
         for r in records:
@@ -41,9 +43,10 @@ def table(records: list[dict], rules: dict) -> str:
             d = M.dilate(m[None], 1)[0]
             i1, rec1 = scores(d, r["truth_grid"])
             rows.append((r["kind"], i0, i1, rec1, not m.any(), rec0, prec0))
-        mean = lambda j, rs=rows: statistics.fmean(x[j] for x in rs)
-        per_kind = " | ".join(f"{mean(1, [x for x in rows if x[0] == k]):.2f} / {mean(2, [x for x in rows if x[0] == k]):.2f}"
-                              for k in kinds)
+        def mean(j, rs=rows):
+            return statistics.fmean(x[j] for x in rs)
+        per_kind = " | ".join(f"{mean(1, [x for x in rows if x[0] == k]):.2f} / "
+                              f"{mean(2, [x for x in rows if x[0] == k]):.2f}" for k in kinds)
         lines.append(f"| {name} | {mean(1):.2f} | {mean(5):.2f} | {mean(6):.2f} | {mean(2):.2f} | {mean(3):.2f} | "
                      f"{mean(4):.0%} | {per_kind} |")
     return "\n".join(lines)
@@ -92,6 +95,9 @@ def main(argv=None) -> int:
             lambda r, k=k: M.drop_weak_components(otsu(r, k)[1][None], otsu(r, k)[0][None])[0])
         rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
+    for kind in ("x0", "eps"):
+        rules[f"4 steps, {kind} difference: the engine's rule"] = (
+            lambda r, kind=kind: M.threshold_mask(diff(r, 4, kind)[None], dilate_px=0)[0])
     print(table(records, rules))
     return 0
 

@@ -1,0 +1,27 @@
+"""benchmarks/mask_signals.py and mask_variants.py on one small pair: the saved signals are the probe's, and every
+rule is scored."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mask_signals_and_variants_run_on_one_pair(host, tmp_path):
+    out = tmp_path / "signals.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_signals.py"), "--pairs", "1", "--size",
+                           "128", "--steps", "10", "--probe-steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record, = torch.load(out)["records"]
+    assert record["latent_diff"].shape == record["output_diff"].shape == record["entering_diff"].shape == (2, 4, 16, 16)
+    assert torch.equal(record["entering_diff"][0], torch.zeros(4, 16, 16))  # the probe starts from the cached latent
+    assert record["entering_diff"][1].abs().sum() > 0 and record["truth_grid"].shape == (16, 16)
+    assert record["truth_grid"].any() and record["sigmas"].shape == (3,)
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_variants.py"), str(out)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "steps" in line]
+    assert len(rows) == 17 and "the engine's rule" in table.stdout

@@ -67,9 +67,10 @@ def main(argv=None) -> int:
         truth = edit.regions(a.size)[0][0]
         records.append({"pair": i, "kind": edits_mod.EDIT_KINDS[int(edit.kind[0])], "before": old, "after": new,
                         "latent_diff": latent_diff, "output_diff": output_diff,
-                        "entering_diff": entering_diff, "sigmas": torch.tensor(source.settings.sigmas[:a.probe_steps + 1]),
+                        "entering_diff": entering_diff,
+                        "sigmas": torch.tensor(source.settings.sigmas[:a.probe_steps + 1]),
                         "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
-                        "truth_grid": _on_latent_grid(truth), "truth": truth})
+                        "truth_grid": _on_latent_grid(truth)})
         registry.registry().clear()
         print(f"pair {i} {records[-1]['kind']}: truth {float(records[-1]['truth_grid'].float().mean()):.3f}",
               flush=True)

@@ -17,17 +17,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 import torch
 import torch.nn.functional as F
 
+from edit_quality import _mask_scores
 from fisedit_engine import mask as M
 
 
 def scores(mask: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    inter, union = float((mask & truth).sum()), float((mask | truth).sum())
-    return (inter / union if union else 1.0), (inter / float(truth.sum()) if truth.any() else 1.0)
+    """(IoU, recall), as the quality benchmark scores a mask."""
+    s = _mask_scores(mask, truth)
+    return s["iou"], s["recall"]
 
 
 def table(records: list[dict], rules: dict) -> str:
@@ -86,13 +88,16 @@ def main(argv=None) -> int:
         d = diff(r, k)
         return d, d > M.otsu_threshold(d)
 
+    def weak_dropped(r, k):
+        d, cut = otsu(r, k)
+        return M.drop_weak_components(cut[None], d[None])[0]
+
     rules = {}
     for k in (2, 4, 6):
         rules[f"{k} steps: Otsu, 3x3 opening (the earlier rule)"] = lambda r, k=k: opening(otsu(r, k)[1])
         rules[f"{k} steps: Otsu alone"] = lambda r, k=k: otsu(r, k)[1]
         rules[f"{k} steps: Otsu, holes filled"] = lambda r, k=k: M.fill_holes(otsu(r, k)[1][None])[0]
-        rules[f"{k} steps: Otsu, weak regions dropped"] = (
-            lambda r, k=k: M.drop_weak_components(otsu(r, k)[1][None], otsu(r, k)[0][None])[0])
+        rules[f"{k} steps: Otsu, weak regions dropped"] = lambda r, k=k: weak_dropped(r, k)
         rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
     for kind in ("x0", "eps"):

@@ -6,13 +6,14 @@ steps, then thresholded: by Otsu's method (the cut that best separates two class
 that selects `edit_size` of the area. Then cleaned: connected regions whose strongest difference is under half of
 the map's strongest are dropped (specks, and the faint echoes an edit leaves on other objects), and, after Otsu, the
 holes the rest encloses are filled (a change of an object's size or shape differs at its rim first, but the whole
-object is redrawn; `edit_size` is a bound on the area, so its cut is not filled); then dilated. The authors cleaned with a 2x2 opening, which shifted their mask by a latent pixel; a
-centred 3x3 opening (this module's earlier rule) removes every region under 3 latent pixels across, which on the toy
-model was the whole mask of 16% of the edits, most of them shape changes of small objects
-(benchmarks/mask_variants.py). A step where nothing differs contributes nothing (the authors' min-max normalisation
-divided 0 by 0 there), so an unchanged prompt gives an empty mask. Differences below 1% of the latent's mean
-magnitude are rounding, not edits: the probe computes the positive branch alone, in another batch than the original
-run did, so on GPUs the last bits differ, and per-step normalisation would blow that up.
+object is redrawn; `edit_size` is a bound on the area, so its cut is not filled); then dilated. The authors cleaned
+with a 2x2 opening, which shifted their mask by a latent pixel; a centred 3x3 opening (this module's earlier rule)
+removes every region under 3 latent pixels across, which on the toy model was the whole mask of 16% of the edits,
+most of them shape changes of small objects (benchmarks/mask_variants.py). A step where nothing differs contributes
+nothing (the authors' min-max normalisation divided 0 by 0 there), so an unchanged prompt gives an empty mask.
+Differences below 1% of the latent's mean magnitude are rounding, not edits: the probe computes the positive branch
+alone, in another batch than the original run did, so on GPUs the last bits differ, and per-step normalisation would
+blow that up.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Each rule turns a pair's per-step difference maps into a mask on the latent grid
 generator's true region on that grid: IoU (undilated and dilated by one latent pixel), recall, and the share of
 empty masks, over all pairs and per edit kind. The rules are built from the engine's own functions
 (fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
-the engine, is written out here. Besides the latent difference the engine uses, the engine's rule is also scored on
+the engine, is written out here. The oracle rows cut each pair's map where IoU with the truth is best: no
+threshold on that map can do better. Besides the latent difference the engine uses, the engine's rule is also scored on
 the difference of the positive model output (eps) and of the predicted clean latent (x0).
 """
 from __future__ import annotations
@@ -100,6 +101,14 @@ def main(argv=None) -> int:
         rules[f"{k} steps: Otsu, weak regions dropped"] = lambda r, k=k: weak_dropped(r, k)
         rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
+    def oracle(r, k):
+        """The best of 100 quantile cuts of the map, chosen with the truth: a bound on any threshold rule."""
+        d = diff(r, k)
+        cuts = torch.quantile(d.flatten(), torch.linspace(0.5, 0.995, 100))
+        return max((d > c for c in cuts), key=lambda m: scores(m, r["truth_grid"])[0])
+
+    for k in (2, 4, 6):
+        rules[f"{k} steps: oracle cut (chosen with the truth, an upper bound)"] = lambda r, k=k: oracle(r, k)
     for kind in ("x0", "eps"):
         rules[f"4 steps, {kind} difference: the engine's rule"] = (
             lambda r, kind=kind: M.threshold_mask(diff(r, 4, kind)[None], dilate_px=0)[0])

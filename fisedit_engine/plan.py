@@ -189,4 +189,4 @@ class EditPlan:
     def describe(self) -> str:
         parts = [f"level {l} ({p.width}x{p.height}, tile {p.tile}): {p.n_tiles} tiles, {p.fraction:.0%}"
                  for l, p in sorted(self.levels.items())]
-        return "; ".join(parts)
+        return "; ".join(parts) or "no sparse level (every level is under the smallest sparse size): each step runs dense"

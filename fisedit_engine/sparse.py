@@ -130,7 +130,8 @@ class SparseOutput(SparseForward):
         if ctx is None or ctx.edit is None:
             return self.original(h)
         cached = ctx.edit.cached(ctx, "out", h)  # read once: the scatter base and the composite's outside
-        dense = ctx.edit.is_dense(ctx.step) or ctx.edit.plan.levels[0].full
+        latent_level = ctx.edit.plan.levels.get(0)  # None: the latent is under the smallest sparse level
+        dense = ctx.edit.is_dense(ctx.step) or latent_level is None or latent_level.full
         fresh = self.original(h) if dense else self._active_tiles(ctx, h, cached)
         return torch.where(ctx.edit.mask_rows(ctx, fresh.device), fresh, cached)
 

@@ -152,6 +152,18 @@ def test_zero_area_mask_returns_the_original(models, source):
     assert torch.equal(edited, original) and same is handle
 
 
+def test_a_latent_under_the_smallest_sparse_level_is_edited_dense_and_composited(models, source):
+    """8x8 latent positions are under the 16x16 a level needs to run sparse: no level is sparse, every step runs the
+    whole UNet, and the output head still composites with the mask (I4); the summary says so."""
+    handle, original = source("sd15", "euler", 1, 7.0, (8, 8))
+    assert not handle.get().settings.sparse_levels
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[:, 2:5, 3:6] = True
+    edited, result = run_edit(models["sd15"], handle, "sd15", 1, mask, EDITED_SEED)
+    assert_i4(edited, original, mask)
+    assert "no sparse level" in result.edit_summary
+
+
 def test_masks_that_do_not_fit_the_image_are_refused(models, source):
     from fisedit_engine import api
     from fisedit_engine.cache import CacheError

@@ -1,0 +1,140 @@
+"""Where an end-to-end edit's time goes on the GPU, against a stock regenerate: phase by phase, call by call.
+
+    python benchmarks/e2e_phases.py [--model sd21v@768] [--fraction 0.05] [--steps 20] [--profile]
+
+The same edit as benchmarks/speed.py's end-to-end rows (auto+user mask at the `edit_size` quantile, sparse
+sampling, FISEditDecode) on a random-weight model, warm (the third of three runs), the GPU synchronised at each
+phase's end: the probe (FISEditDifferenceMask), the sparse sampling, the decode; and within the sampling each model
+call's wall time (synchronised too), so per-edit setup, the first eager step, the graph capture and the replays
+show apart. The stock regenerate is split the same way. `--profile` adds cProfile of one more edit (host time by
+function, cumulative and own).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd21v@768")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", action="store_true")
+    a = parser.parse_args(argv)
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    import comfy.sample
+    import speed
+    from fisedit_engine import api
+    from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+
+    arch, size = a.model.split("@")
+    size = int(size)
+    lat = size // 8
+    model, vae = speed.load_model(arch)
+    latent = torch.zeros(1, 4, lat, lat)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    positive, negative, edited = (speed.conditioning(arch, seed, size) for seed in (1, 2, 3))
+    user = speed.region_mask(lat, a.fraction, "rect").float().repeat_interleave(8, 1).repeat_interleave(8, 2)
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def synced(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - t0
+
+    def generate(patcher, cond):
+        return comfy.sample.sample(patcher, noise, a.steps, 7.0, "euler", "normal", cond, negative, latent, seed=0,
+                                   disable_pbar=True)
+
+    class CallTimer:
+        """APPLY_MODEL wrapper: each model call's wall time, synchronised."""
+        def __init__(self):
+            self.seconds = []
+
+        def __deepcopy__(self, memo):
+            return self
+
+        def __call__(self, executor, *args, **kwargs):
+            out, seconds = synced(lambda: executor(*args, **kwargs))
+            self.seconds.append(seconds)
+            return out
+
+    def timed(patcher):
+        timer = CallTimer()
+        patched = patcher.clone()
+        add_apply_model_wrapper(patched, timer)
+        return patched, timer
+
+    def stock():
+        samples, t_sample = synced(lambda: generate(model, edited))
+        _, t_decode = synced(lambda: vae.decode(samples))
+        return {"sample": t_sample, "decode": t_decode}
+
+    def edit(patcher):
+        (spec, _, _), t_mask = synced(lambda: api.difference_mask(
+            patcher, handle, edited, "auto+user", user_mask=user, dilate=0, threshold="edit_size",
+            edit_size=a.fraction))
+        (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 4))
+        _, t_decode = synced(lambda: api.decode(vae, samples, spec))
+        if result.name != handle.name:
+            api.registry().remove(result.name)
+        return {"mask (probe)": t_mask, "probe inside": spec.probe.seconds, "sparse sampling": t_sample,
+                "decode": t_decode}, result
+
+    with torch.inference_mode():
+        captured, handle = api.capture(model, "e2e-phases")
+        api.store(handle, {"samples": generate(captured, positive)})
+        for _ in range(3):
+            stock_phases = stock()
+        patched, timer = timed(model)
+        for _ in range(3):
+            timer.seconds.clear()
+            edit_phases, result = edit(patched)
+        calls = list(timer.seconds)
+        profile_text = ""
+        if a.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            edit(model)
+            sync()
+            prof.disable()
+            for key in ("cumulative", "tottime"):
+                stream = io.StringIO()
+                pstats.Stats(prof, stream=stream).sort_stats(key).print_stats(40)
+                profile_text += stream.getvalue()[:12000]
+
+    stock_total, edit_total = sum(stock_phases.values()), sum(v for k, v in edit_phases.items() if k != "probe inside")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"{device}, {a.model}, {a.steps} euler steps, mask {a.fraction:.0%}")
+    print(f"stock regenerate + decode: {stock_total:.3f} s  " + ", ".join(f"{k} {v:.3f}" for k, v in stock_phases.items()))
+    print(f"FISEdit edit: {edit_total:.3f} s ({stock_total / edit_total:.2f}x)  "
+          + ", ".join(f"{k} {v:.3f}" for k, v in edit_phases.items()))
+    print(result.edit_summary)
+    print(f"model calls during the edit ({len(calls)}; synchronised, ms): "
+          + " ".join(f"{1000 * s:.1f}" for s in calls))
+    if len(calls) > 4:
+        print(f"median of the last {len(calls) - 4}: {1000 * statistics.median(calls[4:]):.1f} ms; "
+              f"sum of all calls {sum(calls):.3f} s")
+    print(profile_text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""benchmarks/e2e_phases.py on the CPU with the small SD1.5 test architecture: it runs an edit end to end, splits
+both runs into phases and prints every model call of the edit."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_e2e_phases_reports_phases_and_calls(host):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e_phases.py"), "--model", "sd15-small@64",
+                           "--steps", "5", "--profile"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"stock regenerate \+ decode: [\d.]+ s  sample [\d.]+, decode [\d.]+", out), out[:2000]
+    assert re.search(r"FISEdit edit: [\d.]+ s \([\d.]+x\)  mask \(probe\) [\d.]+, probe inside [\d.]+, "
+                     r"sparse sampling [\d.]+, decode [\d.]+", out), out[:2000]
+    calls = re.search(r"model calls during the edit \((\d+);", out)
+    # the probe's 1 step (20% of 5) and the 5 sampling steps, the first of them replayed from the probe
+    assert calls and int(calls.group(1)) >= 5, out[:2000]
+    assert "Ordered by: cumulative time" in out and "Ordered by: internal time" in out

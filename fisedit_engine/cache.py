@@ -205,7 +205,8 @@ class StepTensors:
     Activation maps are stored channels-last (to_storage). An edit's result is stored as a delta over its source
     (`base`): a key in `regions` holds, per step, only the values at its positions (the edit's active region),
     [steps, batch, P, C]; everything else is the base's. A step that recomputed the whole map (a dense step) keeps
-    it whole in `whole`; a replayed probe step holds the base's own values at the region."""
+    it whole in `whole`; a replayed probe step holds the base's own values at the region, so it stores nothing and
+    reads through to the base (`from_base`)."""
     steps: int
     batch: int
     tensors: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -213,6 +214,7 @@ class StepTensors:
     base: "StepTensors | None" = None
     regions: dict[str, "Region"] = field(default_factory=dict)
     whole: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    from_base: set[tuple[str, int, int]] = field(default_factory=set)  # (key, chunk, step) that are the base's
     arena: PinnedArena = field(default_factory=PinnedArena, repr=False)
 
     def slot(self, key: str, chunk: int, sample_shape, dtype, steps: int | None = None) -> torch.Tensor:
@@ -230,6 +232,8 @@ class StepTensors:
         whole = self.whole.get((key, chunk, step))
         if whole is not None:
             return whole
+        if (key, chunk, step) in self.from_base:
+            return self.base.step(key, chunk, step)
         return put_positions(self.base.step(key, chunk, step).clone(), self.regions[key].positions,
                              self.tensors[(key, chunk)][step])
 
@@ -252,6 +256,8 @@ class StepTensors:
             values = take_positions(self.whole[(key, chunk, step)], positions)
             return values if out is None else out.copy_(values)
         values = self.base.step_positions(key, chunk, step, positions, out)
+        if (key, chunk, step) in self.from_base:
+            return values
         delta = self.tensors[(key, chunk)][step]
         where = _index_of(self.regions[key].positions, positions)  # each wanted position's index in the region
         hit = torch.nonzero(where >= 0).flatten()

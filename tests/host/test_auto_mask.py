@@ -98,6 +98,28 @@ def test_the_sparse_run_continues_from_the_probe(model, source, sampler):
         assert torch.equal(recorded[~m], source_x[~m])
 
 
+def test_the_result_reads_the_replayed_steps_through_to_the_source(model, source):
+    """A replayed probe step's activations in the result cache are the source's: the delta reads them through to
+    its base (nothing copied), also once it is made whole (as when the source leaves memory)."""
+    from fisedit_engine.edit import EditSpec
+    handle, _ = source()
+    probed, _, _ = auto(model, handle, 99, probe_steps=2)
+    mask = torch.zeros(2, *HW, dtype=torch.bool)
+    mask[:, 2:5, 3:7] = True  # small, so that level 0 runs sparse and the result is a delta there
+    spec = EditSpec(handle, probed.positive, mask, mode="auto", probe=probed.probe)
+    _, result = sparse(model, spec)
+    store = result.get().store
+    key = "input_blocks.1.0"  # level 0's first ResBlock
+    assert key in store.regions
+    whole = store.materialized()
+    for step in (0, 1):
+        assert all((key, chunk, step) in store.from_base for chunk in (0, 1))
+        assert torch.equal(result.get().read(key, step), handle.get().read(key, step))
+        assert torch.equal(whole.tensors[(key, 0)][step], handle.get().store.tensors[(key, 0)][step])
+    assert (key, 0, 2) not in store.from_base
+    assert not torch.equal(result.get().read(key, 2), handle.get().read(key, 2))  # a computed step differs
+
+
 def test_auto_plus_user_contains_the_user_mask(model, source):
     handle, _ = source()
     user = torch.zeros(2, 128, 192)

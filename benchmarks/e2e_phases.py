@@ -2,8 +2,8 @@
 
     python benchmarks/e2e_phases.py [--model sd21v@768] [--fraction 0.05] [--steps 20] [--profile]
 
-The same edit as benchmarks/speed.py's end-to-end rows (auto+user mask at the `edit_size` quantile, sparse
-sampling, FISEditDecode) on a random-weight model, warm (the third of three runs), the GPU synchronised at each
+The same edit as benchmarks/speed.py's end-to-end rows (the probe, sparse sampling with the probe's steps replayed,
+FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm (the third of three runs), the GPU synchronised at each
 phase's end: the probe (FISEditDifferenceMask), the sparse sampling, the decode; and within the sampling each model
 call's wall time (synchronised too), so per-edit setup, the first eager step, the graph capture and the replays
 show apart. The stock regenerate is split the same way. `--profile` adds cProfile of one more edit (host time by
@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     latent = torch.zeros(1, 4, lat, lat)
     noise = comfy.sample.prepare_noise(latent, 0)
     positive, negative, edited = (speed.conditioning(arch, seed, size) for seed in (1, 2, 3))
-    user = speed.region_mask(lat, a.fraction, "rect").float().repeat_interleave(8, 1).repeat_interleave(8, 2)
 
     def sync():
         if torch.cuda.is_available():
@@ -88,9 +87,7 @@ def main(argv=None) -> int:
         return {"sample": t_sample, "decode": t_decode}
 
     def edit(patcher):
-        (spec, _, _), t_mask = synced(lambda: api.difference_mask(
-            patcher, handle, edited, "auto+user", user_mask=user, dilate=0, threshold="edit_size",
-            edit_size=a.fraction))
+        spec, t_mask = synced(lambda: speed.probed_edit(patcher, handle, edited, lat, a.fraction))
         (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 4))
         _, t_decode = synced(lambda: api.decode(vae, samples, spec))
         if result.name != handle.name:
@@ -127,6 +124,9 @@ def main(argv=None) -> int:
     print(f"FISEdit edit: {edit_total:.3f} s ({stock_total / edit_total:.2f}x)  "
           + ", ".join(f"{k} {v:.3f}" for k, v in edit_phases.items()))
     print(result.edit_summary)
+    fs = result.feed_stats
+    print(f"feed: {fs.steps} steps staged, {fs.bytes_per_step / 2**20:.1f} MiB uploaded per step, host staging "
+          f"{1000 * fs.stage_seconds / max(fs.steps, 1):.2f} ms per step, {fs.host_gathers} maps gathered on the host")
     print(f"model calls during the edit ({len(calls)}; synchronised, ms): "
           + " ".join(f"{1000 * s:.1f}" for s in calls))
     if len(calls) > 4:

@@ -345,6 +345,15 @@ class FisEditCache:
         self.read_check(key, step, chunk)
         return self.store.stored_step(key, chunk, step)
 
+    def stored_rows(self, key: str, step: int, chunk: int) -> torch.Tensor | None:
+        """One step's stored values as [batch, positions, C] (a view of the store: pinned host memory where the
+        cache is), or None where the step is not stored whole (an edit's delta, whose rows are assembled)."""
+        self.read_check(key, step, chunk)
+        if key in self.store.regions:
+            return None
+        stored = self.store.tensors[(key, chunk)][step]
+        return stored.flatten(1, 2) if stored.dim() == 4 else stored
+
     def stored_channels(self, key: str, chunk: int) -> tuple[int, int, torch.dtype]:
         """(batch, channels, dtype) of `key`'s values: the shape read_positions gives, less the positions."""
         self.read_check(key, 0, chunk)

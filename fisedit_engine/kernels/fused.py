@@ -184,6 +184,14 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
                                              residual_map))
 
 
+def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [B, P, C] = src [B, L, C] at `positions` [P] (on out's device) along L. With the kernel, src may lie in
+    pinned host memory and the GPU reads the rows in place; the reference gathers on the host, then copies."""
+    return _run("gather_rows", out.device,
+                lambda: _module.gather_rows(src, positions, out),
+                lambda: R.gather_rows(src, positions, out))
+
+
 def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
                       positions: int) -> torch.Tensor:
     """[N, G, 2] fp32: the GroupNorm statistics of a map of `positions` positions whose cached statistics are

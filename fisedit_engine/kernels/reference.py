@@ -141,3 +141,9 @@ def scatter_add_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: t
         values = residual_map.reshape(n, c, -1).index_select(2, positions) + values
     base.view(n, c, -1).index_copy_(2, positions, values.to(base.dtype))
     return base
+
+
+def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b, i, :] = src[b, positions[i], :]; src [B, L, C] may be on another device than out (host memory for a
+    device out: gathered on the host, then copied)."""
+    return out.copy_(src.index_select(1, positions.to(src.device)))

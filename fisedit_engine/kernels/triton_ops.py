@@ -5,6 +5,8 @@
 - `group_norm_tokens`: the same at a list of positions (SpatialTransformer's active tokens), channels innermost.
 - `scatter_tiles_`: `reference.scatter_add_tiles_`, the in-place scatter of tiles into a map with an added per-(row,
   channel) bias and/or residual (from tiles, or read from a map at the scattered positions).
+- `gather_rows`: `reference.gather_rows`, rows of a [B, L, C] map at a list of positions; the map may lie in pinned
+  host memory, which the GPU then reads in place (zero-copy), so only the gathered rows cross the bus.
 - `exact_group_stats`: `reference.exact_group_stats`, a GroupNorm's statistics over a map of cached values with fresh
   ones at the active positions, from the cached statistics (one program per batch row and group).
 
@@ -189,11 +191,33 @@ def _exact_stats_kernel(
     tl.store(out_ptr + (n * G + g) * 2 + 1, tl.maximum(var + d2 / count - shift * shift, 0.0))
 
 
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr,                    # [B, L, C], strides ss_*; device memory or pinned host memory (read in place)
+    idx_ptr,                    # [P] int, contiguous: the positions (indices along L) to gather
+    out_ptr,                    # [B, P, C] on the device, strides so_*
+    P, C,
+    ss_b, ss_l, ss_c, so_b, so_p, so_c,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    ok = p_ok[:, None] & (c < C)[None, :]
+    rows = tl.load(idx_ptr + p, mask=p_ok, other=0).to(tl.int64)
+    c64 = c.to(tl.int64)
+    values = tl.load(src_ptr + b * ss_b + rows[:, None] * ss_l + c64[None, :] * ss_c, mask=ok)
+    tl.store(out_ptr + b * so_b + p.to(tl.int64)[:, None] * so_p + c64[None, :] * so_c, values, mask=ok)
+
+
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
 # runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.
 # "stats": elements per loop iteration of a program (one group's channels by as many positions as fit).
-GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096}
-INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 1 << 14}
+# "rows": (channels, positions) per program of gather_rows: 128 channels are 256 contiguous bytes of one row in half
+# precision, whole transactions on the host link.
+GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096, "rows": (128, 32)}
+INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 1 << 14, "rows": (256, 256)}
 
 
 def _blocks(op: str, channels: int, blocks):
@@ -348,6 +372,32 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
             BLOCK_C=block_c, BLOCK_S=block_s,
         )
     return base
+
+
+def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, blocks=None) -> torch.Tensor:
+    """out[b, i, :] = src[b, positions[i], :] (`reference.gather_rows`); returns out.
+
+    Args:
+        src: [B, L, C], any strides, on out's device or in pinned host memory (the GPU reads it in place: under
+            unified addressing a pinned allocation is mapped into the device's address space).
+        positions: [P] integer indices along L, contiguous, on out's device.
+        out: [B, P, C], any strides.
+    """
+    _check(src.dim() == 3 and out.dim() == 3 and out.shape == (src.shape[0], positions.shape[0], src.shape[2]),
+           f"src [B, L, C] and out [B, P, C] expected, got {tuple(src.shape)} and {tuple(out.shape)}")
+    _check(src.dtype == out.dtype, f"src is {src.dtype}, out {out.dtype}")
+    _check(src.device == out.device or (src.device.type == "cpu" and out.device.type == "cuda" and src.is_pinned()),
+           f"src on {src.device} cannot be read from {out.device}: it must be there or in pinned host memory")
+    _check_index("positions", positions, out.device)
+    b, p, c = out.shape
+    if b == 0 or p == 0 or c == 0:
+        return out
+    block_c, block_p = _blocks("rows", c, blocks)
+    grid = (b, triton.cdiv(p, block_p), triton.cdiv(c, block_c))
+    with _on(out.device):
+        _gather_rows_kernel[grid](src, positions, out, p, c, *src.stride(), *out.stride(),
+                                  BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
 
 
 def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,

@@ -31,3 +31,41 @@ def test_graph_replay_equals_the_eager_sparse_steps(host):
         for chunk in a.settings.chunks:
             for step in range(a.cached_steps(key, chunk)):
                 assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+
+
+def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
+    """The feed gathers each step's read regions on the GPU, from the pinned cache in place; forced to gather them on
+    the host instead, the edit and its result cache are the same bit for bit. A chained edit's source is a delta,
+    whose rows the host assembles: that edit gathers on the host and still keeps I4."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, run_edit
+    from fisedit_engine.feed import EditFeed
+    arch, steps = "sd15", 5
+    model = tiny_models.build(arch, seed=3, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-device-gather")
+    original = sample(captured, arch, batch=2, cfg=6.0, sampler="euler", size=64, steps=steps)
+    api.store(handle, {"samples": original})
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[:, 12:28, 20:40] = True
+
+    def edit(source, seed):
+        with torch.inference_mode():
+            return run_edit(model, EditSpec(source, tiny_models.conditioning(arch, seed, 2), mask))
+
+    device_latent, device_result = edit(handle, 99)
+    assert device_result.feed_stats.host_gathers == 0 and device_result.feed_stats.bytes_uploaded > 0
+    with monkeypatch.context() as m:
+        m.setattr(EditFeed, "_device_gatherable", lambda self, *args: None)
+        host_latent, host_result = edit(handle, 99)
+    assert host_result.feed_stats.host_gathers > 0
+    assert host_result.feed_stats.bytes_uploaded == device_result.feed_stats.bytes_uploaded
+    assert torch.equal(device_latent, host_latent) and not torch.equal(device_latent, original)
+    a, b = device_result.get(), host_result.get()
+    for key in a.keys():
+        for chunk in a.settings.chunks:
+            for step in range(a.cached_steps(key, chunk)):
+                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+    chained, chained_result = edit(device_result, 7)
+    assert chained_result.feed_stats.host_gathers > 0
+    outside = ~mask[:, None].expand_as(chained)
+    assert torch.equal(chained[outside], original[outside]) and not torch.equal(chained, device_latent)

@@ -144,6 +144,24 @@ def test_graph_replay_equals_eager(T, plan):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_reads_pinned_host_memory_in_place(T, plan, dtype):
+    """The feed's per-step gather: rows of a stored step (channels-last, in pinned host memory) at the level's read
+    positions, read by the GPU in place; bit for bit what the host gather gives, also from a strided view and from
+    device memory. Memory that is not pinned is refused (the GPU cannot address it)."""
+    positions = plan.levels[0].read_positions(DEV)
+    gen = torch.Generator().manual_seed(31)
+    stored = torch.randn(3, N, HW[0] * HW[1], C, generator=gen).to(dtype).pin_memory()  # [steps, batch, H*W, C]
+    want = stored[1][:, positions.cpu()]
+    for src in (stored[1], stored[1][:, :, :C - 64], stored[1].to(DEV)):
+        out = torch.full((N, len(positions), src.shape[2]), float("nan"), dtype=dtype, device=DEV)
+        T.gather_rows(src, positions, out)
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), want[..., :src.shape[2]])
+    with pytest.raises(ValueError, match="pinned"):
+        T.gather_rows(stored[1].clone(), positions, torch.empty(N, len(positions), C, dtype=dtype, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
     """A whole edit of a tiny SD1.5-structured model: the kernels (auto mode picks them on CUDA) against the
     reference ops. Outside the mask both are the original exactly (I4); inside they differ by rounding, which random

@@ -195,6 +195,26 @@ def test_exact_group_stats(T, plan, dtype, token_major):
     assert torch.equal(T.exact_group_stats(cached, cached_active[..., :0], fresh[..., :0], positions), cached)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_is_exact(T, plan, dtype):
+    """Rows of a channels-last map at the level's read positions (what the feed uploads per step), bit for bit, from
+    a contiguous map and from one sliced out of a wider one (strides of a stored step); P and C not multiples of the
+    blocks."""
+    positions = plan.levels[0].read_positions("cpu")
+    gen = torch.Generator().manual_seed(29)
+    src = torch.randn(N, HW[0] * HW[1], C + 5, generator=gen).to(dtype)
+    for view in (src[..., :C].contiguous(), src[..., 2:C + 2]):
+        out = torch.full((N, len(positions), C), float("nan"), dtype=dtype)
+        assert T.gather_rows(view, positions, out, blocks=(64, 16)) is out
+        assert torch.equal(out, R.gather_rows(view, positions, torch.empty_like(out)))
+        assert torch.equal(out, view[:, positions])
+    assert T.gather_rows(src, positions[:0], torch.empty(N, 0, C + 5, dtype=dtype)).shape == (N, 0, C + 5)
+    with pytest.raises(ValueError, match="out"):
+        T.gather_rows(src, positions, torch.empty(N, len(positions), C, dtype=dtype))
+    with pytest.raises(ValueError, match="integer"):
+        T.gather_rows(src, positions.float(), torch.empty(N, len(positions), C + 5, dtype=dtype))
+
+
 def test_empty_and_bad_arguments(T, plan):
     lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
     x = KC.make_map(N, C, in_hw, torch.float16, "cpu", seed=19)
@@ -242,6 +262,9 @@ def test_kernels_compile_for_the_h100():
             consts = dict(HAS_BIAS=res != 1, RES=res, IDENTITY=res == 2,
                           BLOCK_C=T.GPU_BLOCKS["scatter"][0], BLOCK_S=T.GPU_BLOCKS["scatter"][1])
             assert "cubin" in compile_(T._scatter_kernel, ptrs, consts).asm
+        ptrs = {"src_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}"}
+        consts = dict(BLOCK_C=T.GPU_BLOCKS["rows"][0], BLOCK_P=T.GPU_BLOCKS["rows"][1])
+        assert "cubin" in compile_(T._gather_rows_kernel, ptrs, consts).asm
         ptrs = {"stats_ptr": "*fp32", "old_ptr": f"*{dt}", "new_ptr": f"*{dt}", "out_ptr": "*fp32"}
         sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
         assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm

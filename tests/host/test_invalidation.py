@@ -186,3 +186,36 @@ def test_in_a_server_a_cached_workflow_meets_another_workflows_capture_of_the_sa
     mine["10"]["inputs"]["text"] = "a green cube"  # only the edit changes: ComfyUI keeps nodes 1-7 from the cache
     with pytest.raises(comfy_host.WorkflowError, match=r"node 14 .*seed 43 \(was 42\)"):
         comfy_host.run_prompt(mine, "mine-2", executor=executor)
+
+
+def test_the_model_fingerprint_follows_comfyuis_weight_patching_in_place(host):
+    """Fingerprints remember weight samples (`fingerprint._SampleMemo`); ComfyUI's in-place patching writes through
+    `.data`, which no version counter sees. Its LoRA patching backs the original up first, so every fingerprint
+    still hashes the unpatched weights; a hook patch has no such backup, and is seen as it is applied."""
+    import comfy.utils
+    from fisedit_engine.fingerprint import model_fingerprint
+    plain = tiny_models.build("sd15", seed=11)  # its own weights: no other test's load state
+    lora = tiny_models.with_lora(plain, seed=7)
+    lora.weight_inplace_update = True
+    before = model_fingerprint(plain), model_fingerprint(lora)
+    assert before[0] != before[1]
+    lora.patch_model()
+    try:
+        assert lora.backup, "the LoRA was not patched into the weights"
+        assert (model_fingerprint(plain), model_fingerprint(lora)) == before
+    finally:
+        lora.unpatch_model()
+    assert (model_fingerprint(plain), model_fingerprint(lora)) == before
+
+    key = "diffusion_model.out.2.bias"
+    weight = comfy.utils.get_attr(plain.model, key)
+    original = weight.detach().clone()
+    plain.hook_backup[key] = (original, weight.device)  # what patch_hook_weight_to_device keeps
+    try:
+        comfy.utils.copy_to_param(plain.model, key, original + 1.0)
+        hooked = model_fingerprint(plain)
+        assert hooked != before[0]
+    finally:
+        comfy.utils.copy_to_param(plain.model, key, original)
+        plain.hook_backup.clear()
+    assert model_fingerprint(plain) == before[0]

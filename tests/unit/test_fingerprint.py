@@ -55,3 +55,55 @@ def test_hashing_many_tensors_in_one_copy_gives_the_per_tensor_digest():
     _update_with_tensors(h1, items)
     _update_with_tensors(h2, changed)
     assert h1.hexdigest() != h2.hexdigest()
+
+
+def _digest(items, remember):
+    from fisedit_engine.fingerprint import _update_with_tensors
+    h = hashlib.sha256()
+    _update_with_tensors(h, items, remember=remember)
+    return h.hexdigest()
+
+
+def test_remembered_samples_give_the_same_digest_and_are_not_sampled_again(monkeypatch):
+    import fisedit_engine.fingerprint as fp
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.nn.Parameter(torch.randn(40, 30, generator=gen)), torch.randn(500, generator=gen).half()]
+    items = [(b"a", weights[0]), (b"b", weights[1])]
+    first = _digest(items, remember=True)
+    assert first == _digest(items, remember=False)
+    sampled, original = [], fp._sample
+    monkeypatch.setattr(fp, "_sample", lambda t, full: sampled.append(t) or original(t, full))
+    assert _digest(items, remember=True) == first and sampled == []
+    assert _digest(items, remember=False) == first and len(sampled) == 2
+
+
+def test_a_remembered_sample_is_taken_again_when_its_tensor_changes():
+    """In-place writes (version counter), replaced storage (`.data =`, a move to another device), and tensors
+    without a version counter (inference mode) are each sampled afresh."""
+    gen = torch.Generator().manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(600, generator=gen))
+    items = [(b"w", p)]
+    before = _digest(items, remember=True)
+    with torch.no_grad():
+        p[-1] += 1.0  # the last element is always sampled
+    after_write = _digest(items, remember=True)
+    assert after_write != before and after_write == _digest(items, remember=False)
+    p.data = torch.randn(600, generator=gen)
+    replaced = _digest(items, remember=True)
+    assert replaced not in (before, after_write) and replaced == _digest(items, remember=False)
+    with torch.inference_mode():
+        frozen = torch.randn(600, generator=gen)
+    assert _digest([(b"w", frozen)], remember=True) == _digest([(b"w", frozen)], remember=False)
+    with torch.inference_mode():
+        frozen[-1] += 1.0
+    assert _digest([(b"w", frozen)], remember=True) == _digest([(b"w", frozen)], remember=False)
+
+
+def test_the_memo_forgets_tensors_that_die():
+    from fisedit_engine.fingerprint import _MEMO
+    held = len(_MEMO)
+    t = torch.randn(300)
+    _digest([(b"t", t)], remember=True)
+    assert len(_MEMO) == held + 1
+    del t
+    assert len(_MEMO) == held

@@ -105,6 +105,12 @@ def main(argv=None) -> int:
             timer.seconds.clear()
             edit_phases, result = edit(patched)
         calls = list(timer.seconds)
+        probe_alone = {}
+        for control in (True, False, True, False):  # the second of each: warm
+            spec, seconds = synced(lambda: api.difference_mask(model, handle, edited, "auto", dilate=0,
+                                                               threshold="edit_size", edit_size=a.fraction,
+                                                               attention_control=control)[0])
+            probe_alone[control] = (spec.probe.steps, spec.probe.seconds, seconds)
         profile_text = ""
         if a.profile:
             prof = cProfile.Profile()
@@ -132,6 +138,9 @@ def main(argv=None) -> int:
     if len(calls) > 4:
         print(f"median of the last {len(calls) - 4}: {1000 * statistics.median(calls[4:]):.1f} ms; "
               f"sum of all calls {sum(calls):.3f} s")
+    for control, (steps, probe_s, total_s) in probe_alone.items():
+        print(f"FISEditDifferenceMask alone, attention control {'on' if control else 'off'}: {total_s:.3f} s "
+              f"(probe {probe_s:.3f} s, {1000 * probe_s / steps:.1f} ms per probe step)")
     print(profile_text)
     return 0
 

@@ -40,6 +40,7 @@ class ControlledCrossAttention:
                  unchanged: torch.Tensor):
         self.module, self.key, self.source = module, key, source
         self.original_context, self.unchanged = original_context, unchanged
+        self._on_device: dict = {}  # (device, dtype) -> (original keys, unchanged positions): the same every step
 
     def __deepcopy__(self, memo):
         return self
@@ -51,16 +52,26 @@ class ControlledCrossAttention:
             return type(m).forward(m, x, context=context, value=value, mask=mask,
                                    transformer_options=transformer_options)
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
-        q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype)
-        k_original = m.to_k(self.original_context.to(context.device, context.dtype))
+        # Nothing here waits for the GPU: a blocking upload or a boolean-mask index in each of SDXL's 70 layers
+        # would serialise the host's launches with the GPU's work.
+        q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype, non_blocking=True)
+        k_original, unchanged = self._constants(context)
         probs = _probabilities(q, k, m.heads)
-        n = min(k.shape[1], k_original.shape[1], self.unchanged.shape[0])
-        unchanged = self.unchanged[:n].to(q.device)
-        probs[..., :n][..., unchanged] = _probabilities(q_original, k_original, m.heads)[..., :n][..., unchanged]
+        n = min(k.shape[1], k_original.shape[1], unchanged.shape[0])
+        original = _probabilities(q_original, k_original, m.heads)
+        probs[..., :n] = torch.where(unchanged[:n], original[..., :n], probs[..., :n])
         b, tokens, inner = q.shape
         heads_v = v.reshape(v.shape[0], v.shape[1], m.heads, -1).transpose(1, 2).float()
         out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
         return m.to_out(out)
+
+
+    def _constants(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (context.device, context.dtype)
+        if key not in self._on_device:
+            original_keys = self.module.to_k(self.original_context.to(context.device, context.dtype))
+            self._on_device[key] = original_keys, self.unchanged.to(context.device)
+        return self._on_device[key]
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

@@ -19,4 +19,7 @@ def test_e2e_phases_reports_phases_and_calls(host):
     calls = re.search(r"model calls during the edit \((\d+);", out)
     # the probe's 1 step (20% of 5) and the 5 sampling steps, the first of them replayed from the probe
     assert calls and int(calls.group(1)) >= 5, out[:2000]
+    for control in ("on", "off"):
+        assert re.search(rf"FISEditDifferenceMask alone, attention control {control}: [\d.]+ s \(probe [\d.]+ s, "
+                         r"[\d.]+ ms per probe step\)", out), out[:3000]
     assert "Ordered by: cumulative time" in out and "Ordered by: internal time" in out

@@ -1,6 +1,6 @@
 """Where an end-to-end edit's time goes on the GPU, against a stock regenerate: phase by phase, call by call.
 
-    python benchmarks/e2e_phases.py [--model sd21v@768] [--fraction 0.05] [--steps 20] [--profile]
+    python benchmarks/e2e_phases.py [--model sd21v@768] [--fraction 0.05] [--steps 20] [--profile [LINES]]
 
 The same edit as benchmarks/speed.py's end-to-end rows (the probe, sparse sampling with the probe's steps replayed,
 FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm (the third of three runs), the GPU synchronised at each
@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="sd21v@768")
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", type=int, nargs="?", const=40, default=0, metavar="LINES",
+                        help="cProfile one more edit; print this many functions per ordering (40)")
     a = parser.parse_args(argv)
     import comfy_host
     comfy_host.boot()
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
             prof.disable()
             for key in ("cumulative", "tottime"):
                 stream = io.StringIO()
-                pstats.Stats(prof, stream=stream).sort_stats(key).print_stats(40)
-                profile_text += stream.getvalue()[:12000]
+                pstats.Stats(prof, stream=stream).sort_stats(key).print_stats(a.profile)
+                profile_text += stream.getvalue()[:300 * a.profile]
 
     stock_total, edit_total = sum(stock_phases.values()), sum(v for k, v in edit_phases.items() if k != "probe inside")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

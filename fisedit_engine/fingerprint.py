@@ -60,11 +60,13 @@ class _SampleMemo:
     """The host samples of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for
     the ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or three times
     (benchmarks/e2e_phases.py). A sample is reused while its tensor lives with the same storage, shape, strides and
-    version counter; in-place writes through autograd bump that counter. Writes through `.data` do not: ComfyUI
-    makes them when it patches weights in place, but it backs the original up first (the fingerprint reads the
-    backup, `model_fingerprint`) and restores it when it unpatches; hook patches have no such backup in
-    `patcher.backup`, so `model_fingerprint` remembers nothing while any are applied. Tensors without a version
-    counter (made in inference mode) are sampled every time."""
+    version counter; in-place writes through autograd bump that counter. Writes through `.data` do not, and
+    inference tensors have no counter at all (ComfyUI runs nodes in inference mode, so the weights it moves to the
+    GPU are such tensors). That leaves in-place writes that keep the storage; ComfyUI makes them when it patches
+    weights in place, but it backs the original up first (the fingerprint reads the backup, `model_fingerprint`)
+    and restores it when it unpatches; hook patches have no such backup in `patcher.backup`, so `model_fingerprint`
+    remembers nothing while any are applied. A node that overwrote a loaded model's weights in place, with no
+    backup, would go unseen: no ComfyUI node does, since patches are how ComfyUI changes weights."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}  # id(tensor) -> (weak reference, state, host sample)
@@ -74,7 +76,7 @@ class _SampleMemo:
         try:
             version = t._version
         except RuntimeError:  # an inference tensor
-            return None
+            version = None
         return version, t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride()
 
     def get(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -84,11 +86,8 @@ class _SampleMemo:
         return entry[2]
 
     def put(self, t: torch.Tensor, values: torch.Tensor) -> None:
-        state = self._state(t)
-        if state is None:
-            return
         key = id(t)
-        self._entries[key] = (weakref.ref(t, lambda _, key=key: self._forget(key)), state, values)
+        self._entries[key] = (weakref.ref(t, lambda _, key=key: self._forget(key)), self._state(t), values)
 
     def _forget(self, key: int) -> None:
         entry = self._entries.get(key)

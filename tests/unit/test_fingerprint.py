@@ -77,9 +77,11 @@ def test_remembered_samples_give_the_same_digest_and_are_not_sampled_again(monke
     assert _digest(items, remember=False) == first and len(sampled) == 2
 
 
-def test_a_remembered_sample_is_taken_again_when_its_tensor_changes():
-    """In-place writes (version counter), replaced storage (`.data =`, a move to another device), and tensors
-    without a version counter (inference mode) are each sampled afresh."""
+def test_a_remembered_sample_is_taken_again_when_its_tensor_changes(monkeypatch):
+    """In-place writes (version counter) and replaced storage (`.data =`, a move to another device) are sampled
+    afresh. Inference tensors (ComfyUI's weights once it has moved them) have no version counter: they are
+    remembered by their storage."""
+    import fisedit_engine.fingerprint as fp
     gen = torch.Generator().manual_seed(2)
     p = torch.nn.Parameter(torch.randn(600, generator=gen))
     items = [(b"w", p)]
@@ -92,11 +94,14 @@ def test_a_remembered_sample_is_taken_again_when_its_tensor_changes():
     replaced = _digest(items, remember=True)
     assert replaced not in (before, after_write) and replaced == _digest(items, remember=False)
     with torch.inference_mode():
-        frozen = torch.randn(600, generator=gen)
-    assert _digest([(b"w", frozen)], remember=True) == _digest([(b"w", frozen)], remember=False)
-    with torch.inference_mode():
-        frozen[-1] += 1.0
-    assert _digest([(b"w", frozen)], remember=True) == _digest([(b"w", frozen)], remember=False)
+        moved = torch.nn.Parameter(torch.randn(600, generator=gen))
+        first = _digest([(b"w", moved)], remember=True)
+        assert first == _digest([(b"w", moved)], remember=False)
+        sampled, original = [], fp._sample
+        monkeypatch.setattr(fp, "_sample", lambda t, full: sampled.append(t) or original(t, full))
+        assert _digest([(b"w", moved)], remember=True) == first and sampled == []
+        moved.data = torch.randn(600, generator=gen)
+        assert _digest([(b"w", moved)], remember=True) == _digest([(b"w", moved)], remember=False) != first
 
 
 def test_the_memo_forgets_tensors_that_die():

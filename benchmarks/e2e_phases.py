@@ -3,11 +3,11 @@
     python benchmarks/e2e_phases.py [--model sd21v@768] [--fraction 0.05] [--steps 20] [--profile [LINES]]
 
 The same edit as benchmarks/speed.py's end-to-end rows (the probe, sparse sampling with the probe's steps replayed,
-FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm (the third of three runs), the GPU synchronised at each
-phase's end: the probe (FISEditDifferenceMask), the sparse sampling, the decode; and within the sampling each model
-call's wall time (synchronised too), so per-edit setup, the first eager step, the graph capture and the replays
-show apart. The stock regenerate is split the same way. `--profile` adds cProfile of one more edit (host time by
-function, cumulative and own).
+FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm (the third
+of three runs), the GPU synchronised at each phase's end: the probe (FISEditDifferenceMask), the sparse sampling,
+the decode; and within the sampling each model call's wall time (synchronised too), so per-edit setup, the first
+eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. `--profile`
+adds cProfile of one more edit (host time by function, cumulative and own).
 """
 from __future__ import annotations
 

@@ -65,7 +65,6 @@ class ControlledCrossAttention:
         out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
         return m.to_out(out)
 
-
     def _constants(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (context.device, context.dtype)
         if key not in self._on_device:

@@ -57,16 +57,16 @@ def _sample(t: torch.Tensor, full: bool) -> torch.Tensor:
 
 
 class _SampleMemo:
-    """The host samples of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for
-    the ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or three times
+    """The host samples of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for the
+    ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or three times
     (benchmarks/e2e_phases.py). A sample is reused while its tensor lives with the same storage, shape, strides and
     version counter; in-place writes through autograd bump that counter. Writes through `.data` do not, and
-    inference tensors have no counter at all (ComfyUI runs nodes in inference mode, so the weights it moves to the
-    GPU are such tensors). That leaves in-place writes that keep the storage; ComfyUI makes them when it patches
-    weights in place, but it backs the original up first (the fingerprint reads the backup, `model_fingerprint`)
-    and restores it when it unpatches; hook patches have no such backup in `patcher.backup`, so `model_fingerprint`
-    remembers nothing while any are applied. A node that overwrote a loaded model's weights in place, with no
-    backup, would go unseen: no ComfyUI node does, since patches are how ComfyUI changes weights."""
+    inference tensors (made in inference mode, where ComfyUI runs its nodes) have no counter at all. That leaves
+    in-place writes that keep the storage; ComfyUI makes them when it patches weights in place, but it backs the
+    original up first (the fingerprint reads the backup, `model_fingerprint`) and restores it when it unpatches;
+    hook patches have no such backup in `patcher.backup`, so `model_fingerprint` remembers nothing while any are
+    applied. A node that overwrote a loaded model's weights in place, with no backup, would go unseen: no ComfyUI
+    node does, since patches are how ComfyUI changes weights."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}  # id(tensor) -> (weak reference, state, host sample)
@@ -221,6 +221,6 @@ def _is_plain_setting(value, nested: bool = False) -> bool:
 def vae_fingerprint(vae) -> str:
     """Which VAE decoded an image: a strided sample of its weights."""
     h = hashlib.sha256()
-    _update_with_tensors(h, [(name.encode(), t) for name, t in sorted(vae.first_stage_model.state_dict(keep_vars=True).items())],
-                         remember=True)
+    weights = sorted(vae.first_stage_model.state_dict(keep_vars=True).items())
+    _update_with_tensors(h, [(name.encode(), t) for name, t in weights], remember=True)
     return h.hexdigest()[:16]

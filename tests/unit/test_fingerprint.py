@@ -64,24 +64,29 @@ def _digest(items, remember):
     return h.hexdigest()
 
 
-def test_remembered_samples_give_the_same_digest_and_are_not_sampled_again(monkeypatch):
+def _count_samples(monkeypatch) -> list:
+    """The tensors `_sample` is called for from now on."""
     import fisedit_engine.fingerprint as fp
+    sampled, original = [], fp._sample
+    monkeypatch.setattr(fp, "_sample", lambda t, full: sampled.append(t) or original(t, full))
+    return sampled
+
+
+def test_remembered_samples_give_the_same_digest_and_are_not_sampled_again(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     weights = [torch.nn.Parameter(torch.randn(40, 30, generator=gen)), torch.randn(500, generator=gen).half()]
     items = [(b"a", weights[0]), (b"b", weights[1])]
     first = _digest(items, remember=True)
     assert first == _digest(items, remember=False)
-    sampled, original = [], fp._sample
-    monkeypatch.setattr(fp, "_sample", lambda t, full: sampled.append(t) or original(t, full))
+    sampled = _count_samples(monkeypatch)
     assert _digest(items, remember=True) == first and sampled == []
     assert _digest(items, remember=False) == first and len(sampled) == 2
 
 
 def test_a_remembered_sample_is_taken_again_when_its_tensor_changes(monkeypatch):
     """In-place writes (version counter) and replaced storage (`.data =`, a move to another device) are sampled
-    afresh. Inference tensors (ComfyUI's weights once it has moved them) have no version counter: they are
-    remembered by their storage."""
-    import fisedit_engine.fingerprint as fp
+    afresh. Inference tensors (made in inference mode, where ComfyUI runs its nodes) have no version counter: they
+    are remembered by their storage."""
     gen = torch.Generator().manual_seed(2)
     p = torch.nn.Parameter(torch.randn(600, generator=gen))
     items = [(b"w", p)]
@@ -97,8 +102,7 @@ def test_a_remembered_sample_is_taken_again_when_its_tensor_changes(monkeypatch)
         moved = torch.nn.Parameter(torch.randn(600, generator=gen))
         first = _digest([(b"w", moved)], remember=True)
         assert first == _digest([(b"w", moved)], remember=False)
-        sampled, original = [], fp._sample
-        monkeypatch.setattr(fp, "_sample", lambda t, full: sampled.append(t) or original(t, full))
+        sampled = _count_samples(monkeypatch)
         assert _digest([(b"w", moved)], remember=True) == first and sampled == []
         moved.data = torch.randn(600, generator=gen)
         assert _digest([(b"w", moved)], remember=True) == _digest([(b"w", moved)], remember=False) != first

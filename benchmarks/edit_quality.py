@@ -21,8 +21,9 @@ Metrics per method and pair, against the original image and the generator's trut
 mask IoU and recall on pixels and on the latent grid (masked methods; also FISEdit's undilated mask), PSNR and maximum error (8-bit levels) of the
 pixels outside the true region, the maximum change outside the method's own mask (FISEdit: 0 by construction),
 edit success (toyworld.judge reads the edited object's cell: the requested colour, shape and size, or nothing for
-a removal), and the seconds of the method's own nodes (FISEditDecode's one-time decode of the original image is
-timed on its own). The originals are judged too: edits of an original that does not show its caption are
+a removal), and the seconds of the method's own nodes (the FISEdit mask nodes get the VAE, so their masks follow
+the original image's edges; the original is decoded once and kept with the cache, in whichever FISEdit variant runs
+first, whose seconds include it). The originals are judged too: edits of an original that does not show its caption are
 reported separately.
 
 Writes edit_quality.json (every pair and the summaries), edit_quality.md (the tables) and edit_quality_examples.png
@@ -56,7 +57,7 @@ IMAGE_NODE = {"fisedit_ac": "22", "fisedit": "27", "regenerate": "31", "inpaint"
               "img2img": "61"}
 MASK_NODE = {"fisedit_ac": "20", "fisedit": "25", "inpaint": "20", "diffdiff": "20"}
 # What the run must compute (plain VAEDecode nodes are no output nodes, so name them)
-OUTPUTS = ["7", "8", "23", "24", "28", *IMAGE_NODE.values()]
+OUTPUTS = ["7", "8", "23", "28", *IMAGE_NODE.values()]
 PSNR_CAP = 100.0  # dB, for pixels that are exactly the original's
 MASK_KEYS = ("iou", "recall", "iou_grid", "recall_grid", "iou_undilated", "recall_undilated", "iou_grid_undilated",
              "recall_grid_undilated", "mask_fraction")
@@ -78,7 +79,7 @@ def pair_prompt(i: int, old: str, new: str, a) -> dict:
     def fisedit(attention_control, dilate):
         return {"class_type": "FISEditDifferenceMask", "inputs": {
             "model": ["1", 0], "cache": ["7", 0], "positive": ["10", 0], "dilate": dilate,
-            "attention_control": attention_control, **mask}}
+            "attention_control": attention_control, "vae": ["1", 2], **mask}}
 
     return {
         "1": {"class_type": "FISEditToyModelLoader", "inputs": {"weights": a.weights}},
@@ -94,9 +95,6 @@ def pair_prompt(i: int, old: str, new: str, a) -> dict:
         "21": {"class_type": "FISEditSparseKSampler", "inputs": {"model": ["1", 0], "edit": ["20", 0]}},
         "22": {"class_type": "FISEditDecode", "inputs": {"vae": ["1", 2], "samples": ["21", 0], "edit": ["20", 0]}},
         "23": fisedit(True, 0),  # the undilated mask, for IoU only
-        # FISEditDecode decodes the cache's original image once (kept with the cache); doing it here, before
-        # both FISEdit variants, keeps that one-time cost out of whichever variant would run first
-        "24": {"class_type": "FISEditDecode", "inputs": {"vae": ["1", 2], "samples": ["6", 0], "edit": ["23", 0]}},
         "25": fisedit(False, a.dilate),
         "26": {"class_type": "FISEditSparseKSampler", "inputs": {"model": ["1", 0], "edit": ["25", 0]}},
         "27": {"class_type": "FISEditDecode", "inputs": {"vae": ["1", 2], "samples": ["26", 0], "edit": ["25", 0]}},
@@ -164,7 +162,6 @@ def measure_pair(run, i: int, edit, a) -> dict:
         "truth_fraction": float(truth.float().mean()),
         "original_correct": bool(judge.objects_correct(chw(original), edit.before).all()),
         "original_seconds": sum(run.seconds.get(n, 0.0) for n in ("6", "7", "8")),
-        "fisedit_original_decode_seconds": run.seconds.get("24", 0.0),
         "methods": {},
     }
     for m in METHODS:

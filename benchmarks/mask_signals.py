@@ -4,8 +4,8 @@
 
 Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the original generation through
 FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
-per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; with the
-generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on the saved file.
+per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
+original image; the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on the saved file.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from fisedit_engine.probe import run_probe
     from toyworld import comfy_models, models
     from toyworld import edits as edits_mod
-    model, clip, _, _ = comfy_models.load(models.weight_sets(ROOT / "toyworld" / "weights")["toyworld"])
+    model, clip, vae, _ = comfy_models.load(models.weight_sets(ROOT / "toyworld" / "weights")["toyworld"])
     encode = nodes.CLIPTextEncode()
     edits = edits_mod.sample_edits(a.pairs, seed=a.seed)
     records = []
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
             api.store(handle, {"samples": out})
             source = handle.get()
             probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True)
+            image = vae.decode(out)[0].float()  # [H, W, 3]
         # signed differences [K, C, H, W]: rules may combine them (the predicted clean latent is x - sigma * eps)
         latent_diff = torch.stack([probe.latents[k + 1][0].float() - source.read(LATENT_KEY, k + 1)[0].float()
                                    for k in range(a.probe_steps)])
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
                         "entering_diff": entering_diff,
                         "sigmas": torch.tensor(source.settings.sigmas[:a.probe_steps + 1]),
                         "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
+                        "source_image": image,
                         "truth_grid": _on_latent_grid(truth)})
         registry.registry().clear()
         print(f"pair {i} {records[-1]['kind']}: truth {float(records[-1]['truth_grid'].float().mean()):.3f}",

@@ -1,14 +1,16 @@
 """Scores rules for the automatic mask on the probe signals that benchmarks/mask_signals.py saved.
 
-    python benchmarks/mask_variants.py out/mask_signals.pt
+    python benchmarks/mask_variants.py out/mask_signals.pt [more files...]
 
 Each rule turns a pair's per-step difference maps into a mask on the latent grid; scored against the
 generator's true region on that grid: IoU (undilated and dilated by one latent pixel), recall, and the share of
 empty masks, over all pairs and per edit kind. The rules are built from the engine's own functions
 (fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
-the engine, is written out here. The oracle rows cut each pair's map where IoU with the truth is best: no
-threshold on that map can do better. Besides the latent difference the engine uses, the engine's rule is also scored on
-the difference of the positive model output (eps) and of the predicted clean latent (x0).
+the engine, is written out here, and so is the map before smoothing. The oracle rows cut each pair's map where IoU
+with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
+mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges (the node
+with a VAE connected). Besides the latent difference the engine uses, the engine's rule is also scored on the
+difference of the positive model output (eps) and of the predicted clean latent (x0).
 """
 from __future__ import annotations
 
@@ -57,11 +59,13 @@ def table(records: list[dict], rules: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("signals", type=Path)
+    p.add_argument("signals", type=Path, nargs="+", help="files of mask_signals.py (their pairs are pooled)")
     a = p.parse_args(argv)
-    data = torch.load(a.signals)
-    records = data["records"]
-    print(f"{len(records)} pairs, probe of {data['settings']['probe_steps']} steps")
+    files = [torch.load(f) for f in a.signals]
+    records = [r for data in files for r in data["records"]]
+    settings = [(d["settings"]["seed"], d["settings"]["pairs"]) for d in files]
+    print(f"{len(records)} pairs (seed, pairs: {settings}), probe of "
+          f"{min(d['settings']['probe_steps'] for d in files)} steps")
 
     def signal(r, kind):
         """[K, H, W] channel-summed |edited - cached| per probe step: of the latent leaving the step, of the
@@ -74,11 +78,11 @@ def main(argv=None) -> int:
             d = r["entering_diff"] - r["sigmas"][:len(r["output_diff"]), None, None, None] * r["output_diff"]
         return d.abs().sum(1)
 
-    def diff(r, k, kind="latent"):
+    def diff(r, k, kind="latent", smoothed=True):
         """The engine's difference_map of the first k probe steps (its noise floor from step 1's magnitude)."""
         floor = M.NOISE_FLOOR * r["latent_scale"]
-        return M.normalised_sum([torch.where(d > floor, d, torch.zeros_like(d))[None]
-                                 for d in signal(r, kind)[:k]])[0]
+        total = M.normalised_sum([torch.where(d > floor, d, torch.zeros_like(d))[None] for d in signal(r, kind)[:k]])
+        return (M.smooth(total) if smoothed else total)[0]
 
     def opening(m):
         """The earlier rule's cleaning: a centred 3x3 opening, outside the map counting as set."""
@@ -95,12 +99,19 @@ def main(argv=None) -> int:
 
     rules = {}
     for k in (2, 4, 6):
-        rules[f"{k} steps: Otsu, 3x3 opening (the earlier rule)"] = lambda r, k=k: opening(otsu(r, k)[1])
+        rules[f"{k} steps: Otsu, 3x3 opening (the earliest rule)"] = (
+            lambda r, k=k: opening(diff(r, k, smoothed=False) > M.otsu_threshold(diff(r, k, smoothed=False))))
+        rules[f"{k} steps: the engine's rule on the map before smoothing (the previous rule)"] = (
+            lambda r, k=k: M.threshold_mask(diff(r, k, smoothed=False)[None], dilate_px=0)[0])
         rules[f"{k} steps: Otsu alone"] = lambda r, k=k: otsu(r, k)[1]
         rules[f"{k} steps: Otsu, holes filled"] = lambda r, k=k: M.fill_holes(otsu(r, k)[1][None])[0]
         rules[f"{k} steps: Otsu, weak regions dropped"] = lambda r, k=k: weak_dropped(r, k)
         rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
+        if all("source_image" in r for r in records):
+            rules[f"{k} steps: the engine's rule along the original image's edges (a VAE connected)"] = (
+                lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=r["source_image"][None])[0])
+
     def oracle(r, k):
         """The best of 100 quantile cuts of the map, chosen with the truth: a bound on any threshold rule."""
         d = diff(r, k)

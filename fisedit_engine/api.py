@@ -110,14 +110,17 @@ DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
 
 def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
                     probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
-                    attention_control: bool = True, progress: Callable[[int], Callable[[int], None]] | None = None):
+                    attention_control: bool = True, vae=None,
+                    progress: Callable[[int], Callable[[int], None]] | None = None):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
-    `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50). `progress(total)` returns `update(done)`:
-    called once per probe step (the node layer passes the host's progress bar)."""
+    `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50). With a `vae`, the Otsu cut follows the
+    edges of the original image (mask.along_edges), decoded once and kept with the cache. `progress(total)` returns
+    `update(done)`: called once per probe step (the node layer passes the host's progress bar)."""
+    import torch
     import torch.nn.functional as F
-    from .decode import latent_preview
+    from .decode import image_preview, latent_preview, original_image
     from .edit import EditSpec, check_model, latent_mask
     from .mask import threshold_mask
     from .probe import run_probe
@@ -153,10 +156,16 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
         probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control,
                              on_step=progress(steps) if progress is not None else None)
-        masks.append(threshold_mask(probe.difference, threshold, edit_size, dilate_px=dilate))
+        image = original_image(vae, source) if vae is not None else None
+        # On the model's device: along the image's edges, the cut filters every pixel of the image.
+        device = torch.device(model.load_device)
+        masks.append(threshold_mask(probe.difference.to(device), threshold, edit_size, dilate_px=dilate,
+                                    image=image.to(device) if image is not None else None).cpu())
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
     spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
+    if vae is not None:
+        return spec, image_mask, image_preview(original_image(vae, source), mask)
     return spec, image_mask, latent_preview(model, source, mask)
 
 

@@ -85,7 +85,12 @@ def latent_preview(model, cache: FisEditCache, mask: torch.Tensor) -> torch.Tens
         bias = getattr(latent_format, "latent_rgb_factors_bias", None)
         bias = torch.tensor(bias, dtype=latent.dtype) if bias is not None else None
         rgb = ((F.conv2d(latent, weight, bias) + 1) / 2).clamp(0, 1)
-    rgb = F.interpolate(rgb, scale_factor=LATENT_SCALE, mode="nearest").permute(0, 2, 3, 1)
-    pixels = F.interpolate(mask[:, None].float(), scale_factor=LATENT_SCALE, mode="nearest")[:, 0, :, :, None]
+    return image_preview(F.interpolate(rgb, scale_factor=LATENT_SCALE, mode="nearest").permute(0, 2, 3, 1), mask)
+
+
+def image_preview(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3]: `image` with the latent-grid `mask` tinted red."""
+    scale = image.shape[1] // mask.shape[1]
+    pixels = F.interpolate(mask[:, None].float(), scale_factor=scale, mode="nearest")[:, 0, :, :, None]
     red = torch.tensor([1.0, 0.0, 0.0])
-    return rgb * (1 - 0.5 * pixels) + red * 0.5 * pixels
+    return image.float() * (1 - 0.5 * pixels) + red * 0.5 * pixels

@@ -14,6 +14,14 @@ nothing (the authors' min-max normalisation divided 0 by 0 there), so an unchang
 Differences below 1% of the latent's mean magnitude are rounding, not edits: the probe computes the positive branch
 alone, in another batch than the original run did, so on GPUs the last bits differ, and per-step normalisation would
 blow that up.
+
+Two refinements measured on the toy world (benchmarks/mask_variants.py, benchmarks/results/mask_variants.md): the
+summed map is smoothed by a small Gaussian (an object's change is strong inside and ragged at its rim, an echo is a
+lone cell; smoothing joins the one and fades the other), and where the original image is at hand (a VAE connected
+to FISEditDifferenceMask), the map is carried up to image pixels along the image's own edges by a guided filter
+(He et al., 2010): a changed object ends where the original image shows its edge, which the latent grid can only
+place to the nearest cell. A cell then belongs to the mask when a share of its pixels does. Neither helps an added
+object much (the original image has no edge where the new object will be); both help colour changes and removals.
 """
 from __future__ import annotations
 
@@ -23,6 +31,11 @@ import torch.nn.functional as F
 OTSU_BINS = 256
 NOISE_FLOOR = 1e-2  # of the latent's mean channel-summed magnitude
 MIN_PEAK = 0.5     # a region is kept when its strongest difference is at least this share of the map's strongest
+SMOOTH_SIGMA = 0.8  # latent pixels: the Gaussian that smooths the summed map
+EDGE_RADIUS = 2     # latent pixels: the guided filter's window reaches this far around a pixel
+EDGE_EPS = 1e-3     # the guided filter's regulariser, for images in [0, 1]: edges weaker than ~0.03 are smoothed over
+EDGE_MARGIN = 1.25  # at image pixels the map is cut at this multiple of its threshold on the latent grid ...
+EDGE_SHARE = 0.1    # ... and a cell is in the mask when more than this share of its pixels is above the cut
 
 
 def difference_map(edited: list[torch.Tensor], cached: list[torch.Tensor],
@@ -35,7 +48,16 @@ def difference_map(edited: list[torch.Tensor], cached: list[torch.Tensor],
         d = (e.float() - c.float()).abs().sum(dim=1)                       # [B, H, W]
         floor = noise_floor * c.float().abs().sum(dim=1).mean(dim=(1, 2), keepdim=True)
         steps.append(torch.where(d > floor, d, torch.zeros_like(d)))
-    return normalised_sum(steps)
+    return smooth(normalised_sum(steps))
+
+
+def smooth(diff: torch.Tensor, sigma: float = SMOOTH_SIGMA) -> torch.Tensor:
+    """[B, H, W] convolved with a 5x5 Gaussian of `sigma` pixels, borders replicated (an all-zero map stays zero)."""
+    x = torch.arange(-2, 3, dtype=diff.dtype, device=diff.device)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    padded = F.pad(diff[:, None], (2, 2, 2, 2), mode="replicate")
+    return F.conv2d(padded, (g[:, None] * g[None, :])[None, None])[:, 0]
 
 
 def normalised_sum(steps: list[torch.Tensor]) -> torch.Tensor:
@@ -126,16 +148,63 @@ def drop_weak_components(mask: torch.Tensor, diff: torch.Tensor, min_peak: float
     return out
 
 
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """[..., H, W]: the mean over the (2r+1)^2 window around each pixel, the window clipped at the borders; from
+    running sums, so the cost does not grow with the radius."""
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        sums = F.pad(x.cumsum(dim).movedim(dim, -1), (1, 0)).movedim(-1, dim)
+        i = torch.arange(n, device=x.device)
+        hi, lo = (i + radius + 1).clamp(max=n), (i - radius).clamp(min=0)
+        shape = [1] * x.dim()
+        shape[dim] = n
+        x = (sums.index_select(dim, hi) - sums.index_select(dim, lo)) / (hi - lo).to(x.dtype).view(shape)
+    return x
+
+
+def guided_filter(guide: torch.Tensor, p: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """He et al.'s guided filter with a colour guide: `p` [H, W] smoothed, except across the edges of `guide`
+    [C, H, W]. Per window, p is fitted as a linear function of the guide's colour; the fits are averaged."""
+    c = guide.shape[0]
+    mean_i, mean_p = box_mean(guide, radius), box_mean(p, radius)
+    cov_ip = box_mean(guide * p, radius) - mean_i * mean_p
+    var_i = box_mean(guide[:, None] * guide[None], radius) - mean_i[:, None] * mean_i[None]
+    var_i = var_i.permute(2, 3, 0, 1) + eps * torch.eye(c, dtype=guide.dtype, device=guide.device)
+    a = torch.linalg.solve(var_i, cov_ip.permute(1, 2, 0)[..., None])[..., 0].permute(2, 0, 1)
+    b = mean_p - (a * mean_i).sum(0)
+    return (box_mean(a, radius) * guide).sum(0) + box_mean(b, radius)
+
+
+def along_edges(diff: torch.Tensor, image: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[h, w] bool: the cells of the latent-grid map `diff` [h, w] whose pixels, after the map is carried up to the
+    pixels of `image` [H, W, 3] along its edges, are above `EDGE_MARGIN * threshold` in more than `EDGE_SHARE`."""
+    h, w = diff.shape
+    scale = image.shape[0] // h
+    if image.shape[0] != scale * h or image.shape[1] != scale * w:
+        raise ValueError(f"the image is {image.shape[1]}x{image.shape[0]} pixels, not a whole multiple of the "
+                         f"latent's {w}x{h}: connect the VAE that decodes this model's latents")
+    guide = image.to(diff.device, torch.float64).permute(2, 0, 1)
+    up = F.interpolate(diff[None, None].double(), scale_factor=scale, mode="bilinear", align_corners=False)[0, 0]
+    fine = guided_filter(guide, up, EDGE_RADIUS * scale, EDGE_EPS)
+    share = F.avg_pool2d((fine > EDGE_MARGIN * threshold)[None, None].double(), scale)[0, 0]
+    return share > EDGE_SHARE
+
+
 def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 0.15, dilate_px: int = 1,
-                   min_peak: float = MIN_PEAK) -> torch.Tensor:
+                   min_peak: float = MIN_PEAK, image: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes filled (Otsu only:
-    `edit_size` bounds the area, so its cut is only ever reduced), dilation. All-zero maps stay empty."""
+    `edit_size` bounds the area, so its cut is only ever reduced), dilation. All-zero maps stay empty. With the
+    original image ([B, H*s, W*s, 3] in [0, 1]) the Otsu cut follows the image's edges (`along_edges`); the
+    `edit_size` cut does not (it would no longer bound the area)."""
     out = []
-    for d in diff:
+    for b, d in enumerate(diff):
         if not (d > 0).any():
             out.append(torch.zeros_like(d, dtype=torch.bool))
             continue
-        t = otsu_threshold(d) if method == "otsu" else quantile_threshold(d, edit_size)
-        out.append(d > t if method == "otsu" else d >= t)
+        if method == "otsu":
+            t = otsu_threshold(d)
+            out.append(along_edges(d, image[b if image.shape[0] > 1 else 0], t) if image is not None else d > t)
+        else:
+            out.append(d >= quantile_threshold(d, edit_size))
     kept = drop_weak_components(torch.stack(out), diff, min_peak)
     return dilate(fill_holes(kept) if method == "otsu" else kept, dilate_px)

@@ -16,7 +16,8 @@ EDIT_TYPE = "FISEDIT_EDIT"
 def _difference_mask(inputs: dict, hidden: dict):
     return api.difference_mask(inputs["model"], inputs["cache"], inputs["positive"], inputs["mask_mode"],
                                inputs["user_mask"], inputs["dilate"], inputs["probe_steps"], inputs["threshold"],
-                               inputs["edit_size"], inputs["attention_control"], progress=host.progress_bar)
+                               inputs["edit_size"], inputs["attention_control"], vae=inputs["vae"],
+                               progress=host.progress_bar)
 
 
 def _sparse_sample(inputs: dict, hidden: dict):
@@ -62,11 +63,16 @@ DIFFERENCE_MASK = NodeSpec(
             "(the common start of both prompts) are the original's, so the change concentrates where the edited "
             "words act."), default=True),
         In("user_mask", "MASK", "user modes: the region to edit, at the image's size (white = edit).", optional=True),
+        In("vae", "VAE", ("Optional, the generation's VAE: the auto mask (threshold otsu) then follows the edges of "
+                          "the original image to the pixel instead of the latent grid's 8-pixel cells, and the preview "
+                          "shows the decoded image. The decoded original is kept with the cache, so FISEditDecode "
+                          "does not decode it again."), optional=True),
     ),
     outputs=(
         Out("edit", EDIT_TYPE, "The edit: connect it to FISEditSparseKSampler and FISEditDecode."),
         Out("mask", "MASK", "The region that will be recomputed, at image resolution (dilated)."),
-        Out("preview", "IMAGE", "The cached image (ComfyUI's fast latent preview) with the region tinted red."),
+        Out("preview", "IMAGE", ("The cached image (decoded with the vae if connected, else ComfyUI's fast latent "
+                                 "preview) with the region tinted red.")),
     ),
     run=_difference_mask,
 )

@@ -24,4 +24,5 @@ def test_mask_signals_and_variants_run_on_one_pair(host, tmp_path):
                            capture_output=True, text=True, timeout=300, check=False)
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "steps" in line]
-    assert len(rows) == 20 and "the engine's rule" in table.stdout and "oracle cut" in table.stdout
+    assert len(rows) == 26 and "the engine's rule" in table.stdout and "oracle cut" in table.stdout
+    assert "along the original image's edges" in table.stdout and record["source_image"].shape == (128, 128, 3)

@@ -32,7 +32,7 @@ CONTRACT = {
                                ("required", "mask_mode", "COMBO", "auto"), ("required", "probe_steps", "INT", 0),
                                ("required", "threshold", "COMBO", "otsu"), ("required", "edit_size", "FLOAT", 0.15),
                                ("required", "dilate", "INT", 1), ("required", "attention_control", "BOOLEAN", True),
-                               ("optional", "user_mask", "MASK", None)],
+                               ("optional", "user_mask", "MASK", None), ("optional", "vae", "VAE", None)],
                               [("FISEDIT_EDIT", "edit"), ("MASK", "mask"), ("IMAGE", "preview")]),
     "FISEditSparseKSampler": ([("required", "model", "MODEL", None), ("required", "edit", "FISEDIT_EDIT", None),
                                ("optional", "dense_tail", "FLOAT", 0.0), ("optional", "gn_statistics", "COMBO", "exact"),

@@ -77,7 +77,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = OTSU_BINS) -> float:
     if hi <= lo:
         return hi
     hist = torch.histc(values.float(), bins=bins, min=lo, max=hi).double()
-    centers = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    centers = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=values.device)
     centers = (centers[:-1] + centers[1:]) / 2
     weight0 = hist.cumsum(0)
     weight1 = hist.sum() - weight0

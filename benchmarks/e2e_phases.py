@@ -6,8 +6,10 @@ The same edit as benchmarks/speed.py's end-to-end rows (the probe, sparse sampli
 FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm (the third
 of three runs), the GPU synchronised at each phase's end: the probe (FISEditDifferenceMask), the sparse sampling,
 the decode; and within the sampling each model call's wall time (synchronised too), so per-edit setup, the first
-eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. `--profile`
-adds cProfile of one more edit (host time by function, cumulative and own).
+eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. Then
+FISEditDifferenceMask alone: with attention control on and off, and with the VAE (the Otsu cut along the original
+image's edges; the filter over the image's pixels timed alone too). `--profile` adds cProfile of one more edit (host
+time by function, cumulative and own).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     import speed
     from fisedit_engine import api
     from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+    from fisedit_engine.decode import original_image
+    from fisedit_engine.mask import along_edges, otsu_threshold
 
     arch, size = a.model.split("@")
     size = int(size)
@@ -112,6 +116,16 @@ def main(argv=None) -> int:
                                                                threshold="edit_size", edit_size=a.fraction,
                                                                attention_control=control)[0])
             probe_alone[control] = (spec.probe.steps, spec.probe.seconds, seconds)
+        # With the VAE the Otsu cut follows the original image's edges; the edit above has decoded the original
+        # already (it is kept with the cache), so this adds the filter over the image's pixels to the probe
+        for _ in range(2):
+            spec, edges_seconds = synced(lambda: api.difference_mask(model, handle, edited, "auto", dilate=0,
+                                                                     vae=vae)[0])
+        device = torch.device(model.load_device)
+        diff, image = spec.probe.difference[0].to(device), original_image(vae, handle.get())[0].to(device)
+        for _ in range(2):
+            _, filter_seconds = synced(lambda: along_edges(diff, image, otsu_threshold(diff)))
+        edges = (spec.probe.seconds, edges_seconds, filter_seconds, tuple(image.shape[:2]))
         profile_text = ""
         if a.profile:
             prof = cProfile.Profile()
@@ -142,6 +156,9 @@ def main(argv=None) -> int:
     for control, (steps, probe_s, total_s) in probe_alone.items():
         print(f"FISEditDifferenceMask alone, attention control {'on' if control else 'off'}: {total_s:.3f} s "
               f"(probe {probe_s:.3f} s, {1000 * probe_s / steps:.1f} ms per probe step)")
+    probe_s, total_s, filter_s, (h, w) = edges
+    print(f"FISEditDifferenceMask alone, otsu along the original image's edges (vae): {total_s:.3f} s (probe "
+          f"{probe_s:.3f} s; the edge filter over {w}x{h} pixels alone {1000 * filter_s:.1f} ms)")
     print(profile_text)
     return 0
 

@@ -153,12 +153,19 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     running sums, so the cost does not grow with the radius."""
     for dim in (-2, -1):
         n = x.shape[dim]
-        sums = F.pad(x.cumsum(dim).movedim(dim, -1), (1, 0)).movedim(-1, dim)
+        sums = x.cumsum(dim)
+        # padded[j] = the sum of the first clamp(j - r, 0, n) values, so each window is padded[i + 2r + 1] - padded[i]
+        edge = list(x.shape)
+        edge[dim] = radius + 1
+        head = sums.new_zeros(edge)
+        edge[dim] = radius
+        tail = sums.narrow(dim, n - 1, 1).expand(edge)
+        padded = torch.cat([head, sums, tail], dim)
         i = torch.arange(n, device=x.device)
-        hi, lo = (i + radius + 1).clamp(max=n), (i - radius).clamp(min=0)
+        counts = ((i + radius + 1).clamp(max=n) - (i - radius).clamp(min=0)).to(x.dtype)
         shape = [1] * x.dim()
         shape[dim] = n
-        x = (sums.index_select(dim, hi) - sums.index_select(dim, lo)) / (hi - lo).to(x.dtype).view(shape)
+        x = (padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)) / counts.view(shape)
     return x
 
 

@@ -22,4 +22,6 @@ def test_e2e_phases_reports_phases_and_calls(host):
     for control in ("on", "off"):
         assert re.search(rf"FISEditDifferenceMask alone, attention control {control}: [\d.]+ s \(probe [\d.]+ s, "
                          r"[\d.]+ ms per probe step\)", out), out[:3000]
+    assert re.search(r"FISEditDifferenceMask alone, otsu along the original image's edges \(vae\): [\d.]+ s \(probe "
+                     r"[\d.]+ s; the edge filter over 64x64 pixels alone [\d.]+ ms\)", out), out[:3000]
     assert "Ordered by: cumulative time" in out and "Ordered by: internal time" in out

@@ -20,8 +20,9 @@ summed map is smoothed by a small Gaussian (an object's change is strong inside 
 lone cell; smoothing joins the one and fades the other), and where the original image is at hand (a VAE connected
 to FISEditDifferenceMask), the map is carried up to image pixels along the image's own edges by a guided filter
 (He et al., 2010): a changed object ends where the original image shows its edge, which the latent grid can only
-place to the nearest cell. A cell then belongs to the mask when a share of its pixels does. Neither helps an added
-object much (the original image has no edge where the new object will be); both help colour changes and removals.
+place to the nearest cell. A cell then belongs to the mask when a share of its pixels does. Smoothing helped every
+edit kind but size changes; following edges helps colour changes and removals most and costs added objects, for
+which the original image shows no edge where the new object will be.
 """
 from __future__ import annotations
 

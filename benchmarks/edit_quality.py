@@ -23,8 +23,8 @@ pixels outside the true region, the maximum change outside the method's own mask
 edit success (toyworld.judge reads the edited object's cell: the requested colour, shape and size, or nothing for
 a removal), and the seconds of the method's own nodes (the FISEdit mask nodes get the VAE, so their masks follow
 the original image's edges; the original is decoded once and kept with the cache, in whichever FISEdit variant runs
-first, whose seconds include it). The originals are judged too: edits of an original that does not show its caption are
-reported separately.
+first, whose seconds include it). The originals are judged too: edits of an original that does not show its
+caption are reported separately.
 
 Writes edit_quality.json (every pair and the summaries), edit_quality.md (the tables) and edit_quality_examples.png
 to --out (default benchmarks/results).

@@ -5,7 +5,8 @@
 Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the original generation through
 FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
 per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
-original image; the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on the saved file.
+original image; the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on
+the saved file.
 """
 from __future__ import annotations
 

@@ -89,6 +89,10 @@ def main(argv=None) -> int:
         e = -F.max_pool2d(F.pad(-m[None, None].float(), (1, 1, 1, 1), value=-1.0), 3, stride=1)
         return (F.max_pool2d(e, 3, stride=1, padding=1) > 0)[0, 0]
 
+    def unsmoothed_otsu(r, k):
+        d = diff(r, k, smoothed=False)
+        return d > M.otsu_threshold(d)
+
     def otsu(r, k):
         d = diff(r, k)
         return d, d > M.otsu_threshold(d)
@@ -99,8 +103,7 @@ def main(argv=None) -> int:
 
     rules = {}
     for k in (2, 4, 6):
-        rules[f"{k} steps: Otsu, 3x3 opening (the earliest rule)"] = (
-            lambda r, k=k: opening(diff(r, k, smoothed=False) > M.otsu_threshold(diff(r, k, smoothed=False))))
+        rules[f"{k} steps: Otsu, 3x3 opening (the earliest rule)"] = lambda r, k=k: opening(unsmoothed_otsu(r, k))
         rules[f"{k} steps: the engine's rule on the map before smoothing (the previous rule)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k, smoothed=False)[None], dilate_px=0)[0])
         rules[f"{k} steps: Otsu alone"] = lambda r, k=k: otsu(r, k)[1]

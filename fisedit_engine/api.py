@@ -152,20 +152,20 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
             raise CacheError(f"the mask has {user_mask.shape[0]} images but the cached generation has batch {batch}: "
                              f"give one mask for all images, or one per image")
         masks.append(latent_mask(user_mask, (h, w), dilate))
+    image = original_image(vae, source) if vae is not None else None  # for the edge-following cut and the preview
     if mask_mode in ("auto", "auto+user"):
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
         probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control,
                              on_step=progress(steps) if progress is not None else None)
-        image = original_image(vae, source) if vae is not None else None
         # On the model's device: along the image's edges, the cut filters every pixel of the image.
         device = torch.device(model.load_device)
         masks.append(threshold_mask(probe.difference.to(device), threshold, edit_size, dilate_px=dilate,
-                                    image=image.to(device) if image is not None else None).cpu())
+                                    image=image).cpu())
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
     spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
-    if vae is not None:
-        return spec, image_mask, image_preview(original_image(vae, source), mask)
+    if image is not None:
+        return spec, image_mask, image_preview(image, mask)
     return spec, image_mask, latent_preview(model, source, mask)
 
 

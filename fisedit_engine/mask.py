@@ -203,7 +203,8 @@ def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 
     """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes filled (Otsu only:
     `edit_size` bounds the area, so its cut is only ever reduced), dilation. All-zero maps stay empty. With the
     original image ([B, H*s, W*s, 3] in [0, 1]) the Otsu cut follows the image's edges (`along_edges`); the
-    `edit_size` cut does not (it would no longer bound the area)."""
+    `edit_size` cut does not (it would no longer bound the area). The image may live on another device than `diff`:
+    each sample's is moved to `diff`'s."""
     out = []
     for b, d in enumerate(diff):
         if not (d > 0).any():

@@ -5,7 +5,8 @@
 Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the original generation through
 FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
 per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
-original image; the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on
+original image; the clean image each run predicts at the probe's steps 4 and `--probe-steps` (decoded, the edited
+run's with the cached negative branch as in the probe); the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on
 the saved file.
 """
 from __future__ import annotations
@@ -17,6 +18,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+
+def predicted_images(model, vae, source, probe, step: int, cfg: float):
+    """The decoded clean image that the original run and the probe predict at `step` ([H, W, 3] each)."""
+    import torch
+    from fisedit_engine.comfy_adapter import COND, UNCOND
+    from fisedit_engine.layout import LATENT_KEY, MODEL_OUTPUT_KEY
+    sampling = model.get_model_object("model_sampling")
+    sigma = torch.tensor([source.settings.sigmas[step]])
+    uncond = source.read(MODEL_OUTPUT_KEY, step, UNCOND).float()
+    images = []
+    for x, cond in ((source.read(LATENT_KEY, step), source.read(MODEL_OUTPUT_KEY, step, COND)),
+                    (probe.latents[step], probe.cond_outputs[step])):
+        eps = uncond + cfg * (cond.float() - uncond)
+        images.append(vae.decode(sampling.calculate_denoised(sigma, eps, x.float()))[0].float())
+    return images
 
 
 def main(argv=None) -> int:
@@ -59,6 +76,8 @@ def main(argv=None) -> int:
             source = handle.get()
             probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True)
             image = vae.decode(out)[0].float()  # [H, W, 3]
+            x0_steps = sorted({min(4, a.probe_steps) - 1, a.probe_steps - 1})
+            x0_original, x0_edited = zip(*(predicted_images(model, vae, source, probe, k, a.cfg) for k in x0_steps))
         # signed differences [K, C, H, W]: rules may combine them (the predicted clean latent is x - sigma * eps)
         latent_diff = torch.stack([probe.latents[k + 1][0].float() - source.read(LATENT_KEY, k + 1)[0].float()
                                    for k in range(a.probe_steps)])
@@ -73,6 +92,8 @@ def main(argv=None) -> int:
                         "sigmas": torch.tensor(source.settings.sigmas[:a.probe_steps + 1]),
                         "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
                         "source_image": image,
+                        "x0_steps": x0_steps, "x0_original": torch.stack(x0_original).half(),
+                        "x0_edited": torch.stack(x0_edited).half(),
                         "truth_grid": _on_latent_grid(truth)})
         registry.registry().clear()
         print(f"pair {i} {records[-1]['kind']}: truth {float(records[-1]['truth_grid'].float().mean()):.3f}",

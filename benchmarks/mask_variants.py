@@ -8,8 +8,9 @@ empty masks, over all pairs and per edit kind. The rules are built from the engi
 (fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
 the engine, is written out here, and so is the map before smoothing. The oracle rows cut each pair's map where IoU
 with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
-mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges (the node
-with a VAE connected). Besides the latent difference the engine uses, the engine's rule is also scored on the
+mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
+where it holds the clean image the probe predicts, along the edges of the mean of both (the node with a VAE
+connected). Besides the latent difference the engine uses, the engine's rule is also scored on the
 difference of the positive model output (eps) and of the predicted clean latent (x0).
 """
 from __future__ import annotations
@@ -112,8 +113,12 @@ def main(argv=None) -> int:
         rules[f"{k} steps: the engine's rule (Otsu, weak regions dropped, holes filled)"] = (
             lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0)[0])
         if all("source_image" in r for r in records):
-            rules[f"{k} steps: the engine's rule along the original image's edges (a VAE connected)"] = (
+            rules[f"{k} steps: the engine's rule along the original image's edges"] = (
                 lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=r["source_image"][None])[0])
+        if all(k - 1 in r.get("x0_steps", ()) for r in records):
+            rules[f"{k} steps: the engine's rule along the edges of the original and the predicted image (a VAE "
+                  f"connected)"] = lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=M.edge_guide(
+                      r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
     def oracle(r, k):
         """The best of 100 quantile cuts of the map, chosen with the truth: a bound on any threshold rule."""

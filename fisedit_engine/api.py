@@ -116,7 +116,8 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
     `probe_steps` 0 means 20% of the cached steps (the paper's 10 of 50). With a `vae`, the Otsu cut follows the
-    edges of the original image (mask.along_edges), decoded once and kept with the cache. `progress(total)` returns
+    edges of the original image (decoded once and kept with the cache) and of the image the probe predicts
+    (`edge_guide`, mask.along_edges). `progress(total)` returns
     `update(done)`: called once per probe step (the node layer passes the host's progress bar)."""
     import torch
     import torch.nn.functional as F
@@ -160,13 +161,24 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         # On the model's device: along the image's edges, the cut filters every pixel of the image.
         device = torch.device(model.load_device)
         masks.append(threshold_mask(probe.difference.to(device), threshold, edit_size, dilate_px=dilate,
-                                    image=image).cpu())
+                                    image=edge_guide(vae, image, probe)).cpu())
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]
     spec = EditSpec(cache, positive, mask, mode=mask_mode, probe=probe)
     if image is not None:
         return spec, image_mask, image_preview(image, mask)
     return spec, image_mask, latent_preview(model, source, mask)
+
+
+def edge_guide(vae, image, probe):
+    """[B, H, W, 3] or None: the image whose edges the Otsu cut follows: the mean of the original and of the clean
+    image the probe's last step predicts, decoded. The original alone shows no edge where an edit adds an object;
+    the prediction shows the new object, blurred, and the original's edges sharp (benchmarks/mask_variants.py: on
+    the toy world's added objects, grid IoU 0.58 with the original alone, 0.67 with the mean)."""
+    from .mask import edge_guide as mean_guide
+    if image is None or probe.predicted is None:
+        return image
+    return mean_guide(image, vae.decode(probe.predicted))
 
 
 def check_conditioning(conditioning, what: str) -> None:

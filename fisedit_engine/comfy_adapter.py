@@ -282,9 +282,10 @@ def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent
                                       callback=callback, disable_pbar=False, seed=seed)
 
 
-def probe_guider(model, positive, negative, cfg: float, uncond_denoised):
+def probe_guider(model, positive, negative, cfg: float, uncond_denoised, on_denoised=None):
     """A CFG guider that runs the model on the positive conditioning only and takes the negative prediction from
-    `uncond_denoised(x, sigma)`, combining them exactly as ComfyUI's sampling_function does."""
+    `uncond_denoised(x, sigma)`, combining them exactly as ComfyUI's sampling_function does; `on_denoised(x0)` is
+    called with each step's combined prediction of the clean latent."""
     import math
     import comfy.samplers
 
@@ -295,9 +296,12 @@ def probe_guider(model, positive, negative, cfg: float, uncond_denoised):
             cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
             # with cfg 1 ComfyUI skips the negative branch and combines with zeros; so do we
             uncond_pred = cond_pred.new_zeros(cond_pred.shape) if cfg1 else uncond_denoised(x, timestep)
-            return comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
-                                               model_options=model_options, cond=cond,
-                                               uncond=None if cfg1 else self.conds.get("negative"))
+            denoised = comfy.samplers.cfg_function(self.inner_model, cond_pred, uncond_pred, self.cfg, x, timestep,
+                                                   model_options=model_options, cond=cond,
+                                                   uncond=None if cfg1 else self.conds.get("negative"))
+            if on_denoised is not None:
+                on_denoised(denoised)
+            return denoised
 
     guider = ProbeGuider(model)
     guider.set_conds(positive, negative)

@@ -21,8 +21,9 @@ lone cell; smoothing joins the one and fades the other), and where the original 
 to FISEditDifferenceMask), the map is carried up to image pixels along the image's own edges by a guided filter
 (He et al., 2010): a changed object ends where the original image shows its edge, which the latent grid can only
 place to the nearest cell. A cell then belongs to the mask when a share of its pixels does. Smoothing helped every
-edit kind but size changes; following edges helps colour changes and removals most and costs added objects, for
-which the original image shows no edge where the new object will be.
+edit kind but size changes; following the original's edges helps colour changes and removals most and cost added
+objects, for which the original image shows no edge where the new object will be: so the guide is the mean of the
+original and of the clean image that the probe's last step predicts (api.edge_guide), which shows the new object.
 """
 from __future__ import annotations
 
@@ -196,6 +197,12 @@ def along_edges(diff: torch.Tensor, image: torch.Tensor, threshold: float) -> to
     fine = guided_filter(guide, up, EDGE_RADIUS * scale, EDGE_EPS)
     share = F.avg_pool2d((fine > EDGE_MARGIN * threshold)[None, None].double(), scale)[0, 0]
     return share > EDGE_SHARE
+
+
+def edge_guide(original: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """The image whose edges the Otsu cut follows: the mean of the original image and of the clean image the probe
+    predicts (both [..., H, W, 3]; the prediction clipped to [0, 1])."""
+    return (original + predicted.to(original.device, original.dtype).clamp(0, 1)) / 2
 
 
 def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 0.15, dilate_px: int = 1,

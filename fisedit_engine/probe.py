@@ -6,7 +6,9 @@ latent too, later an approximation good enough to locate the change). It stops i
 inside the model call, so its trajectory is exactly the one the full edit run takes, for every sampler (a truncated
 schedule would change SDE noise and multistep coefficients). It keeps the latents it passed through and the
 positive branch's model outputs: the difference of the latents to the cached ones gives the mask, and the sparse
-run replays the outputs for the probe steps instead of recomputing them (edit.py).
+run replays the outputs for the probe steps instead of recomputing them (edit.py). It also keeps the clean latent
+that the last probe step predicts: decoded, it shows an added object where the original image has nothing to follow
+(api.difference_mask).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class ProbeState:
     cond_outputs: torch.Tensor   # [K, B, C, H, W]: the positive branch's model output at each probe step
     latents: torch.Tensor        # [K + 1, B, C, H, W]: the latent entering steps 0..K
     difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
+    predicted: torch.Tensor | None = None  # [B, C, H, W]: the clean latent the edited run predicts at the last step
     seconds: float = 0.0         # wall time of the probe run (the edit's summary line adds it to the sampling's)
 
 
@@ -92,7 +95,13 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
         eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device)
         return model_sampling.calculate_denoised(sigma, eps.float(), x)
 
-    guider = host.probe_guider(patched, positive, source.conds.get("negative", []), s.cfg, uncond_denoised)
+    predicted = []  # each step's prediction of the clean latent; the last one shows the edit most clearly
+
+    def keep_prediction(denoised):
+        predicted[:] = [denoised[:batch].detach()]
+
+    guider = host.probe_guider(patched, positive, source.conds.get("negative", []), s.cfg, uncond_denoised,
+                               on_denoised=keep_prediction)
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     unet_out = model.model.diffusion_model.out
     hook = unet_out.register_forward_hook(recorder.on_output)
@@ -109,5 +118,6 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
-                       difference_map(list(latents[1:]), cached), seconds=time.perf_counter() - t0)
+                       difference_map(list(latents[1:]), cached), predicted=predicted[0].float().cpu() if predicted else None,
+                       seconds=time.perf_counter() - t0)
     return state, recorder.calls

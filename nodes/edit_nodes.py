@@ -64,9 +64,10 @@ DIFFERENCE_MASK = NodeSpec(
             "words act."), default=True),
         In("user_mask", "MASK", "user modes: the region to edit, at the image's size (white = edit).", optional=True),
         In("vae", "VAE", ("Optional, the generation's VAE: the auto mask (threshold otsu) then follows the edges of "
-                          "the original image to the pixel instead of the latent grid's 8-pixel cells, and the preview "
-                          "shows the decoded image. The decoded original is kept with the cache, so FISEditDecode "
-                          "does not decode it again."), optional=True),
+                          "the original image, and of the image the probe predicts (where an edit adds an object), "
+                          "to the pixel instead of the latent grid's 8-pixel cells, and the preview shows the decoded "
+                          "image. The decoded original is kept with the cache, so FISEditDecode does not decode it "
+                          "again."), optional=True),
     ),
     outputs=(
         Out("edit", EDIT_TYPE, "The edit: connect it to FISEditSparseKSampler and FISEditDecode."),

@@ -149,6 +149,24 @@ def test_probe_steps_default_and_bounds(model, source):
         auto(model, handle, 99, mode="auto+user")
 
 
+def test_the_probe_keeps_the_clean_latent_its_last_step_predicts(model, source):
+    """At step 0 the probe's latent and the cached negative prediction are what a stock run of the edited prompt
+    computes, so a one-step probe's prediction is the stock sampler's denoised of step 0 (its preview callback's)."""
+    import comfy.sample
+    handle, _ = source()
+    spec, _, _ = auto(model, handle, 99, probe_steps=1)
+    seen = {}
+    latent = torch.zeros(2, 4, *HW)
+    with torch.inference_mode():
+        comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 3), STEPS, 7.0, "dpmpp_2m", "normal",
+                            tiny_models.conditioning("sd15", 99), tiny_models.conditioning("sd15", 12), latent, seed=3,
+                            disable_pbar=True, callback=lambda step, x0, x, total: seen.setdefault(step, x0.clone()))
+    assert spec.probe.predicted.shape == seen[0].shape
+    torch.testing.assert_close(spec.probe.predicted, seen[0].float(), rtol=1e-4, atol=1e-4)
+    two, _, _ = auto(model, handle, 99, probe_steps=2)
+    assert not torch.allclose(two.probe.predicted, seen[0].float(), rtol=1e-2, atol=1e-2)  # the last step's
+
+
 def test_cfg_1_probe(model, source):
     """With cfg 1 ComfyUI evaluates only the positive branch anyway; the probe mirrors it exactly."""
     handle, original = source(cfg=1.0)

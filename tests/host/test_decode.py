@@ -160,7 +160,7 @@ def test_a_latent_with_nan_or_inf_is_refused_before_any_decoding(checkpoint, sou
     assert handle.get().images.keys() == images_before.keys()
 
 
-def test_with_a_vae_the_auto_mask_follows_the_decoded_original_and_keeps_it_for_the_decode(checkpoint, source):
+def test_with_a_vae_the_auto_mask_follows_the_decoded_images_and_keeps_the_original_for_the_decode(checkpoint, source):
     from fisedit_engine import api
     from fisedit_engine import mask as M
     from fisedit_engine.fingerprint import vae_fingerprint
@@ -173,7 +173,10 @@ def test_with_a_vae_the_auto_mask_follows_the_decoded_original_and_keeps_it_for_
         sized = [api.difference_mask(model, handle, cond(31), "auto", probe_steps=1, threshold="edit_size",
                                      edit_size=0.2, vae=v)[0].mask for v in (vae, None)]
     assert spec.mask.any() and torch.equal(spec.probe.difference, plain.probe.difference)
-    assert torch.equal(spec.mask, M.threshold_mask(spec.probe.difference, "otsu", dilate_px=1, image=original))
+    with torch.inference_mode():  # the cut follows the original's edges and those of the probe's prediction
+        guide = M.edge_guide(original, vae.decode(spec.probe.predicted))
+    assert not torch.equal(guide, original)
+    assert torch.equal(spec.mask, M.threshold_mask(spec.probe.difference, "otsu", dilate_px=1, image=guide))
     assert torch.equal(plain.mask, M.threshold_mask(plain.probe.difference, "otsu", dilate_px=1))
     assert torch.equal(sized[0], sized[1])  # the edit_size cut bounds the area: it does not move to the edges
     assert torch.equal(handle.get().images[vae_fingerprint(vae)], original)  # FISEditDecode will not decode again

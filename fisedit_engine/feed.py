@@ -232,11 +232,12 @@ class EditFeed:
         """Landing buffers into the canvases and whole buffers the sparse ops read (fixed addresses)."""
         if self._uploaded is not None:
             torch.cuda.current_stream(device).wait_event(self._uploaded)
+        copies = []  # (target, value): issued together at the end, a few launches instead of one per tensor
         for key, parts in self._resident.items():
             self._whole_target(key, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype, device)
             at = 0
             for part in parts:
-                self._device[key][at:at + part.shape[0]].copy_(part)
+                copies.append((self._device[key][at:at + part.shape[0]], part))
                 at += part.shape[0]
         if self._resident:
             resident.budget().touch(self.source.resident)
@@ -244,7 +245,7 @@ class EditFeed:
             e, landing = self.entries[key], self._landing[key]
             if e.whole:
                 value = from_storage(landing)
-                self._whole_target(key, value.shape, value.dtype, device).copy_(value)
+                copies.append((self._whole_target(key, value.shape, value.dtype, device), value))
                 if e.context:
                     self._keep_context(key, landing, device)
             else:
@@ -257,7 +258,8 @@ class EditFeed:
                 staged = self._staged.get(key)  # a copy: the next upload may land while this step still runs
                 if staged is None or staged.shape != landing.shape:
                     staged = self._staged[key] = torch.empty_like(landing)
-                staged.copy_(landing)
+                copies.append((staged, landing))
+        _copy_all(copies)
         if torch.device(device).type == "cuda":
             self._activated = torch.cuda.Event()
             self._activated.record(torch.cuda.current_stream(device))
@@ -319,6 +321,19 @@ class EditFeed:
             batch, channels, dtype = self.source.stored_channels(key, chunk)
             buf = self._staging[(key, index)] = self._arena.empty((batch, len(positions), channels), dtype)
         return self.source.read_positions(key, step, chunk, positions, out=buf)
+
+
+def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """target.copy_(value) for every pair, as foreach copies: one call per group of the same dtypes and contiguity
+    (PyTorch's multi-tensor kernel takes a group in a few launches where it can, and copies one by one where not)."""
+    groups: dict = {}
+    for target, value in copies:
+        kind = (target.dtype, value.dtype, target.is_contiguous() and value.is_contiguous())
+        groups.setdefault(kind, ([], []))
+        groups[kind][0].append(target)
+        groups[kind][1].append(value)
+    for targets, values in groups.values():
+        torch._foreach_copy_(targets, values)
 
 
 _streams: dict = {}

@@ -23,8 +23,8 @@ import torch
 from . import comfy_adapter as host
 from . import resident
 from . import other_packs
-from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
-                    settings_differences, take_positions, to_storage)
+from .cache import (CacheError, FisEditCache, PinnedArena, Region, SamplingSettings, StepTensors, pinned,
+                    schedule_step, settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -61,6 +61,20 @@ class Delta:
 
     def region(self, key: str, step: int) -> Region | None:
         return self.regions.get(key) if step < self.whole_from else None
+
+
+@dataclass
+class PackedValues:
+    """What a captured sparse step records, as its graph leaves it: `buffer` (uint8, graph-owned) holds each
+    (key, chunk) of `layout` at its byte offset, in the stored layout; `rest` (key, chunk, graph-owned value) is
+    stored key by key. After `Recording.adopt_packed`, row `step` of `rows` (pinned, [steps, bytes]) is that step's
+    buffer, whose columns the store's tensors view, and `flags` [entries, steps] their written flags."""
+    ALIGN = 16
+    buffer: torch.Tensor | None
+    layout: list                      # (key, chunk, byte offset, stored shape of one step, dtype)
+    rest: list
+    rows: torch.Tensor | None = None
+    flags: torch.Tensor | None = None
 
 
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
@@ -183,8 +197,9 @@ class Recording:
             self.store.whole[(key, chunk, step)] = pinned(value.shape, value.dtype).copy_(value, non_blocking=True)
             value = take_positions(value, self.delta.regions[key].on(value.device))  # keeps the delta whole
         if self.deferred is not None:
-            # a CUDA graph is being captured: keep the graph's own copy, stored after each replay (flush)
-            self.deferred.append((key, chunk, value.clone()))
+            # a CUDA graph is being captured: keep the graph's own copy, stored after each replay (flush); the
+            # positions taken for a region are a fresh tensor already
+            self.deferred.append((key, chunk, value if region is not None else value.clone()))
             return
         self._store(key, chunk, step, value)
 
@@ -222,11 +237,76 @@ class Recording:
         if self.resident is not None:
             self.resident.keep(key, chunk, step, value)
 
-    def flush(self, recorded: list, step: int) -> None:
-        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`)."""
+    def pack_deferred(self) -> "PackedValues":
+        """While a CUDA graph captures: the deferred values (probe keys aside) concatenated into one device buffer,
+        in the stored layout, so that a replay's record moves to host memory in one copy (`adopt_packed`)."""
+        packed, rest = [], []
+        seen = set()
+        for key, chunk, value in self.deferred:
+            if is_probe_key(key) or (key, chunk) in seen:
+                rest.append((key, chunk, value))
+                continue
+            seen.add((key, chunk))
+            packed.append((key, chunk, to_storage(value)))
+        # largest elements first: every offset is then a multiple of its element size, as dtype views need
+        packed.sort(key=lambda e: -e[2].element_size())
+        layout, parts, offset = [], [], 0
+        for key, chunk, value in packed:
+            layout.append((key, chunk, offset, tuple(value.shape), value.dtype))
+            parts.append(value.reshape(-1).view(torch.uint8))
+            offset += parts[-1].numel()
+        padding = -offset % PackedValues.ALIGN
+        if padding:
+            parts.append(parts[-1].new_empty(padding))
+        buffer = torch.cat(parts) if parts else None
+        return PackedValues(buffer, layout, rest)
+
+    def adopt_packed(self, packed: "PackedValues") -> "PackedValues":
+        """After the capture: gives the packed keys their storage as columns of one pinned [steps, bytes] block, so
+        each replay's record is one row (`flush`). The steps recorded so far move over; so does every other key of
+        the store, into a fresh arena, so that the old arena's blocks are freed rather than held by a few tensors."""
+        steps = self.store.steps
+        if packed.buffer is None:
+            packed.rows, packed.flags = None, torch.zeros(0, steps, dtype=torch.bool)
+            return packed
+        rows = pinned((steps, packed.buffer.numel()), torch.uint8)
+        flags = torch.zeros(len(packed.layout), steps, dtype=torch.bool)
+        moved = set()
+        for i, (key, chunk, offset, shape, dtype) in enumerate(packed.layout):
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            column = rows[:, offset:offset + nbytes].view(dtype).view(steps, *shape)
+            old = self.store.tensors.get((key, chunk))
+            if old is None:
+                self.registry.reserve(column[0].numel() * column.element_size() * steps,
+                                      what=f"the FISEdit cache '{self.name}'")
+                self.reserved += column[0].numel() * column.element_size() * steps
+            else:
+                if old.shape != column.shape or old.dtype != dtype:
+                    raise CacheError(f"'{key}' is stored as {tuple(old.shape)} {old.dtype} but a replayed step records "
+                                     f"{(steps, *shape)} {dtype}")
+                written = self.store.written[(key, chunk)]
+                column[written] = old[written]
+                flags[i] = written
+            self.store.tensors[(key, chunk)] = column
+            self.store.written[(key, chunk)] = flags[i]
+            moved.add((key, chunk))
+        arena = PinnedArena()
+        for k, t in list(self.store.tensors.items()):
+            if k not in moved:
+                self.store.tensors[k] = arena.empty(t.shape, t.dtype).copy_(t)
+        self.store.arena = arena
+        packed.rows, packed.flags = rows, flags
+        return packed
+
+    def flush(self, packed: "PackedValues", step: int) -> None:
+        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the packed
+        values in one copy, the probe keys one by one."""
         if not self.active:
             return
-        for key, chunk, value in recorded:
+        if packed.buffer is not None:
+            packed.rows[step].copy_(packed.buffer, non_blocking=True)
+            packed.flags[:, step] = True
+        for key, chunk, value in packed.rest:
             if not is_probe_key(key) or step < self.probe_steps:
                 self._store(key, chunk, step, value)
 

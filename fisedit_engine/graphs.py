@@ -4,8 +4,9 @@ On a GPU like the H100, ComfyUI's eager UNet call costs more in kernel launches 
 step launches more (smaller) kernels than a dense one. Every shape of a sparse step is fixed for the whole edit (the
 plan's tiles, the feed's buffers), so one graph serves every sparse step:
 - the first sparse step runs eagerly (it builds the index maps, the feed's buffers, cuDNN's plans);
-- the second is captured, with the recording deferred: what the step records for the result cache stays in
-  graph-owned buffers, copied to host memory after each replay (`Recording.flush`);
+- the second is captured, with the recording deferred: what the step records for the result cache is packed by
+  the graph into one buffer, copied to host memory after each replay in one copy (`Recording.flush`: the result
+  store's tensors are views into those rows, so the host does no per-key work);
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
@@ -31,7 +32,7 @@ class SparseStepGraph:
         self.static_args: list = []
         self.static_kwargs: dict = {}
         self.output: torch.Tensor | None = None
-        self.recorded: list = []
+        self.recorded = None  # capture.PackedValues
         self.eager_steps = 0
         self.replays = 0
         self.failure: str | None = None
@@ -71,12 +72,14 @@ class SparseStepGraph:
         try:
             with torch.cuda.graph(graph):
                 self.output = call(*self.static_args, **self.static_kwargs)
+                packed = rec.pack_deferred()
+            recorded = rec.adopt_packed(packed)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             self.failure = f"{type(e).__name__}: {e} (at {where})"
         finally:
-            recorded, rec.deferred = rec.deferred, None
+            rec.deferred = None
         if self.failure is not None:
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
@@ -85,7 +88,7 @@ class SparseStepGraph:
         self.graph, self.signature, self.recorded = graph, signature, recorded
 
     def close(self) -> None:
-        self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, []
+        self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, None
 
 
 def _signature(values) -> tuple:

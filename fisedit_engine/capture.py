@@ -100,6 +100,8 @@ class Recording:
         self.state = "recording"          # recording -> complete | failed; complete -> sealed
         self.failure: str | None = None
         self.evaluated: set[tuple[int, int]] = set()
+        self._sigma_buffer: torch.Tensor | None = None  # pinned: the sigmas of model calls on a GPU, read later
+        self._sigmas_pending: list = []                 # (buffer slot, CUDA event, step, chunks) not yet checked
         self.last_step = -1
         self.partial_settings: dict = {}
         self.noise = self.latent_image = self.final_latent = None
@@ -117,13 +119,6 @@ class Recording:
             self.fail("the model was called without ComfyUI's sampling context (cond_or_uncond, sigmas): run the "
                       "captured MODEL through a sampler node (KSampler, KSamplerAdvanced, SamplerCustom)")
             return None
-        sigma = float(sigmas.reshape(-1)[0])
-        schedule = self.sigmas[:-1]
-        step = schedule_step(schedule, sigma)
-        if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
-            self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
-                      f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
-            return None
         if len(set(chunks)) != len(chunks) or any(c not in host.CHUNK_NAMES for c in chunks):
             self.fail("this generation has several positive or negative conditionings in one step (combined or "
                       "area conditioning); FISEdit supports one positive and one negative conditioning: remove "
@@ -135,15 +130,77 @@ class Recording:
                       f"(area conditioning crops the input); FISEdit needs whole-image conditioning: remove "
                       f"ConditioningSetArea / ConditioningSetMask before the sampler")
             return None
+        sigma = sigmas.reshape(-1)[0]
+        if sigma.device.type == "cpu":
+            step = self._schedule_step(float(sigma), chunks)
+            if step is None:
+                return None
+        else:
+            # Reading a GPU value waits for the GPU to finish all queued work, which would keep the host from
+            # preparing this step while the last one runs. A single-evaluation sampler evaluates each chunk once per
+            # step, in order: the step is the next one of these chunks, checked against sigma once its copy lands.
+            self._check_sigmas()
+            if not self.active:
+                return None
+            step = max((s for s, c in self.evaluated if c in chunks), default=-1) + 1
+            if step >= len(self.sigmas) - 1:
+                self.fail(f"the sampler evaluated the model after the schedule's last step; only samplers that "
+                          f"evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
+                return None
+            self._sigma_later(sigma, step, chunks)
+        for c in chunks:
+            self.evaluated.add((step, c))
+        self.last_step = max(self.last_step, step)
+        return StepContext(self, step, chunks, batch)
+
+    def _schedule_step(self, sigma: float, chunks: list[int]) -> int | None:
+        """The schedule step at `sigma`, or None after failing: between the schedule's steps, or a chunk of this
+        step evaluated before."""
+        schedule = self.sigmas[:-1]
+        step = schedule_step(schedule, sigma)
+        if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
+            self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
+                      f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
+            return None
         for c in chunks:
             if (step, c) in self.evaluated:
                 self.fail(f"the model was evaluated twice at step {step} for the {host.CHUNK_NAMES[c]} chunk "
                           f"(a multi-evaluation sampler, or several conditionings of one kind): "
                           f"{SINGLE_EVALUATION}, with one positive and one negative conditioning")
                 return None
-            self.evaluated.add((step, c))
-        self.last_step = max(self.last_step, step)
-        return StepContext(self, step, chunks, batch)
+        return step
+
+    def _sigma_later(self, sigma: torch.Tensor, step: int, chunks: list[int]) -> None:
+        """Copies a model call's sigma to host memory without waiting; `_check_sigmas` reads it once it landed."""
+        if self._sigma_buffer is None:
+            self._sigma_buffer = pinned((2 * len(self.sigmas) + 2,), torch.float64)  # calls of a 2-chunk run
+        slot = self._sigmas_pending[-1][0] + 1 if self._sigmas_pending else 0
+        if slot >= self._sigma_buffer.numel():  # every slot is waiting to be read: read them, start over
+            self._check_sigmas(wait=True)
+            slot = 0
+        self._sigma_buffer[slot:slot + 1].copy_(sigma.reshape(1), non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        self._sigmas_pending.append((slot, landed, step, list(chunks)))
+
+    def _check_sigmas(self, wait: bool = False) -> None:
+        """Checks the sigmas of earlier model calls that have landed in host memory (all of them with `wait`) against
+        the steps they were recorded as; a mismatch fails the recording with the reason a sigma read at once gives."""
+        while self._sigmas_pending and self.active:
+            slot, landed, step, chunks = self._sigmas_pending[0]
+            if not wait and not landed.query():
+                return
+            landed.synchronize()
+            self._sigmas_pending.pop(0)
+            sigma = float(self._sigma_buffer[slot])
+            if math.isclose(float(self.sigmas[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
+                continue
+            earlier = {(s, c) for s, c in self.evaluated if s < step or (s == step and c not in chunks)}
+            was, self.evaluated = self.evaluated, earlier  # the evaluations before this call, as they were then
+            if self._schedule_step(sigma, chunks) is not None:  # on the schedule, but not the next step
+                self.fail(f"the sampler evaluated the model at step {schedule_step(self.sigmas[:-1], sigma)} where "
+                          f"step {step} was next (it skipped or repeated steps): {SINGLE_EVALUATION}")
+            self.evaluated = was
 
     def record(self, key: str, ctx: StepContext, rows: torch.Tensor) -> None:
         """Copies each chunk's rows of `rows` ([chunks*batch, ...]) into host memory at ctx.step."""
@@ -334,6 +391,9 @@ class Recording:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before anyone reads them
+        self._check_sigmas(wait=True)
+        if not self.active:
+            return
         missing = self.store.missing()
         if missing:
             key, chunk, step = missing[0]

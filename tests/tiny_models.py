@@ -106,3 +106,33 @@ def with_lora(model, seed: int = 0, rank: int = 4, strength: float = 1.0):
     assert lora, "no attention projection found for the LoRA"
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
     return patched
+
+
+def faulty_sample(model, arch, fault: str, steps=STEPS):
+    """Samples with a custom sampler that breaks the one-evaluation-per-step rule at step 1: it evaluates the model
+    `between` steps 1 and 2, `twice` at step 1, or `skips` step 1."""
+    import comfy.sample
+    import comfy.samplers
+
+    def sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            if fault == "skips" and i == 1:
+                continue
+            sigma = (sigmas[1] + sigmas[2]) / 2 if fault == "between" and i == 1 else sigmas[i]
+            denoised = model_k(x, sigma * s_in, **(extra_args or {}))
+            if fault == "twice" and i == 1:
+                denoised = model_k(x, sigma * s_in, **(extra_args or {}))
+            x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
+        return x
+
+    latent = torch.zeros(1, 4, 16, 16)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 3), 7.0,
+                                          comfy.samplers.KSAMPLER(sampler), sigmas, conditioning(arch, 11),
+                                          conditioning(arch, 12), latent, seed=3, disable_pbar=True)
+
+
+SAMPLER_FAULTS = {"between": "between the schedule's steps", "twice": "evaluated twice at step 1",
+                  "skips": "skipped"}

@@ -30,3 +30,21 @@ def test_capture_on_gpu_is_bit_identical_and_pinned(host, arch, dtype):
     last = cache.settings.steps - 1
     assert cache.read("out", last, chunk=0).abs().sum() > 0
     assert not torch.equal(cache.read("out", last, chunk=0), cache.read("out", last - 1, chunk=0))
+
+
+@pytest.mark.parametrize("fault", sorted(tiny_models.SAMPLER_FAULTS))
+def test_sigmas_on_the_gpu_are_checked_after_the_fact_with_the_same_verdicts(host, fault):
+    """On a GPU each model call's sigma is copied to host memory without waiting and checked once it landed (at the
+    latest when the run finishes): a sampler off the schedule fails the recording as on the CPU
+    (tests/host/test_capture.py), and an ordinary run passes every check."""
+    from fisedit_engine import api
+    from fisedit_engine.cache import CacheError
+    model = tiny_models.build("sd15", seed=2, dtype=torch.float16)
+    captured, handle = api.capture(model, f"gpu-fault-{fault}")
+    out = tiny_models.faulty_sample(captured, "sd15", fault)
+    assert out.device.type == "cpu" and torch.isfinite(out).all()
+    assert handle.recording._sigma_buffer is not None  # the sigmas were on the GPU: the deferred check ran
+    with pytest.raises(CacheError, match=tiny_models.SAMPLER_FAULTS[fault]):
+        api.store(handle, {"samples": out})
+    captured, handle = api.capture(model, "gpu-no-fault")
+    api.store(handle, {"samples": sample(captured, "sd15", batch=2, cfg=6.0, sampler="dpmpp_2m", size=32)})

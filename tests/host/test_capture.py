@@ -153,6 +153,18 @@ def test_multi_evaluation_sampler_is_refused_before_sampling(engine, models):
     assert handle.recording is None
 
 
+@pytest.mark.parametrize("fault", sorted(tiny_models.SAMPLER_FAULTS))
+def test_a_sampler_off_the_schedule_fails_the_recording_not_the_generation(engine, models, fault):
+    """A sampler not known to evaluate the model several times per step, which does (tests/gpu runs the same with
+    the sigmas on the GPU, where they are checked after the fact)."""
+    api, cache_mod, _, _ = engine
+    captured, handle = api.capture(models["sd15"], f"fault-{fault}")
+    out = tiny_models.faulty_sample(captured, "sd15", fault)
+    assert torch.equal(out, tiny_models.faulty_sample(models["sd15"], "sd15", fault))
+    with pytest.raises(cache_mod.CacheError, match=tiny_models.SAMPLER_FAULTS[fault]):
+        api.store(handle, {"samples": out})
+
+
 def test_combined_conditionings_fail_the_recording_not_the_generation(engine, models):
     import comfy.sample
     api, cache_mod, _, _ = engine

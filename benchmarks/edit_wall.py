@@ -1,0 +1,92 @@
+"""Wall time of sparse sampling against stock sampling, with nothing synchronised inside the runs.
+
+    python benchmarks/edit_wall.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--steps 20] [--repeat 3]
+
+speed.py and step_phases.py time each model call with the GPU synchronised around it, which hides whether the host
+prepares a step while the GPU still runs the previous one. Here only the whole run is timed (synchronised at its
+end): the stock sampler with the edited prompt, and the edit's sparse sampling (a user mask, a centred rectangle of
+`--fraction` of the latent: no probe, every step after the first two replayed as a CUDA graph), median of
+`--repeat` warm runs each.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def run(arch: str, size: int, fraction: float, steps: int, repeat: int) -> None:
+    import torch
+    import comfy.sample
+    import speed
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, run_edit
+
+    model, _ = speed.load_model(arch)
+    lat = size // 8
+    latent = torch.zeros(1, 4, lat, lat)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    negative, edited = speed.conditioning(arch, 2, size), speed.conditioning(arch, 3, size)
+
+    def timed(fn):
+        times = []
+        for _ in range(repeat + 1):  # the first run warms up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return out, statistics.median(times[1:])
+
+    with torch.inference_mode():
+        def stock():
+            return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", edited, negative, latent, seed=0,
+                                       disable_pbar=True)
+        _, stock_s = timed(stock)
+        captured, handle = api.capture(model, f"wall-{arch}")
+        api.store(handle, {"samples": comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal",
+                                                          speed.conditioning(arch, 1, size), negative, latent,
+                                                          seed=0, disable_pbar=True)})
+        spec = EditSpec(handle, edited, speed.region_mask(lat, fraction, "rect"))
+        results = []
+
+        def edit():
+            _, result = run_edit(model, spec)
+            results.append(result)
+        _, edit_s = timed(edit)
+        replays = results[-1].graph_replays
+        for r in results:
+            api.registry().remove(r.name)
+        api.registry().remove(handle.name)
+    print(f"{arch}@{size}, {steps} euler steps, mask {100 * fraction:.0f}% rectangle: stock sampling {stock_s:.3f} s "
+          f"({1000 * stock_s / steps:.1f} ms/step), sparse sampling {edit_s:.3f} s ({replays} steps replayed; "
+          f"x{stock_s / edit_s:.2f})", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3)
+    a = parser.parse_args(argv)
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/edit_wall.py times GPU runs: run it on a machine with CUDA")
+    for spec in a.models.split(","):
+        arch, size = spec.split("@")
+        run(arch, int(size), a.fraction, a.steps, a.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

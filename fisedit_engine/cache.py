@@ -152,6 +152,26 @@ class PinnedArena:
         return view
 
 
+@dataclass
+class StepRows:
+    """Storage planned by StepTensors.plan_rows: `block` [steps, bytes]; `layout` (key, chunk) -> (byte offset,
+    one step's shape, dtype); `written` [entries, steps], the keys' written flags, in layout order."""
+    ALIGN = 16
+    layout: dict
+    block: torch.Tensor
+    written: torch.Tensor
+
+    def column(self, key: str, chunk: int, shape: tuple, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the [steps, ...] view of `key`'s column, its written flags), or None when not planned as `shape`."""
+        planned = self.layout.get((key, chunk))
+        if planned is None or (self.block.shape[0], *planned[1]) != tuple(shape) or planned[2] != dtype:
+            return None
+        offset, sample, dtype = planned
+        nbytes = math.prod(sample) * torch.empty((), dtype=dtype).element_size()
+        view = self.block[:, offset:offset + nbytes].view(dtype).view(self.block.shape[0], *sample)
+        return view, self.written[list(self.layout).index((key, chunk))]
+
+
 @dataclass(frozen=True)
 class Region:
     """Where a delta holds values: sorted flat positions (of H*W for maps, token indices for tokens)."""
@@ -216,14 +236,40 @@ class StepTensors:
     whole: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
     from_base: set[tuple[str, int, int]] = field(default_factory=set)  # (key, chunk, step) that are the base's
     arena: PinnedArena = field(default_factory=PinnedArena, repr=False)
+    rows: "StepRows | None" = None  # planned storage of the keys a step records, one row per step (plan_rows)
 
     def slot(self, key: str, chunk: int, sample_shape, dtype, steps: int | None = None) -> torch.Tensor:
         t = self.tensors.get((key, chunk))
         if t is None:
             steps = self.steps if steps is None else steps
-            t = self.tensors[(key, chunk)] = self.arena.empty((steps, self.batch, *sample_shape), dtype)
-            self.written[(key, chunk)] = torch.zeros(steps, dtype=torch.bool)
+            shape = (steps, self.batch, *sample_shape)
+            planned = self.rows.column(key, chunk, shape, dtype) if self.rows is not None else None
+            if planned is not None:
+                t, self.written[(key, chunk)] = planned
+            else:
+                t = self.arena.empty(shape, dtype)
+                self.written[(key, chunk)] = torch.zeros(steps, dtype=torch.bool)
+            self.tensors[(key, chunk)] = t
         return t
+
+    def plan_rows(self, entries: list[tuple[str, int, tuple, torch.dtype]]) -> None:
+        """Plans the storage of `entries` (key, chunk, one step's stored shape with the batch, dtype) as the
+        columns of one pinned [steps, bytes] block: what a step records of all of them is one row, which a replayed
+        CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
+        entries = sorted(entries, key=lambda e: -torch.empty((), dtype=e[3]).element_size())  # offsets stay aligned
+        layout, offset = {}, 0
+        for key, chunk, shape, dtype in entries:
+            layout[(key, chunk)] = (offset, tuple(shape), dtype)
+            offset += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        offset += -offset % StepRows.ALIGN
+        self.rows = StepRows(layout, pinned((self.steps, offset), torch.uint8),
+                             torch.zeros(len(layout), self.steps, dtype=torch.bool))
+
+    def step_shape(self, key: str, chunk: int) -> tuple:
+        """One step's stored shape of `key` [batch, ...], whole (through a delta's base)."""
+        if key in self.regions:
+            return self.base.step_shape(key, chunk)
+        return tuple(self.tensors[(key, chunk)].shape[1:])
 
     def step(self, key: str, chunk: int, step: int) -> torch.Tensor:
         """One step's whole value [batch, ...] in the model's layout (a delta is applied over a copy of the base's)."""

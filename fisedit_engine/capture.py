@@ -23,8 +23,8 @@ import torch
 from . import comfy_adapter as host
 from . import resident
 from . import other_packs
-from .cache import (CacheError, FisEditCache, PinnedArena, Region, SamplingSettings, StepTensors, pinned,
-                    schedule_step, settings_differences, take_positions, to_storage)
+from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
+                    settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels.reference import group_stats
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
@@ -65,16 +65,26 @@ class Delta:
 
 @dataclass
 class PackedValues:
-    """What a captured sparse step records, as its graph leaves it: `buffer` (uint8, graph-owned) holds each
-    (key, chunk) of `layout` at its byte offset, in the stored layout; `rest` (key, chunk, graph-owned value) is
-    stored key by key. After `Recording.adopt_packed`, row `step` of `rows` (pinned, [steps, bytes]) is that step's
-    buffer, whose columns the store's tensors view, and `flags` [entries, steps] their written flags."""
-    ALIGN = 16
+    """What a captured sparse step records, as its graph leaves it: `buffer` (uint8, graph-owned), a step's row of
+    the store's planned keys (StepTensors.rows), or None; `rest` (key, chunk, graph-owned value), stored key by key."""
     buffer: torch.Tensor | None
-    layout: list                      # (key, chunk, byte offset, stored shape of one step, dtype)
     rest: list
-    rows: torch.Tensor | None = None
-    flags: torch.Tensor | None = None
+
+
+def _planned(delta: Delta) -> list[tuple[str, int, tuple, torch.dtype]]:
+    """What each step of an edit records inside the model, as the source stores it: (key, chunk, one step's stored
+    shape, dtype) of every key but the latent (recorded before the model call) and the probe keys (early steps
+    only); a key of a region at its positions."""
+    out = []
+    for (key, chunk), t in delta.base.tensors.items():
+        if key == LATENT_KEY or is_probe_key(key):
+            continue
+        shape = delta.base.step_shape(key, chunk)
+        region = delta.regions.get(key)
+        if region is not None:
+            shape = (shape[0], len(region.positions), shape[-1])
+        out.append((key, chunk, shape, t.dtype))
+    return out
 
 
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
@@ -91,6 +101,7 @@ class Recording:
         self.delta = delta
         if delta is not None:
             self.store.base = delta.base
+            self.store.plan_rows(_planned(delta))
         self.deferred: list | None = None  # while a CUDA graph captures a step: (key, chunk, graph-owned value)
         self.resident: resident.ResidentContext | None = None  # the attention context kept on the GPU
         self.probe_steps = probe_record_steps(steps)
@@ -260,14 +271,18 @@ class Recording:
             return
         self._store(key, chunk, step, value)
 
-    def _store(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
+    def _slot(self, key: str, chunk: int, sample_shape, dtype) -> torch.Tensor:
+        """The store's [steps, batch, ...] tensor of (key, chunk), its bytes reserved on first use."""
         steps = self.probe_steps if is_probe_key(key) else self.store.steps
         if (key, chunk) not in self.store.tensors:
-            nbytes = StepTensors.bytes_for(steps, self.store.batch, value.shape[1:], value.dtype)
+            nbytes = StepTensors.bytes_for(steps, self.store.batch, sample_shape, dtype)
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
             self.reserved += nbytes
+        return self.store.slot(key, chunk, sample_shape, dtype, steps)
+
+    def _store(self, key: str, chunk: int, step: int, value: torch.Tensor) -> None:
         value = to_storage(value)
-        slot = self.store.slot(key, chunk, value.shape[1:], value.dtype, steps)
+        slot = self._slot(key, chunk, value.shape[1:], value.dtype)
         slot[step].copy_(value.detach(), non_blocking=True)
         self.store.written[(key, chunk)][step] = True
         if self.delta is None and value.is_cuda and resident.is_attention_context(key):
@@ -277,12 +292,7 @@ class Recording:
         """Marks `step` of a delta key as its base's values: nothing is copied (a replayed probe step, which gathered
         about 400 maps on the host per step, 80 ms each at SD2.1@768). The key's storage is still reserved and
         allocated here, for the steps that do compute."""
-        steps = self.probe_steps if is_probe_key(key) else self.store.steps
-        if (key, chunk) not in self.store.tensors:
-            nbytes = StepTensors.bytes_for(steps, self.store.batch, sample_shape, dtype)
-            self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
-            self.reserved += nbytes
-        self.store.slot(key, chunk, sample_shape, dtype, steps)
+        self._slot(key, chunk, sample_shape, dtype)
         self.store.written[(key, chunk)][step] = True
         self.store.from_base.add((key, chunk, step))
 
@@ -295,74 +305,39 @@ class Recording:
             self.resident.keep(key, chunk, step, value)
 
     def pack_deferred(self) -> "PackedValues":
-        """While a CUDA graph captures: the deferred values (probe keys aside) concatenated into one device buffer,
-        in the stored layout, so that a replay's record moves to host memory in one copy (`adopt_packed`)."""
-        packed, rest = [], []
-        seen = set()
+        """While a CUDA graph captures: the deferred values of the planned keys (StepTensors.plan_rows) concatenated
+        into one device buffer laid out as a step's row of the store, so that a replay's record moves to host memory
+        in one copy; the probe keys are stored key by key (and everything, should the step record other than what
+        was planned)."""
+        rows = self.store.rows
+        values, rest = {}, []
         for key, chunk, value in self.deferred:
-            if is_probe_key(key) or (key, chunk) in seen:
+            if rows is None or (key, chunk) not in rows.layout or (key, chunk) in values:
                 rest.append((key, chunk, value))
-                continue
-            seen.add((key, chunk))
-            packed.append((key, chunk, to_storage(value)))
-        # largest elements first: every offset is then a multiple of its element size, as dtype views need
-        packed.sort(key=lambda e: -e[2].element_size())
-        layout, parts, offset = [], [], 0
-        for key, chunk, value in packed:
-            layout.append((key, chunk, offset, tuple(value.shape), value.dtype))
-            parts.append(value.reshape(-1).view(torch.uint8))
-            offset += parts[-1].numel()
-        padding = -offset % PackedValues.ALIGN
+            else:
+                values[(key, chunk)] = to_storage(value)
+        if rows is None or values.keys() != rows.layout.keys() or any(
+                (tuple(v.shape), v.dtype) != rows.layout[k][1:] for k, v in values.items()):
+            if values:
+                log.info("FISEdit: a captured sparse step records other tensors than planned; its record is "
+                         "stored key by key")
+            return PackedValues(None, list(self.deferred))
+        for (key, chunk), v in values.items():  # the eager warm-up step made these already; a capture without one
+            self._slot(key, chunk, v.shape[1:], v.dtype)
+        parts = [values[k].reshape(-1).view(torch.uint8) for k in rows.layout]  # the layout is in offset order
+        padding = rows.block.shape[1] - sum(p.numel() for p in parts)
         if padding:
             parts.append(parts[-1].new_empty(padding))
-        buffer = torch.cat(parts) if parts else None
-        return PackedValues(buffer, layout, rest)
-
-    def adopt_packed(self, packed: "PackedValues") -> "PackedValues":
-        """After the capture: gives the packed keys their storage as columns of one pinned [steps, bytes] block, so
-        each replay's record is one row (`flush`). The steps recorded so far move over; so does every other key of
-        the store, into a fresh arena, so that the old arena's blocks are freed rather than held by a few tensors."""
-        steps = self.store.steps
-        if packed.buffer is None:
-            packed.rows, packed.flags = None, torch.zeros(0, steps, dtype=torch.bool)
-            return packed
-        rows = pinned((steps, packed.buffer.numel()), torch.uint8)
-        flags = torch.zeros(len(packed.layout), steps, dtype=torch.bool)
-        moved = set()
-        for i, (key, chunk, offset, shape, dtype) in enumerate(packed.layout):
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            column = rows[:, offset:offset + nbytes].view(dtype).view(steps, *shape)
-            old = self.store.tensors.get((key, chunk))
-            if old is None:
-                self.registry.reserve(column[0].numel() * column.element_size() * steps,
-                                      what=f"the FISEdit cache '{self.name}'")
-                self.reserved += column[0].numel() * column.element_size() * steps
-            else:
-                if old.shape != column.shape or old.dtype != dtype:
-                    raise CacheError(f"'{key}' is stored as {tuple(old.shape)} {old.dtype} but a replayed step records "
-                                     f"{(steps, *shape)} {dtype}")
-                written = self.store.written[(key, chunk)]
-                column[written] = old[written]
-                flags[i] = written
-            self.store.tensors[(key, chunk)] = column
-            self.store.written[(key, chunk)] = flags[i]
-            moved.add((key, chunk))
-        arena = PinnedArena()
-        for k, t in list(self.store.tensors.items()):
-            if k not in moved:
-                self.store.tensors[k] = arena.empty(t.shape, t.dtype).copy_(t)
-        self.store.arena = arena
-        packed.rows, packed.flags = rows, flags
-        return packed
+        return PackedValues(torch.cat(parts), rest)
 
     def flush(self, packed: "PackedValues", step: int) -> None:
-        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the packed
-        values in one copy, the probe keys one by one."""
+        """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the planned
+        keys as one row in one copy, the rest key by key."""
         if not self.active:
             return
         if packed.buffer is not None:
-            packed.rows[step].copy_(packed.buffer, non_blocking=True)
-            packed.flags[:, step] = True
+            self.store.rows.block[step].copy_(packed.buffer, non_blocking=True)
+            self.store.rows.written[:, step] = True
         for key, chunk, value in packed.rest:
             if not is_probe_key(key) or step < self.probe_steps:
                 self._store(key, chunk, step, value)

@@ -5,8 +5,8 @@ step launches more (smaller) kernels than a dense one. Every shape of a sparse s
 plan's tiles, the feed's buffers), so one graph serves every sparse step:
 - the first sparse step runs eagerly (it builds the index maps, the feed's buffers, cuDNN's plans);
 - the second is captured, with the recording deferred: what the step records for the result cache is packed by
-  the graph into one buffer, copied to host memory after each replay in one copy (`Recording.flush`: the result
-  store's tensors are views into those rows, so the host does no per-key work);
+  the graph into one buffer laid out as a row of the result store's planned storage, copied to host memory after
+  each replay in one copy (`Recording.flush`; StepTensors.plan_rows), so the host does no per-key work;
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
@@ -72,8 +72,7 @@ class SparseStepGraph:
         try:
             with torch.cuda.graph(graph):
                 self.output = call(*self.static_args, **self.static_kwargs)
-                packed = rec.pack_deferred()
-            recorded = rec.adopt_packed(packed)
+                recorded = rec.pack_deferred()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))

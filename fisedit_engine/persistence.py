@@ -84,7 +84,8 @@ def save(cache: FisEditCache, path: str | os.PathLike) -> Path:
     }
     entries = []
     for i, (key, chunk) in enumerate(sorted(cache.store.tensors)):
-        tensors[f"store/{i}"] = cache.store.whole_tensor(key, chunk)  # an edit's delta is saved whole
+        # an edit's delta is saved whole; its planned keys are columns of one block (StepTensors.plan_rows)
+        tensors[f"store/{i}"] = cache.store.whole_tensor(key, chunk).contiguous()
         entries.append({"key": key, "chunk": chunk})
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "name": cache.name,

@@ -60,12 +60,13 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int) -> None:
             results.append(result)
         _, edit_s = timed(edit)
         replays = results[-1].graph_replays
+        kept = results[-1].get().store.nbytes  # what the edit's result keeps in (pinned) host memory
         for r in results:
             api.registry().remove(r.name)
         api.registry().remove(handle.name)
     print(f"{arch}@{size}, {steps} euler steps, mask {100 * fraction:.0f}% rectangle: stock sampling {stock_s:.3f} s "
           f"({1000 * stock_s / steps:.1f} ms/step), sparse sampling {edit_s:.3f} s ({replays} steps replayed; "
-          f"x{stock_s / edit_s:.2f})", flush=True)
+          f"x{stock_s / edit_s:.2f}); the result keeps {kept / 2**20:.0f} MiB", flush=True)
     del model
     torch.cuda.empty_cache()
 

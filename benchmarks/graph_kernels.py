@@ -61,8 +61,8 @@ def anatomy(kernels: list[dict], top: int) -> str:
     durs = [k["dur"] for k in kernels]
     span = max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)
     busy = sum(durs)
-    lines = [f"  {len(kernels)} kernels, kernel time {busy / 1000:.2f} ms, span {span / 1000:.2f} ms "
-             f"(GPU idle between kernels {100 * (1 - busy / span):.0f}%), median kernel {statistics.median(durs):.1f} us"]
+    lines = [f"  {len(kernels)} kernels, kernel time {busy / 1000:.2f} ms, span {span / 1000:.2f} ms (GPU idle "
+             f"between kernels {100 * (1 - busy / span):.0f}%), median kernel {statistics.median(durs):.1f} us"]
     edges = (2, 5, 10, 20, 50, 100, 1000, float("inf"))
     counts, low = [], 0
     for edge in edges:

@@ -6,8 +6,8 @@ Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the
 FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
 per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
 original image; the clean image each run predicts at the probe's steps 4 and `--probe-steps` (decoded, the edited
-run's with the cached negative branch as in the probe); the generator's true region on the latent grid. benchmarks/mask_variants.py scores mask rules on
-the saved file.
+run's with the cached negative branch as in the probe); the generator's true region on the latent grid.
+benchmarks/mask_variants.py scores mask rules on the saved file.
 """
 from __future__ import annotations
 

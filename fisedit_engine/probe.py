@@ -118,6 +118,6 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
-                       difference_map(list(latents[1:]), cached), predicted=predicted[0].float().cpu() if predicted else None,
-                       seconds=time.perf_counter() - t0)
+                       difference_map(list(latents[1:]), cached),
+                       predicted=predicted[0].float().cpu() if predicted else None, seconds=time.perf_counter() - t0)
     return state, recorder.calls

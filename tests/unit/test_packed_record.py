@@ -20,7 +20,8 @@ def values(step: int, extra: bool = False) -> list[tuple[str, torch.Tensor]]:
     a different function of the step. `extra`: also a key the plan does not have, and not the whole map."""
     g = torch.Generator().manual_seed(step)
     rows = BATCH * len(CHUNKS)
-    out = [(MAP, torch.randn(rows, 6, 4, 4, generator=g).half()), (TOKENS, torch.randn(rows, 16, 3, generator=g).half()),
+    out = [(MAP, torch.randn(rows, 6, 4, 4, generator=g).half()),
+           (TOKENS, torch.randn(rows, 16, 3, generator=g).half()),
            (STATS, torch.randn(rows, 2, 2, generator=g)), (OUT, torch.randn(rows, 4, 4, 4, generator=g).half()),
            (PROBE, torch.randn(rows, 16, 3, generator=g).half())]
     if extra:

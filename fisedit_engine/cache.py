@@ -155,7 +155,7 @@ class PinnedArena:
 @dataclass
 class StepRows:
     """Storage planned by StepTensors.plan_rows: `block` [steps, bytes]; `layout` (key, chunk) -> (byte offset,
-    one step's shape, dtype); `written` [entries, steps], the keys' written flags, in layout order."""
+    one step's shape, dtype, row of `written`); `written` [entries, steps], the keys' written flags."""
     ALIGN = 16
     layout: dict
     block: torch.Tensor
@@ -166,10 +166,10 @@ class StepRows:
         planned = self.layout.get((key, chunk))
         if planned is None or (self.block.shape[0], *planned[1]) != tuple(shape) or planned[2] != dtype:
             return None
-        offset, sample, dtype = planned
-        nbytes = math.prod(sample) * torch.empty((), dtype=dtype).element_size()
+        offset, sample, dtype, row = planned
+        nbytes = math.prod(sample) * dtype.itemsize
         view = self.block[:, offset:offset + nbytes].view(dtype).view(self.block.shape[0], *sample)
-        return view, self.written[list(self.layout).index((key, chunk))]
+        return view, self.written[row]
 
 
 @dataclass(frozen=True)
@@ -256,11 +256,11 @@ class StepTensors:
         """Plans the storage of `entries` (key, chunk, one step's stored shape with the batch, dtype) as the
         columns of one pinned [steps, bytes] block: what a step records of all of them is one row, which a replayed
         CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
-        entries = sorted(entries, key=lambda e: -torch.empty((), dtype=e[3]).element_size())  # offsets stay aligned
+        entries = sorted(entries, key=lambda e: -e[3].itemsize)  # largest elements first: offsets stay aligned
         layout, offset = {}, 0
-        for key, chunk, shape, dtype in entries:
-            layout[(key, chunk)] = (offset, tuple(shape), dtype)
-            offset += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for row, (key, chunk, shape, dtype) in enumerate(entries):
+            layout[(key, chunk)] = (offset, tuple(shape), dtype, row)
+            offset += math.prod(shape) * dtype.itemsize
         offset += -offset % StepRows.ALIGN
         self.rows = StepRows(layout, pinned((self.steps, offset), torch.uint8),
                              torch.zeros(len(layout), self.steps, dtype=torch.bool))

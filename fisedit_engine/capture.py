@@ -164,9 +164,10 @@ class Recording:
         self.last_step = max(self.last_step, step)
         return StepContext(self, step, chunks, batch)
 
-    def _schedule_step(self, sigma: float, chunks: list[int]) -> int | None:
+    def _schedule_step(self, sigma: float, chunks: list[int], evaluated: set | None = None) -> int | None:
         """The schedule step at `sigma`, or None after failing: between the schedule's steps, or a chunk of this
-        step evaluated before."""
+        step evaluated before (in `evaluated`, by default the evaluations so far)."""
+        evaluated = self.evaluated if evaluated is None else evaluated
         schedule = self.sigmas[:-1]
         step = schedule_step(schedule, sigma)
         if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
@@ -174,7 +175,7 @@ class Recording:
                       f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
             return None
         for c in chunks:
-            if (step, c) in self.evaluated:
+            if (step, c) in evaluated:
                 self.fail(f"the model was evaluated twice at step {step} for the {host.CHUNK_NAMES[c]} chunk "
                           f"(a multi-evaluation sampler, or several conditionings of one kind): "
                           f"{SINGLE_EVALUATION}, with one positive and one negative conditioning")
@@ -207,11 +208,9 @@ class Recording:
             if math.isclose(float(self.sigmas[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
                 continue
             earlier = {(s, c) for s, c in self.evaluated if s < step or (s == step and c not in chunks)}
-            was, self.evaluated = self.evaluated, earlier  # the evaluations before this call, as they were then
-            if self._schedule_step(sigma, chunks) is not None:  # on the schedule, but not the next step
+            if self._schedule_step(sigma, chunks, earlier) is not None:  # on the schedule, but not the next step
                 self.fail(f"the sampler evaluated the model at step {schedule_step(self.sigmas[:-1], sigma)} where "
                           f"step {step} was next (it skipped or repeated steps): {SINGLE_EVALUATION}")
-            self.evaluated = was
 
     def record(self, key: str, ctx: StepContext, rows: torch.Tensor) -> None:
         """Copies each chunk's rows of `rows` ([chunks*batch, ...]) into host memory at ctx.step."""
@@ -317,7 +316,7 @@ class Recording:
             else:
                 values[(key, chunk)] = to_storage(value)
         if rows is None or values.keys() != rows.layout.keys() or any(
-                (tuple(v.shape), v.dtype) != rows.layout[k][1:] for k, v in values.items()):
+                (tuple(v.shape), v.dtype) != rows.layout[k][1:3] for k, v in values.items()):
             if values:
                 log.info("FISEdit: a captured sparse step records other tensors than planned; its record is "
                          "stored key by key")

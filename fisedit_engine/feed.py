@@ -12,22 +12,27 @@ model output. The attention context mostly does not move at all: where the sourc
 (resident.py) it is copied from there, and what is uploaded is kept there for the next edit. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
 minus the cached values on the active region, plus the fresh ones (`kernels.fused.exact_group_stats`).
 
-A step's data moves in three stages: `stage` collects it on the host (a whole key needs no gather: its cache slice is
-pinned already), `upload` brings it into device landing buffers on a side stream, and
+A step's data moves in two stages: `upload` brings it into device landing buffers (on a side stream on a GPU), and
 `activate` (on the compute stream, after the upload's event) writes it into the canvases and whole buffers that the
 sparse ops read. Those keep their addresses for the whole edit, which is what lets a sparse step be replayed as a
-CUDA graph (graphs.py). `prepare` runs the three stages for one step; on a GPU, `prefetch` runs the first two for
-the next step in a worker thread while the device computes the current one.
+CUDA graph (graphs.py). `prepare` runs both for one step; on a GPU, `prefetch` uploads the next step while the device
+computes the current one.
 
-On a GPU with the Triton kernels, a map read at its read region is gathered by the GPU itself, straight from the
-pinned cache (`kernels.fused.gather_rows`, zero-copy): only the region's rows cross the bus, and the host does no
-per-step gather (on the H200 at SD2.1@768 the host gathers took 34 ms a step, longer than the step). A source that
-is itself an edit's result stores its region apart from its base (a delta), so its rows are assembled on the host
-and uploaded as before; so are a cache outside pinned memory and the reference ops' runs (`FeedStats.host_gathers`
-counts these maps).
+Every step moves the same shapes, so the moves are planned once per edit (`kernels.row_copies`): per step, the
+upload is one launch per element size of a kernel that reads the step's rows from the pinned cache in place (the
+GPU addresses pinned host memory; only the read region's rows cross the bus) or from the resident context, and the
+activation is another. Moved key by key, the host spent longer launching copies and gathers than the H200 spent on
+the sparse step (SD2.1@768, 5%: 19 ms of host time against a 10 ms step).
+
+A source that is itself an edit's result stores its region apart from its base (a delta), so its rows are assembled
+on the host: such an edit moves key by key, staging each step in pinned memory in a worker thread first (`stage`),
+and says so in the log. So does a cache outside pinned memory. Key by key, the GPU still gathers the maps it can
+read in place (`kernels.fused.gather_rows`); `FeedStats.host_gathers` counts the others.
 """
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from contextlib import nullcontext
@@ -38,8 +43,11 @@ import torch
 from . import resident
 from .cache import FisEditCache, PinnedArena, from_storage
 from .kernels import fused as K
+from .kernels.row_copies import RowCopies
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
+
+log = logging.getLogger("FISEdit")
 
 
 @dataclass
@@ -49,6 +57,7 @@ class FeedStats:
     bytes_resident: int = 0      # attention context read from the GPU-resident copy instead (summed over steps)
     stage_seconds: float = 0.0   # host time gathering into pinned memory
     host_gathers: int = 0        # maps of the read regions gathered on the host (the rest: by the GPU, in place)
+    planned_steps: int = 0       # steps moved by the planned copies (the others key by key)
 
     @property
     def bytes_per_step(self) -> float:
@@ -86,6 +95,20 @@ def _nbytes(part) -> int:
 
 
 @dataclass
+class _PlannedSteps:
+    """Every step's moves for one chunk layout, planned when the layout is first read (kernels.row_copies): the
+    upload of the step's cached values into the landing buffers, and their activation into the buffers the sparse
+    ops read, one launch per element size each instead of one or more per key."""
+    upload: RowCopies                 # per step: cache (pinned host memory, or the resident context) -> landing
+    activate: RowCopies               # landing -> canvases, staged copies, whole buffers (the same every step)
+    device: dict                      # key -> what the sparse ops read (canvas or whole buffer)
+    staged: dict                      # key -> [rows, P, C] the cached values at the read positions
+    keep: list                        # per step: (key, chunk, landing rows) of attention context read from host
+    host_bytes: list                  # per step: bytes read from host memory
+    resident_bytes: list              # per step: bytes read from the resident context on the GPU
+
+
+@dataclass
 class EditFeed:
     plan: EditPlan
     source: FisEditCache
@@ -104,6 +127,8 @@ class EditFeed:
     _prefetch: dict | None = None                   # a worker thread staging and uploading the next step
     _arena: PinnedArena = field(default_factory=PinnedArena)
     _pinned: dict = field(default_factory=dict)     # storage address -> whether it is pinned (asked once)
+    _planned: dict = field(default_factory=dict)    # chunks -> _PlannedSteps, or None: that layout moves key by key
+    _uploaded_step: tuple | None = None             # (step, chunks) a planned upload last brought in
 
     @classmethod
     def build(cls, plan: EditPlan, source: FisEditCache, layout: UNetLayout) -> "EditFeed":
@@ -140,6 +165,13 @@ class EditFeed:
         wanted = (step, tuple(chunks))
         if self._step == wanted:
             return
+        planned = self._plan(chunks, device)
+        if planned is not None:
+            if self._uploaded_step != wanted:
+                self._upload_planned(planned, step, chunks, device)
+            self._activate_planned(planned, step, device)
+            self._step = wanted
+            return
         if self._collect_prefetch() != wanted:
             self.stage(step, chunks, device)
             self.upload(device)
@@ -147,9 +179,13 @@ class EditFeed:
         self._step = wanted
 
     def prefetch(self, step: int, chunks: list[int], device) -> None:
-        """Stages and uploads `step` in a worker thread while the device runs the current step (GPU only); the next
-        prepare() of that step only activates it."""
+        """Uploads `step` while the device runs the current step (GPU only): planned moves on the copy stream,
+        otherwise staged and uploaded by a worker thread; the next prepare() of that step only activates it."""
         if torch.device(device).type != "cuda":
+            return
+        planned = self._plan(chunks, device)
+        if planned is not None:  # a launch or two: no worker needed
+            self._upload_planned(planned, step, chunks, device)
             return
         self._collect_prefetch()
         job = {"step": (step, tuple(chunks)), "error": None}
@@ -283,6 +319,112 @@ class EditFeed:
                 return
             at += part.shape[0]
 
+    # --- planned moves: every step's copies as tables, one launch per element size ---------------------------
+    def _plan(self, chunks: list[int], device) -> _PlannedSteps | None:
+        """The planned moves of this chunk layout, or None where some value must be assembled on the host (an edit's
+        result as the source stores its region apart from its base) or cannot be read by `device` in place."""
+        chunks = tuple(chunks)
+        if chunks not in self._planned:
+            reason = self._unplannable(chunks, device)
+            if reason is not None:
+                log.info("FISEdit: this edit moves its cached values key by key (%s)", reason)
+            self._planned[chunks] = None if reason is not None else self._build_plan(chunks, device)
+        return self._planned[chunks]
+
+    def _unplannable(self, chunks: tuple, device) -> str | None:
+        store, steps = self.source.store, self.source.settings.steps
+        cuda = torch.device(device).type == "cuda"
+        for key in self.entries:
+            if key in store.regions:
+                return f"the source is an edit's result, whose '{key}' holds its region apart from its base"
+            for c in chunks:
+                t = store.tensors.get((key, c))
+                if t is None or t.shape[0] != steps:
+                    self.source.read_check(key, steps - 1, c)  # raises, naming the re-capture
+                if t.device.type != "cpu" or (cuda and not t.is_pinned()):
+                    return f"the cached '{key}' is not in pinned host memory"
+        return None
+
+    def _build_plan(self, chunks: tuple, device) -> _PlannedSteps:
+        steps, batch_rows = self.source.settings.steps, len(chunks)
+        upload, activate = RowCopies(device, steps), RowCopies(device, 1)
+        out = _PlannedSteps(upload, activate, {}, {}, [[] for _ in range(steps)], [0] * steps, [0] * steps)
+        kept = self.source.resident
+        for key, e in self.entries.items():
+            stored = [self.source.store.tensors[(key, c)] for c in chunks]  # [steps, batch, ...] each
+            batch, sample = stored[0].shape[1], stored[0].shape[2:]
+            rows = batch * batch_rows
+            positions = None if e.whole else self.plan.levels[e.level].read_positions(device)
+            landing = torch.empty((rows, *(sample if positions is None else (len(positions), sample[-1]))),
+                                  device=device, dtype=stored[0].dtype)
+            for i, (c, t) in enumerate(zip(chunks, stored)):
+                part = landing[i * batch:(i + 1) * batch]
+                sources = []
+                n = batch * (math.prod(sample) if positions is None else len(positions) * sample[-1])
+                for step in range(steps):
+                    host = t[step]
+                    near = kept.get(key, c, step) if e.context and kept is not None else None
+                    same = near is not None and (near.shape, near.stride()) == (host.shape, host.stride())
+                    source = near if same else host
+                    sources.append(source)
+                    if source is host:
+                        out.host_bytes[step] += n * host.element_size()
+                        if e.context:
+                            out.keep[step].append((key, c, part))
+                    else:
+                        out.resident_bytes[step] += n * host.element_size()
+                if positions is None:
+                    upload.add_whole(sources, part)
+                else:
+                    upload.add([s.flatten(1, 2) for s in sources], part, src_index=positions)
+            if positions is None:
+                value = from_storage(landing)
+                target = out.device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)
+                if landing.dim() == 4:  # a map: channels-last landing into the [rows, C, H, W] buffer
+                    activate.add([landing.flatten(1, 2)], target.flatten(2).transpose(1, 2))
+                else:
+                    activate.add_whole([landing], target)
+            else:
+                lp = self.plan.levels[e.level]
+                canvas = out.device[key] = torch.full((rows, sample[-1], lp.height, lp.width), float("nan"),
+                                                      device=device, dtype=landing.dtype)
+                activate.add([landing], canvas.flatten(2).transpose(1, 2), out_index=positions)
+                out.staged[key] = torch.empty_like(landing)  # a copy: the next upload lands while this step runs
+                activate.add_whole([landing], out.staged[key])
+        return out
+
+    def _upload_planned(self, planned: _PlannedSteps, step: int, chunks, device) -> None:
+        cuda = torch.device(device).type == "cuda"
+        copy_stream = _copy_stream(device) if cuda else None
+        if cuda and self._activated is not None:
+            copy_stream.wait_event(self._activated)  # the last reads of the landing buffers (activate's copies)
+        with torch.cuda.stream(copy_stream) if cuda else nullcontext():
+            K.copy_rows(planned.upload, step)
+            if cuda:
+                self._uploaded = torch.cuda.Event()
+                self._uploaded.record(copy_stream)
+        self._uploaded_step = (step, tuple(chunks))
+        self.stats.steps += 1
+        self.stats.planned_steps += 1
+        self.stats.bytes_uploaded += planned.host_bytes[step]
+        self.stats.bytes_resident += planned.resident_bytes[step]
+
+    def _activate_planned(self, planned: _PlannedSteps, step: int, device) -> None:
+        if self._uploaded is not None:
+            torch.cuda.current_stream(device).wait_event(self._uploaded)
+        K.copy_rows(planned.activate, 0)
+        self._device, self._staged = planned.device, planned.staged
+        for key, chunk, rows in planned.keep[step]:  # before the event: the next upload overwrites the landing
+            if self.source.resident is None:
+                self.source.resident = resident.budget().context(device)
+            if self.source.resident is None or not self.source.resident.keep(key, chunk, step, rows):
+                break
+        if planned.resident_bytes[step]:
+            resident.budget().touch(self.source.resident)
+        if torch.device(device).type == "cuda":
+            self._activated = torch.cuda.Event()
+            self._activated.record(torch.cuda.current_stream(device))
+
     # --- what the sparse ops read -------------------------------------------------------------------------------
     def map(self, key: str) -> torch.Tensor:
         """The step's cached map (valid at the level's read region) or whole tensor; sparse ops write into it."""
@@ -299,8 +441,10 @@ class EditFeed:
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""
         self._collect_prefetch()
-        for d in (self._host, self._resident, self._landing, self._device, self._staged, self._staging):
+        for d in (self._host, self._resident, self._landing, self._device, self._staged, self._staging,
+                  self._planned):
             d.clear()
+        self._uploaded_step = None
         self._uploaded, self._activated, self._arena = None, None, PinnedArena()
 
     def _device_gatherable(self, key: str, step: int, chunk: int, device) -> torch.Tensor | None:

@@ -192,6 +192,16 @@ def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -
                 lambda: R.gather_rows(src, positions, out))
 
 
+def copy_rows(copies, step: int) -> None:
+    """Runs a `row_copies.RowCopies` for `step`: with the kernel, one launch per element size (tables built on its
+    first run); the reference copies one by one."""
+    def kernel():
+        if copies.launches is None:
+            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps)
+        copies.launches(step)
+    _run("copy_rows", copies.device, kernel, lambda: R.copy_rows(copies.copies, step))
+
+
 def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
                       positions: int) -> torch.Tensor:
     """[N, G, 2] fp32: the GroupNorm statistics of a map of `positions` positions whose cached statistics are

@@ -147,3 +147,16 @@ def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -
     """out[b, i, :] = src[b, positions[i], :]; src [B, L, C] may be on another device than out (host memory for a
     device out: gathered on the host, then copied)."""
     return out.copy_(src.index_select(1, positions.to(src.device)))
+
+
+def copy_rows(copies, step: int) -> None:
+    """For each copy (kernels.row_copies.RowCopy): out[b, out_index[i], :] = source[b, src_index[i], :] for i < rows,
+    with the step's source and 0..rows-1 for an index that is None."""
+    for c in copies:
+        src = c.sources[step if len(c.sources) > 1 else 0]
+        rows = src[:, :c.rows] if c.src_index is None else src.index_select(1, c.src_index.to(src.device))
+        rows = rows.to(c.out.device)
+        if c.out_index is None:
+            c.out[:, :c.rows].copy_(rows)
+        else:
+            c.out.index_copy_(1, c.out_index, rows)

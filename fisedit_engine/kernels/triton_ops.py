@@ -7,6 +7,8 @@
   channel) bias and/or residual (from tiles, or read from a map at the scattered positions).
 - `gather_rows`: `reference.gather_rows`, rows of a [B, L, C] map at a list of positions; the map may lie in pinned
   host memory, which the GPU then reads in place (zero-copy), so only the gathered rows cross the bus.
+- `RowCopyLaunches`: `reference.copy_rows` for many copies at once (an edit's per-step upload and activation), rows
+  gathered from and/or scattered to positions, bitwise, one launch per element size.
 - `exact_group_stats`: `reference.exact_group_stats`, a GroupNorm's statistics over a map of cached values with fresh
   ones at the active positions, from the cached statistics (one program per batch row and group).
 
@@ -211,6 +213,36 @@ def _gather_rows_kernel(
     tl.store(out_ptr + b * so_b + p.to(tl.int64)[:, None] * so_p + c64[None, :] * so_c, values, mask=ok)
 
 
+@triton.jit(do_not_specialize=["step", "n_jobs"])  # one compiled variant for every step
+def _copy_rows_kernel(
+    jobs_ptr,                   # [jobs, JOB_FIELDS] int64: each copy's geometry (RowCopyLaunch.FIELDS)
+    sources_ptr,                # [steps, jobs] int64: each copy's source address per step
+    job_of_ptr,                 # [programs] int32: the copy each program works on
+    step, n_jobs,
+    UNIT: tl.constexpr,         # the integer type of the elements' size: the copy is bitwise
+    OUT_C1: tl.constexpr,       # every output's channel stride is 1 (vectorised stores)
+    JOB_FIELDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    job = tl.load(job_of_ptr + pid).to(tl.int64)
+    f = jobs_ptr + job * JOB_FIELDS
+    local = pid - tl.load(f)
+    rows, channels, blocks_p, blocks_c = tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
+    b = local // (blocks_p * blocks_c)
+    local -= b * blocks_p * blocks_c
+    p = (local // blocks_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = ((local % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    p_ok = p < rows
+    ok = p_ok[:, None] & (c < channels)[None, :]
+    src_rows = tl.load(tl.load(f + 5).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
+    out_rows = tl.load(tl.load(f + 6).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
+    src = tl.load(sources_ptr + step * n_jobs + job).to(tl.pointer_type(UNIT))
+    src += b * tl.load(f + 7) + src_rows[:, None] * tl.load(f + 8) + c[None, :]  # channels contiguous
+    out = tl.load(f + 9).to(tl.pointer_type(UNIT)) + b * tl.load(f + 10) + out_rows[:, None] * tl.load(f + 11)
+    out += c[None, :] if OUT_C1 else c[None, :] * tl.load(f + 12)
+    tl.store(out, tl.load(src, mask=ok), mask=ok)
+
+
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
 # runs each program as numpy calls, so there fewer, larger programs are much faster; the results are the same.
 # "stats": elements per loop iteration of a program (one group's channels by as many positions as fit).
@@ -398,6 +430,64 @@ def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, b
         _gather_rows_kernel[grid](src, positions, out, p, c, *src.stride(), *out.stride(),
                                   BLOCK_P=block_p, BLOCK_C=block_c)
     return out
+
+
+_UNITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
+class RowCopyLaunches:
+    """`kernels.row_copies.RowCopies` as launches of _copy_rows_kernel: its copies grouped by element size and by
+    whether the output's channels are contiguous, one launch per group; each group's tables (per copy its geometry and
+    output address, per step and copy the source address, per program its copy) are built here once and kept on the
+    device with the tensors they address.
+
+    Args:
+        copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors, channels contiguous, on the
+            device or in pinned host memory), `out` ([B, L', C] on the device), `src_index` and `out_index` ([P]
+            int64 on the device, or None: 0..P-1) and `rows` (P); checked by RowCopies.add.
+        steps: how many steps a source list must cover.
+    """
+    FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,
+    # source strides (batch, row), output address and strides (batch, row, channel); padded
+
+    def __init__(self, copies, device: torch.device, steps: int, blocks=None):
+        block_c, self.block_p = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["rows"]
+        self.device = device
+        longest = max([c.rows for c in copies if c.src_index is None or c.out_index is None], default=0)
+        self.identity = torch.arange(longest, dtype=torch.int64, device=device)
+        self.launches = []
+        groups: dict = {}
+        for c in copies:
+            if c.rows and c.out.shape[0] and c.out.shape[2]:
+                groups.setdefault((c.out.element_size(), c.out.stride(2) == 1), []).append(c)
+        for (size, out_c1), group in groups.items():
+            bc = min(block_c, triton.next_power_of_2(max(c.out.shape[2] for c in group)))
+            jobs, sources, programs = [], [], []
+            first = 0
+            for c in group:
+                batch, channels, src = c.out.shape[0], c.out.shape[2], c.sources[0]
+                blocks_p, blocks_c = triton.cdiv(c.rows, self.block_p), triton.cdiv(channels, bc)
+                index = [self.identity.data_ptr() if i is None else i.data_ptr() for i in (c.src_index, c.out_index)]
+                jobs.append([first, c.rows, channels, blocks_p, blocks_c, *index, src.stride(0), src.stride(1),
+                             c.out.data_ptr(), *c.out.stride()] + [0] * 3)
+                per_step = c.sources if len(c.sources) == steps else c.sources * steps
+                sources.append([t.data_ptr() for t in per_step])
+                programs.append(batch * blocks_p * blocks_c)
+                first += programs[-1]
+            job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
+            self.launches.append(dict(
+                tables=(torch.tensor(jobs, dtype=torch.int64).to(device),
+                        torch.tensor(sources, dtype=torch.int64).t().contiguous().to(device),
+                        job_of.to(device)),
+                n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], OUT_C1=out_c1, BLOCK_C=bc))
+        self.copies = copies  # the tables address their tensors: kept alive with them
+
+    def __call__(self, step: int) -> None:
+        with _on(self.device):
+            for la in self.launches:
+                _copy_rows_kernel[(la["programs"],)](*la["tables"], step, la["n_jobs"], UNIT=la["UNIT"],
+                                                     OUT_C1=la["OUT_C1"], JOB_FIELDS=self.FIELDS,
+                                                     BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
 
 
 def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,

@@ -34,9 +34,10 @@ def test_graph_replay_equals_the_eager_sparse_steps(host):
 
 
 def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
-    """The feed gathers each step's read regions on the GPU, from the pinned cache in place; forced to gather them on
-    the host instead, the edit and its result cache are the same bit for bit. A chained edit's source is a delta,
-    whose rows the host assembles: that edit gathers on the host and still keeps I4."""
+    """The feed moves each step with its planned copies (one launch per element size, the GPU reading the pinned
+    cache in place); moved key by key (a gather launch per map), or gathered on the host, the edit and its result
+    cache are the same bit for bit. A chained edit's source is a delta, whose rows the host assembles: that edit
+    gathers on the host and still keeps I4."""
     from fisedit_engine import api
     from fisedit_engine.edit import EditSpec, run_edit
     from fisedit_engine.feed import EditFeed
@@ -52,20 +53,29 @@ def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
         with torch.inference_mode():
             return run_edit(model, EditSpec(source, tiny_models.conditioning(arch, seed, 2), mask))
 
-    device_latent, device_result = edit(handle, 99)
-    assert device_result.feed_stats.host_gathers == 0 and device_result.feed_stats.bytes_uploaded > 0
+    planned_latent, planned_result = edit(handle, 99)
+    stats = planned_result.feed_stats
+    assert stats.planned_steps == stats.steps > 0 and stats.host_gathers == 0 and stats.bytes_uploaded > 0
+    runs = []
     with monkeypatch.context() as m:
+        m.setattr(EditFeed, "_unplannable", lambda self, chunks, device: "forced by the test")
+        runs.append(edit(handle, 99))
         m.setattr(EditFeed, "_device_gatherable", lambda self, *args: None)
-        host_latent, host_result = edit(handle, 99)
-    assert host_result.feed_stats.host_gathers > 0
-    assert host_result.feed_stats.bytes_uploaded == device_result.feed_stats.bytes_uploaded
-    assert torch.equal(device_latent, host_latent) and not torch.equal(device_latent, original)
-    a, b = device_result.get(), host_result.get()
-    for key in a.keys():
-        for chunk in a.settings.chunks:
-            for step in range(a.cached_steps(key, chunk)):
-                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
-    chained, chained_result = edit(device_result, 7)
+        runs.append(edit(handle, 99))
+    (device_latent, device_result), (host_latent, host_result) = runs
+    assert device_result.feed_stats.host_gathers == 0 < host_result.feed_stats.host_gathers
+    assert device_result.feed_stats.planned_steps == host_result.feed_stats.planned_steps == 0
+    assert not torch.equal(planned_latent, original)
+    a = planned_result.get()
+    for latent, result in runs:
+        assert result.feed_stats.bytes_uploaded == stats.bytes_uploaded
+        assert torch.equal(latent, planned_latent)
+        b = result.get()
+        for key in a.keys():
+            for chunk in a.settings.chunks:
+                for step in range(a.cached_steps(key, chunk)):
+                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+    chained, chained_result = edit(planned_result, 7)
     assert chained_result.feed_stats.host_gathers > 0
     outside = ~mask[:, None].expand_as(chained)
-    assert torch.equal(chained[outside], original[outside]) and not torch.equal(chained, device_latent)
+    assert torch.equal(chained[outside], original[outside]) and not torch.equal(chained, planned_latent)

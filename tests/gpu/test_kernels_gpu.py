@@ -162,6 +162,49 @@ def test_gather_rows_reads_pinned_host_memory_in_place(T, plan, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_row_copies_read_pinned_host_memory_and_replay_in_a_graph(T, plan, dtype):
+    """The feed's planned moves at SD2.1@768's level 0 (kernels/row_copies.py): per step, the read region's rows of
+    a stored step in pinned host memory into a landing buffer (one launch), then the landing into a NaN canvas
+    [B, C, H, W] and a staged copy, and whole fp32 statistics beside them (another launch); bit for bit the
+    reference, at several steps, and the same when the launches replay as a CUDA graph."""
+    from fisedit_engine.kernels.row_copies import RowCopies
+    steps, positions = 3, plan.levels[0].read_positions(DEV)
+    gen = torch.Generator().manual_seed(37)
+    stored = torch.randn(steps, N, HW[0] * HW[1], C, generator=gen).to(dtype).pin_memory()
+    stats = torch.randn(steps, N, GROUPS, 2, generator=gen).pin_memory()
+    landing = torch.empty(N, len(positions), C, dtype=dtype, device=DEV)
+    canvas = torch.full((N, C, *HW), float("nan"), dtype=dtype, device=DEV)
+    staged, stats_out = torch.empty_like(landing), torch.empty(N, GROUPS, 2, device=DEV)
+    upload, activate = RowCopies(DEV, steps), RowCopies(DEV, 1)
+    upload.add(list(stored), landing, src_index=positions)
+    upload.add_whole(list(stats), stats_out)
+    activate.add([landing], canvas.flatten(2).transpose(1, 2), out_index=positions)
+    activate.add_whole([landing], staged)
+    assert upload.nbytes(1) == N * len(positions) * C * dtype.itemsize + stats[0].numel() * 4
+
+    def check(step):
+        want = stored[step][:, positions.cpu()].to(DEV)
+        assert torch.equal(landing, want) and torch.equal(staged, want)
+        assert torch.equal(canvas.flatten(2)[:, :, positions], want.transpose(1, 2))
+        assert torch.equal(stats_out.cpu(), stats[step])
+
+    for step in (2, 0, 1):
+        fused.copy_rows(upload, step)
+        fused.copy_rows(activate, 0)
+        torch.cuda.synchronize()
+        check(step)
+    assert len(upload.launches.launches) == 2 and len(activate.launches.launches) == 2
+    assert int(canvas.isnan().sum()) == N * C * (HW[0] * HW[1] - len(positions))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.copy_rows(upload, 2)
+        fused.copy_rows(activate, 0)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
     """A whole edit of a tiny SD1.5-structured model: the kernels (auto mode picks them on CUDA) against the
     reference ops. Outside the mask both are the original exactly (I4); inside they differ by rounding, which random

@@ -224,6 +224,36 @@ def test_uploads_and_the_result_cache_scale_with_the_mask(models, source):
     assert fractions[2] < fractions[8] < 1.0
 
 
+def test_planned_moves_feed_what_key_by_key_moves_feed(models, source, monkeypatch, caplog):
+    """feed.py moves a step's cached values with copies planned once per edit (one launch per element size on a
+    GPU); moved key by key instead, the edit and its result cache are the same bit for bit. A chained edit's source
+    holds its region apart from its base, so that edit moves key by key, says so, and still keeps I4."""
+    from fisedit_engine.feed import EditFeed
+    handle, original = source("sd15", "dpmpp_2m", 2, 7.0, (16, 24))
+    mask = blob_mask(2, (16, 24))
+    planned, planned_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
+    stats = planned_result.feed_stats
+    assert stats.planned_steps == stats.steps > 0 and stats.bytes_uploaded > 0
+    with monkeypatch.context() as m:
+        m.setattr(EditFeed, "_unplannable", lambda self, chunks, device: "forced by the test")
+        by_key, by_key_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
+    assert by_key_result.feed_stats.planned_steps == 0
+    assert by_key_result.feed_stats.bytes_uploaded == stats.bytes_uploaded
+    assert torch.equal(planned, by_key)
+    a, b = planned_result.get(), by_key_result.get()
+    for key in a.keys():
+        for chunk in a.settings.chunks:
+            for step in range(a.cached_steps(key, chunk)):
+                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+    second_mask = torch.zeros_like(mask)
+    second_mask[:, 10:15, 14:20] = True
+    with caplog.at_level("INFO", logger="FISEdit"):
+        chained, chained_result = run_edit(models["sd15"], planned_result, "sd15", 2, second_mask, 123)
+    assert chained_result.feed_stats.planned_steps == 0
+    assert "moves its cached values key by key (the source is an edit's result" in caplog.text
+    assert_i4(chained, planned, second_mask)
+
+
 def test_a_resident_attention_context_replaces_its_upload_and_changes_nothing(models, source):
     """resident.py on any device: the first edit of a cache keeps the self-attention K/V it uploads, the next edit
     reads them from there (uploading only the rest), and both give exactly the edit without a resident context."""

@@ -58,6 +58,20 @@ class FakeSource:
     def cached_steps(self, key, chunk=0):
         return 1 if (key, chunk) in self.values else 0
 
+    @property
+    def store(self):
+        """A one-step store of the values, laid out as a sealed cache stores them: what the feed plans its moves
+        from."""
+        from fisedit_engine.cache import StepTensors, to_storage
+        store = StepTensors(steps=1, batch=BATCH)
+        store.tensors = {k: to_storage(v)[None].contiguous() for k, v in self.values.items()}
+        return store
+
+    @property
+    def settings(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(steps=1)
+
 
 class Sink:
     def __init__(self):

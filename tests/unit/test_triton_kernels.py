@@ -215,6 +215,66 @@ def test_gather_rows_is_exact(T, plan, dtype):
         T.gather_rows(src, positions.float(), torch.empty(N, len(positions), C + 5, dtype=dtype))
 
 
+def _step_copies(plan, dtype, steps=3):
+    """What an edit's feed moves per step, small: a gathered read region from a per-step source (a channels-last
+    [steps, batch, H*W, C] store), a scatter of it into a NaN canvas [B, C, H, W], a plain copy, and whole fp32
+    statistics (another element size: another launch)."""
+    from fisedit_engine.kernels.row_copies import RowCopies
+    positions = plan.levels[0].read_positions("cpu")
+    gen = torch.Generator().manual_seed(41)
+    stored = torch.randn(steps, N, HW[0] * HW[1], C, generator=gen).to(dtype)
+    stats = torch.randn(steps, N, GROUPS, 2, generator=gen)
+    landing = torch.full((N, len(positions), C), float("nan"), dtype=dtype)
+    canvas = torch.full((N, C, *HW), float("nan"), dtype=dtype)
+    staged = torch.empty_like(landing)
+    stats_out = torch.empty(N, GROUPS, 2)
+    copies = RowCopies("cpu", steps)
+    copies.add(list(stored), landing, src_index=positions)
+    copies.add([landing], canvas.view(N, C, -1).transpose(1, 2), out_index=positions)
+    copies.add([landing], staged)
+    copies.add_whole(list(stats), stats_out)
+    return copies, (landing, canvas, staged, stats_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_copies_are_exact(T, plan, dtype):
+    """Many copies in one launch per element size (the feed's per-step upload and activation), bit for bit what
+    the reference copies give, at two steps: the per-step source moves, everything else stays."""
+    copies, outs = _step_copies(plan, dtype)
+    want, want_outs = _step_copies(plan, dtype)
+    launches = T.RowCopyLaunches(copies.copies, copies.device, copies.steps, blocks=(64, 16))
+    # by element size and by whether the output's channels are contiguous (the canvas's are not)
+    groups = {(T._UNITS[dtype.itemsize], True), (T._UNITS[dtype.itemsize], False), (T._UNITS[4], True)}
+    assert {(la["UNIT"], la["OUT_C1"]) for la in launches.launches} == groups
+    assert len(launches.launches) == len(groups)
+    for step in (2, 0):
+        launches(step)
+        R.copy_rows(want.copies, step)
+        for got, ref in zip(outs, want_outs):
+            assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    positions = plan.levels[0].read_positions("cpu")
+    landing, canvas, staged, stats_out = outs
+    assert torch.equal(landing, copies.copies[0].sources[0][:, positions])
+    assert torch.equal(canvas.flatten(2)[:, :, positions], landing.transpose(1, 2))
+    assert canvas.flatten(2).isnan().sum() == N * C * (HW[0] * HW[1] - len(positions))
+
+
+def test_row_copies_refuse_what_they_cannot_copy(plan):
+    from fisedit_engine.kernels.row_copies import RowCopies
+    copies = RowCopies("cpu", steps=2)
+    src = torch.zeros(2, 10, 8)
+    with pytest.raises(ValueError, match="sources for 2 steps"):
+        copies.add([src] * 3, torch.zeros(2, 10, 8))
+    with pytest.raises(ValueError, match="contiguous"):
+        copies.add([src.transpose(1, 2)], torch.zeros(2, 8, 10))
+    with pytest.raises(ValueError, match="strides"):
+        copies.add([src, src[:, :, :4].repeat(1, 1, 2)[:, :, :8].contiguous().half()], torch.zeros(2, 10, 8))
+    with pytest.raises(ValueError, match="int64"):
+        copies.add([src], torch.zeros(2, 10, 8), src_index=torch.arange(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows"):
+        copies.add([src], torch.zeros(2, 4, 8), out_index=None, src_index=torch.arange(6))
+
+
 def test_empty_and_bad_arguments(T, plan):
     lp, rows, cols, in_hw = KC.geometry(plan, "conv3", "cpu")
     x = KC.make_map(N, C, in_hw, torch.float16, "cpu", seed=19)
@@ -268,6 +328,11 @@ def test_kernels_compile_for_the_h100():
         ptrs = {"stats_ptr": "*fp32", "old_ptr": f"*{dt}", "new_ptr": f"*{dt}", "out_ptr": "*fp32"}
         sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
         assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm
+    ptrs = {"jobs_ptr": "*i64", "sources_ptr": "*i64", "job_of_ptr": "*i32"}  # bitwise: no float type
+    for unit, out_c1 in ((triton.language.int16, True), (triton.language.int32, False)):
+        consts = dict(UNIT=unit, OUT_C1=out_c1, JOB_FIELDS=T.RowCopyLaunches.FIELDS, BLOCK_P=T.GPU_BLOCKS["rows"][1],
+                      BLOCK_C=T.GPU_BLOCKS["rows"][0])
+        assert "cubin" in compile_(T._copy_rows_kernel, ptrs, consts).asm
 
 
 # --- the dispatch -----------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Many row copies run together: what an edit moves per step (feed.py) is hundreds of (key, chunk) maps, and one
+kernel launch per map cost the H200's host more time than the sparse step took on the GPU.
+
+A copy is out[b, out_index[i], :] = source[b, src_index[i], :] for i < rows, with source [B, L, C] (channels
+contiguous) and out [B, L', C] (any strides), an index left out meaning 0..rows-1. That covers a gather (the read
+region of a cached map), a scatter (into a canvas [B, C, H, W], seen as [B, H*W, C]) and a plain copy. A copy's
+source may differ per step (each step's cached values: same shape and strides every step) and lie in pinned host
+memory, which the GPU reads in place.
+
+`fused.copy_rows` runs them: the Triton kernel takes every copy of one element size in one launch (bitwise), from
+tables of addresses and strides built on the first run and kept on the device; the reference copies one by one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowCopy:
+    sources: tuple[torch.Tensor, ...]   # per step, or one for every step
+    out: torch.Tensor
+    src_index: torch.Tensor | None
+    out_index: torch.Tensor | None
+    rows: int
+
+
+class RowCopies:
+    """A fixed set of copies over `steps` steps, on `device`. The tensors must stay where they are while the set
+    lives (the kernel's tables hold their addresses; the set holds the tensors)."""
+
+    def __init__(self, device, steps: int):
+        self.device = torch.device(device)
+        self.steps = steps
+        self.copies: list[RowCopy] = []
+        self.launches = None  # kernels.triton_ops.RowCopyLaunches, built by the first kernel run
+
+    def add(self, sources, out: torch.Tensor, src_index: torch.Tensor | None = None,
+            out_index: torch.Tensor | None = None) -> None:
+        sources = tuple(sources)
+        first = sources[0]
+        rows = next((len(i) for i in (src_index, out_index) if i is not None), out.shape[1])
+        _check(self.launches is None, "the copies were run already: add every copy before the first run")
+        _check(len(sources) in (1, self.steps), f"{len(sources)} sources for {self.steps} steps")
+        _check(first.dim() == 3 and out.dim() == 3 and first.shape[0] == out.shape[0]
+               and first.shape[2] == out.shape[2], f"source [B, L, C] and out [B, L', C] expected, got "
+               f"{tuple(first.shape)} and {tuple(out.shape)}")
+        for s in sources:
+            _check(s.shape == first.shape and s.stride() == first.stride() and s.dtype == out.dtype,
+                   f"every step's source must be {tuple(first.shape)} with strides {first.stride()} in {out.dtype}, "
+                   f"got {tuple(s.shape)}, {s.stride()}, {s.dtype}")
+            _check(s.shape[2] <= 1 or s.stride(2) == 1, "a source's channels must be contiguous")
+            _check(s.device == self.device or (s.device.type == "cpu" and s.is_pinned()),
+                   f"a source on {s.device} cannot be read from {self.device}: it must be there or pinned")
+        _check(out.device == self.device, f"out is on {out.device}, the copies on {self.device}")
+        for name, index, length in (("src_index", src_index, first.shape[1]), ("out_index", out_index, out.shape[1])):
+            if index is None:
+                _check(rows <= length, f"{rows} rows, but {name} is left out and the tensor has {length}")
+            else:
+                _check(index.dtype == torch.int64 and index.dim() == 1 and index.is_contiguous()
+                       and index.device == self.device and len(index) == rows,
+                       f"{name}: {rows} contiguous int64 indices on {self.device} expected")
+        self.copies.append(RowCopy(sources, out, src_index, out_index, rows))
+
+    def add_whole(self, sources, out: torch.Tensor) -> None:
+        """A copy of whole contiguous tensors, seen as rows of up to 128 elements."""
+        sources = tuple(sources)
+        n = out.numel()
+        width = 128 if n % 128 == 0 else max(n, 1)
+        self.add([s.view(1, -1, width) for s in sources], out.view(1, -1, width))
+
+    def nbytes(self, step: int, where: str = "cpu") -> int:
+        """The bytes read at `step` from sources on `where` ("cpu": pinned host memory, "cuda": the device)."""
+        total = 0
+        for c in self.copies:
+            s = c.sources[step if len(c.sources) > 1 else 0]
+            if s.device.type == where:
+                total += s.shape[0] * c.rows * s.shape[2] * s.element_size()
+        return total
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)

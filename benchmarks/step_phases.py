@@ -1,10 +1,12 @@
 """Where a replayed sparse step's time goes: the host time of each phase of one edit's steps (the feed's stage,
-upload and activate, the result's flush, the graph launch) and the GPU time of the graph replay itself.
+upload and activate, key by key or planned, the result's flush, the graph launch) and the GPU time of the graph
+replay itself.
 
     python benchmarks/step_phases.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--steps 20]
 
 The phases are timed by wrapping the methods for this measurement only (this process); the wrapped GPU time is
-taken with CUDA events around each replay. Staging and upload run in the prefetch worker, overlapped with the step.
+taken with CUDA events around each replay. A planned upload is launched for the next step while the GPU runs the
+current one; key by key, staging and upload run in the prefetch worker.
 """
 from __future__ import annotations
 
@@ -69,7 +71,9 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
         timer.seconds.clear()
         times: dict = {}
         wrapped = timed_methods(times, [(feed.EditFeed, "stage", False), (feed.EditFeed, "upload", False),
-                                        (feed.EditFeed, "activate", False), (capture.Recording, "flush", False),
+                                        (feed.EditFeed, "activate", False), (feed.EditFeed, "_upload_planned", False),
+                                        (feed.EditFeed, "_activate_planned", False),
+                                        (capture.Recording, "flush", False),
                                         (torch.cuda.CUDAGraph, "replay", True)])
         try:
             t0 = time.perf_counter()

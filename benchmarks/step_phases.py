@@ -45,6 +45,13 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
     return [(cls, name, wrap(cls, name, on_gpu)) for cls, name, on_gpu in targets]
 
 
+def once_per_edit():
+    """(owner, name) of what an edit does once, besides its steps (timed like the phases)."""
+    from fisedit_engine import cache, edit, feed, graphs, plan
+    return [(edit, "check_model"), (plan.EditPlan, "build"), (feed.EditFeed, "_build_plan"),
+            (cache.StepTensors, "plan_rows"), (graphs.SparseStepGraph, "_capture"), (edit, "seal")]
+
+
 def run(arch: str, size: int, fraction: float, steps: int) -> None:
     import torch
     import comfy.sample
@@ -53,6 +60,7 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
     from fisedit_engine.comfy_adapter import add_apply_model_wrapper
     from fisedit_engine.edit import EditSpec, run_edit
 
+    once = once_per_edit()
     model, _ = speed.load_model(arch)
     lat = size // 8
     latent = torch.zeros(1, 4, lat, lat)
@@ -74,7 +82,8 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
                                         (feed.EditFeed, "activate", False), (feed.EditFeed, "_upload_planned", False),
                                         (feed.EditFeed, "_activate_planned", False),
                                         (capture.Recording, "flush", False),
-                                        (torch.cuda.CUDAGraph, "replay", True)])
+                                        (torch.cuda.CUDAGraph, "replay", True)]
+                                + [(owner, name, False) for owner, name in once])
         try:
             t0 = time.perf_counter()
             _, result = run_edit(patched, spec)
@@ -86,7 +95,12 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
         api.registry().remove(result.name)
     print(f"{arch}@{size}, {100 * fraction:.0f}% rectangle, {steps} steps: edit {total:.2f} s, model call "
           f"(synchronised) median {1000 * statistics.median(timer.seconds[2:]):.1f} ms")
+    calls = ", ".join(f"{1000 * s:.1f}" for s in timer.seconds[:4])
+    print(f"  model calls 1-4 (eager, captured, replayed): {calls} ms")
     for name, values in times.items():
+        if name in {n for _, n in once}:
+            print(f"  {name:16s} {', '.join(f'{v:.1f}' for v in values)} ms (once per edit)")
+            continue
         later = values[2:] or values  # the first steps build buffers and capture the graph
         print(f"  {name:16s} median {statistics.median(later):7.2f} ms over {len(later)} steps")
 

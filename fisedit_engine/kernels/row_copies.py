@@ -32,6 +32,8 @@ class RowCopies:
 
     def __init__(self, device, steps: int):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # as tensors name it: "cuda" -> "cuda:0"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.steps = steps
         self.copies: list[RowCopy] = []
         self.launches = None  # kernels.triton_ops.RowCopyLaunches, built by the first kernel run

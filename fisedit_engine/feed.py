@@ -339,7 +339,7 @@ class EditFeed:
                 return f"the source is an edit's result, whose '{key}' holds its region apart from its base"
             for c in chunks:
                 t = store.tensors.get((key, c))
-                if t is None or t.shape[0] != steps:
+                if t is None or t.shape[0] < steps:
                     self.source.read_check(key, steps - 1, c)  # raises, naming the re-capture
                 if t.device.type != "cpu" or (cuda and not t.is_pinned()):
                     return f"the cached '{key}' is not in pinned host memory"
@@ -351,32 +351,33 @@ class EditFeed:
         out = _PlannedSteps(upload, activate, {}, {}, [[] for _ in range(steps)], [0] * steps, [0] * steps)
         kept = self.source.resident
         for key, e in self.entries.items():
-            stored = [self.source.store.tensors[(key, c)] for c in chunks]  # [steps, batch, ...] each
+            stored = [self.source.store.tensors[(key, c)][:steps] for c in chunks]  # [steps, batch, ...] each
             batch, sample = stored[0].shape[1], stored[0].shape[2:]
             rows = batch * batch_rows
             positions = None if e.whole else self.plan.levels[e.level].read_positions(device)
             landing = torch.empty((rows, *(sample if positions is None else (len(positions), sample[-1]))),
                                   device=device, dtype=stored[0].dtype)
+            n = batch * (math.prod(sample) if positions is None else len(positions) * sample[-1])
             for i, (c, t) in enumerate(zip(chunks, stored)):
                 part = landing[i * batch:(i + 1) * batch]
-                sources = []
-                n = batch * (math.prod(sample) if positions is None else len(positions) * sample[-1])
-                for step in range(steps):
-                    host = t[step]
-                    near = kept.get(key, c, step) if e.context and kept is not None else None
-                    same = near is not None and (near.shape, near.stride()) == (host.shape, host.stride())
-                    source = near if same else host
-                    sources.append(source)
-                    if source is host:
-                        out.host_bytes[step] += n * host.element_size()
+                near = [kept.get(key, c, step) if e.context and kept is not None else None for step in range(steps)]
+                near = [r if r is not None and (r.shape, r.stride()) == (t.shape[1:], t.stride()[1:]) else None
+                        for r in near]
+                for step, r in enumerate(near):
+                    if r is None:
+                        out.host_bytes[step] += n * t.element_size()
                         if e.context:
                             out.keep[step].append((key, c, part))
                     else:
-                        out.resident_bytes[step] += n * host.element_size()
+                        out.resident_bytes[step] += n * t.element_size()
+                # the cache's [steps, ...] tensor as it is (a step per index), or per step where the GPU keeps some
+                sources = t if all(r is None for r in near) else [t[s] if r is None else r for s, r in enumerate(near)]
                 if positions is None:
                     upload.add_whole(sources, part)
+                elif isinstance(sources, torch.Tensor):  # views, never copies: the tables hold addresses
+                    upload.add(sources.view(steps, batch, -1, sample[-1]), part, src_index=positions)
                 else:
-                    upload.add([s.flatten(1, 2) for s in sources], part, src_index=positions)
+                    upload.add([s.view(batch, -1, sample[-1]) for s in sources], part, src_index=positions)
             if positions is None:
                 value = from_storage(landing)
                 target = out.device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)

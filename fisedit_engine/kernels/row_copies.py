@@ -19,7 +19,7 @@ import torch
 
 @dataclass(frozen=True)
 class RowCopy:
-    sources: tuple[torch.Tensor, ...]   # per step, or one for every step
+    sources: tuple[torch.Tensor, ...] | torch.Tensor   # per step, or one for every step; or [steps, ...] stepped
     out: torch.Tensor
     src_index: torch.Tensor | None
     out_index: torch.Tensor | None
@@ -40,15 +40,19 @@ class RowCopies:
 
     def add(self, sources, out: torch.Tensor, src_index: torch.Tensor | None = None,
             out_index: torch.Tensor | None = None) -> None:
-        sources = tuple(sources)
+        """`sources`: a list of per-step tensors (or of one for every step), or one tensor [steps, B, L, C] whose
+        step s is the source of step s (checked once: its steps share storage and strides)."""
+        stepped = isinstance(sources, torch.Tensor)
+        sources = sources if stepped else tuple(sources)
         first = sources[0]
         rows = next((len(i) for i in (src_index, out_index) if i is not None), out.shape[1])
         _check(self.launches is None, "the copies were run already: add every copy before the first run")
-        _check(len(sources) in (1, self.steps), f"{len(sources)} sources for {self.steps} steps")
+        _check(len(sources) == self.steps or (len(sources) == 1 and not stepped),
+               f"{len(sources)} sources for {self.steps} steps")
         _check(first.dim() == 3 and out.dim() == 3 and first.shape[0] == out.shape[0]
                and first.shape[2] == out.shape[2], f"source [B, L, C] and out [B, L', C] expected, got "
                f"{tuple(first.shape)} and {tuple(out.shape)}")
-        for s in sources:
+        for s in (first,) if stepped else sources:
             _check(s.shape == first.shape and s.stride() == first.stride() and s.dtype == out.dtype,
                    f"every step's source must be {tuple(first.shape)} with strides {first.stride()} in {out.dtype}, "
                    f"got {tuple(s.shape)}, {s.stride()}, {s.dtype}")
@@ -66,11 +70,14 @@ class RowCopies:
         self.copies.append(RowCopy(sources, out, src_index, out_index, rows))
 
     def add_whole(self, sources, out: torch.Tensor) -> None:
-        """A copy of whole contiguous tensors, seen as rows of up to 128 elements."""
-        sources = tuple(sources)
+        """A copy of whole contiguous tensors, seen as rows of up to 128 elements; `sources` as add() takes them."""
         n = out.numel()
         width = 128 if n % 128 == 0 else max(n, 1)
-        self.add([s.view(1, -1, width) for s in sources], out.view(1, -1, width))
+        if isinstance(sources, torch.Tensor):
+            _check(sources[0].is_contiguous(), "add_whole copies contiguous tensors")
+            self.add(sources.view(len(sources), 1, -1, width), out.view(1, -1, width))
+        else:
+            self.add([s.view(1, -1, width) for s in sources], out.view(1, -1, width))
 
     def nbytes(self, step: int, where: str = "cpu") -> int:
         """The bytes read at `step` from sources on `where` ("cpu": pinned host memory, "cuda": the device)."""

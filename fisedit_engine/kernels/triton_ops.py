@@ -443,7 +443,7 @@ class RowCopyLaunches:
 
     Args:
         copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors, channels contiguous, on the
-            device or in pinned host memory), `out` ([B, L', C] on the device), `src_index` and `out_index` ([P]
+            device or in pinned host memory; or one [steps, B, L, C] tensor, a step per index), `out` ([B, L', C] on the device), `src_index` and `out_index` ([P]
             int64 on the device, or None: 0..P-1) and `rows` (P); checked by RowCopies.add.
         steps: how many steps a source list must cover.
     """
@@ -470,14 +470,18 @@ class RowCopyLaunches:
                 index = [self.identity.data_ptr() if i is None else i.data_ptr() for i in (c.src_index, c.out_index)]
                 jobs.append([first, c.rows, channels, blocks_p, blocks_c, *index, src.stride(0), src.stride(1),
                              c.out.data_ptr(), *c.out.stride()] + [0] * 3)
-                per_step = c.sources if len(c.sources) == steps else c.sources * steps
-                sources.append([t.data_ptr() for t in per_step])
+                if isinstance(c.sources, torch.Tensor):  # [steps, ...]: step s at a fixed stride
+                    stride = c.sources.stride(0) * c.sources.element_size()
+                    sources.append(c.sources.data_ptr() + stride * torch.arange(steps, dtype=torch.int64))
+                else:
+                    per_step = c.sources if len(c.sources) == steps else c.sources * steps
+                    sources.append(torch.tensor([t.data_ptr() for t in per_step], dtype=torch.int64))
                 programs.append(batch * blocks_p * blocks_c)
                 first += programs[-1]
             job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
             self.launches.append(dict(
                 tables=(torch.tensor(jobs, dtype=torch.int64).to(device),
-                        torch.tensor(sources, dtype=torch.int64).t().contiguous().to(device),
+                        torch.stack(sources, dim=1).to(device),
                         job_of.to(device)),
                 n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], OUT_C1=out_c1, BLOCK_C=bc))
         self.copies = copies  # the tables address their tensors: kept alive with them

@@ -176,7 +176,7 @@ def test_row_copies_read_pinned_host_memory_and_replay_in_a_graph(T, plan, dtype
     canvas = torch.full((N, C, *HW), float("nan"), dtype=dtype, device=DEV)
     staged, stats_out = torch.empty_like(landing), torch.empty(N, GROUPS, 2, device=DEV)
     upload, activate = RowCopies(DEV, steps), RowCopies(DEV, 1)
-    upload.add(list(stored), landing, src_index=positions)
+    upload.add(stored, landing, src_index=positions)  # a step per index
     upload.add_whole(list(stats), stats_out)
     activate.add([landing], canvas.flatten(2).transpose(1, 2), out_index=positions)
     activate.add_whole([landing], staged)

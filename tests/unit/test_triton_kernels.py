@@ -229,7 +229,7 @@ def _step_copies(plan, dtype, steps=3):
     staged = torch.empty_like(landing)
     stats_out = torch.empty(N, GROUPS, 2)
     copies = RowCopies("cpu", steps)
-    copies.add(list(stored), landing, src_index=positions)
+    copies.add(stored, landing, src_index=positions)  # a step per index
     copies.add([landing], canvas.view(N, C, -1).transpose(1, 2), out_index=positions)
     copies.add([landing], staged)
     copies.add_whole(list(stats), stats_out)
@@ -265,6 +265,8 @@ def test_row_copies_refuse_what_they_cannot_copy(plan):
     src = torch.zeros(2, 10, 8)
     with pytest.raises(ValueError, match="sources for 2 steps"):
         copies.add([src] * 3, torch.zeros(2, 10, 8))
+    with pytest.raises(ValueError, match="1 sources for 2 steps"):
+        copies.add(src[None], torch.zeros(2, 10, 8))  # a stepped source covers every step
     with pytest.raises(ValueError, match="contiguous"):
         copies.add([src.transpose(1, 2)], torch.zeros(2, 8, 10))
     with pytest.raises(ValueError, match="strides"):

@@ -155,7 +155,12 @@ class PinnedArena:
 @dataclass
 class StepRows:
     """Storage planned by StepTensors.plan_rows: `block` [steps, bytes]; `layout` (key, chunk) -> (byte offset,
-    one step's shape, dtype, row of `written`); `written` [entries, steps], the keys' written flags."""
+    one step's shape, dtype, row of `written`); `written` [entries, steps], the keys' written flags.
+
+    The block is pageable memory: an edit's result is about 1 GiB at SD2.1@768 (5% mask), which the H200's host took
+    0.55 s to pin (2 GiB and 1.1 s as PyTorch's pinned allocator rounds it up) against 0.1 s to first touch
+    (benchmarks/host_memory.py), and results stay in the registry, so every edit would pin anew. The rows that a
+    replayed step records reach it through a pinned staging row (capture.Recording.flush)."""
     ALIGN = 16
     layout: dict
     block: torch.Tensor
@@ -254,7 +259,7 @@ class StepTensors:
 
     def plan_rows(self, entries: list[tuple[str, int, tuple, torch.dtype]]) -> None:
         """Plans the storage of `entries` (key, chunk, one step's stored shape with the batch, dtype) as the
-        columns of one pinned [steps, bytes] block: what a step records of all of them is one row, which a replayed
+        columns of one [steps, bytes] block (pageable, see StepRows): what a step records of all of them is one row, which a replayed
         CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
         entries = sorted(entries, key=lambda e: -e[3].itemsize)  # largest elements first: offsets stay aligned
         layout, offset = {}, 0
@@ -262,7 +267,7 @@ class StepTensors:
             layout[(key, chunk)] = (offset, tuple(shape), dtype, row)
             offset += math.prod(shape) * dtype.itemsize
         offset += -offset % StepRows.ALIGN
-        self.rows = StepRows(layout, pinned((self.steps, offset), torch.uint8),
+        self.rows = StepRows(layout, torch.empty((self.steps, offset), dtype=torch.uint8),
                              torch.zeros(len(layout), self.steps, dtype=torch.bool))
 
     def step_shape(self, key: str, chunk: int) -> tuple:

@@ -113,6 +113,7 @@ class Recording:
         self.evaluated: set[tuple[int, int]] = set()
         self._sigma_buffer: torch.Tensor | None = None  # pinned: the sigmas of model calls on a GPU, read later
         self._sigmas_pending: list = []                 # (buffer slot, CUDA event, step, chunks) not yet checked
+        self._staging: list = []                        # [pinned row, step it holds, CUDA event] per staging slot
         self.last_step = -1
         self.partial_settings: dict = {}
         self.noise = self.latent_image = self.final_latent = None
@@ -331,15 +332,39 @@ class Recording:
 
     def flush(self, packed: "PackedValues", step: int) -> None:
         """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the planned
-        keys as one row in one copy, the rest key by key."""
+        keys as one row, the rest key by key. The row goes to a pinned staging row without waiting (two take turns)
+        and from there into the store's pageable block at the flush two steps later, when it has long landed (or at
+        the end of the run, `_drain`): the host copy runs while the GPU computes."""
         if not self.active:
             return
-        if packed.buffer is not None:
-            self.store.rows.block[step].copy_(packed.buffer, non_blocking=True)
+        if packed.buffer is not None and not packed.buffer.is_cuda:
+            self.store.rows.block[step].copy_(packed.buffer)
+            self.store.rows.written[:, step] = True
+        elif packed.buffer is not None:
+            if not self._staging:
+                self._staging = [[pinned(packed.buffer.shape, torch.uint8), None, None] for _ in range(2)]
+            slot = self._staging[step % 2]
+            self._land(slot)
+            slot[0].copy_(packed.buffer, non_blocking=True)
+            slot[1], slot[2] = step, torch.cuda.Event()
+            slot[2].record()
             self.store.rows.written[:, step] = True
         for key, chunk, value in packed.rest:
             if not is_probe_key(key) or step < self.probe_steps:
                 self._store(key, chunk, step, value)
+
+    def _land(self, slot: list) -> None:
+        """Copies a staging row's step into the store, once its device-to-host copy has landed."""
+        staged, step, landed = slot
+        if step is not None:
+            landed.synchronize()
+            self.store.rows.block[step].copy_(staged)
+            slot[1] = slot[2] = None
+
+    def _drain(self) -> None:
+        for slot in self._staging:
+            self._land(slot)
+        self._staging = []
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
@@ -365,6 +390,7 @@ class Recording:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before anyone reads them
+        self._drain()
         self._check_sigmas(wait=True)
         if not self.active:
             return
@@ -385,6 +411,7 @@ class Recording:
             self.registry.release_later(self.reserved)
 
     def _free(self) -> None:
+        self._staging = []
         if self.resident is not None:
             self.resident.release()
             self.resident = None

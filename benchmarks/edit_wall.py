@@ -11,7 +11,6 @@ by key (what a chained edit's delta source takes; before the planned moves, ever
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -90,21 +89,13 @@ def patched(owner, name, value):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    a = parser.parse_args(argv)
-    import comfy_host
-    comfy_host.boot()
-    import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/edit_wall.py times GPU runs: run it on a machine with CUDA")
-    for spec in a.models.split(","):
-        arch, size = spec.split("@")
-        run(arch, int(size), a.fraction, a.steps, a.repeat)
-    return 0
+    import speed
+
+    def arguments(parser):
+        parser.add_argument("--steps", type=int, default=20)
+        parser.add_argument("--repeat", type=int, default=3)
+    return speed.per_model_main(argv, __doc__, "benchmarks/edit_wall.py times GPU runs", arguments,
+                                lambda arch, size, a: run(arch, size, a.fraction, a.steps, a.repeat))
 
 
 if __name__ == "__main__":

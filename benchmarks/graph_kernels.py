@@ -10,7 +10,6 @@ the most time. Kernels are assigned to a replay through the CUDA runtime's corre
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import statistics
@@ -154,21 +153,13 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--top", type=int, default=25)
-    a = parser.parse_args(argv)
-    import comfy_host
-    comfy_host.boot()
-    import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/graph_kernels.py profiles CUDA graph replays: run it on a machine with CUDA")
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in a.models.split(","):
-            arch, size = spec.split("@")
-            run(arch, int(size), a.fraction, a.top, Path(tmp))
-    return 0
+    import speed
+
+    def run_model(arch, size, a):
+        with tempfile.TemporaryDirectory() as tmp:
+            run(arch, size, a.fraction, a.top, Path(tmp))
+    return speed.per_model_main(argv, __doc__, "benchmarks/graph_kernels.py profiles CUDA graph replays",
+                                lambda parser: parser.add_argument("--top", type=int, default=25), run_model)
 
 
 if __name__ == "__main__":

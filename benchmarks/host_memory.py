@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     cases = {
         "pin fresh memory (torch.empty(pin_memory=True))":
             lambda: kept.append(torch.empty(n, dtype=torch.uint8, pin_memory=True)),
-        "first touch of fresh pageable memory (torch.empty + fill_)": lambda: torch.empty(n, dtype=torch.uint8).fill_(0),
+        "first touch of fresh pageable memory (torch.empty + fill_)":
+            lambda: torch.empty(n, dtype=torch.uint8).fill_(0),
         "device -> pinned host copy": lambda: pinned.copy_(device, non_blocking=True),
         "device -> pageable host copy (touched)": lambda: pageable.copy_(device),
         "device -> fresh pageable host copy (device.cpu())": lambda: device.cpu(),

@@ -1,7 +1,8 @@
 """Two runs of edit_quality.py on the pairs both hold: FISEdit's mask IoU and success per edit kind, before -> after.
 
     python benchmarks/quality_compare.py BEFORE.json AFTER.json
-    python benchmarks/quality_compare.py <(git show REV:benchmarks/results/edit_quality.json) benchmarks/results/edit_quality.json
+    python benchmarks/quality_compare.py <(git show REV:benchmarks/results/edit_quality.json) \
+        benchmarks/results/edit_quality.json
 
 A run cut short by --budget-seconds holds fewer pairs than another; comparing its summary with the other's would mix
 different pairs. Here both are averaged over the same pairs.

@@ -34,6 +34,26 @@ FRACTIONS = (0.05, 0.15, 0.30)
 CONTEXT = {"sd15": 768, "sd15-small": 768, "sd21v": 1024, "sdxl": 2048}
 
 
+def per_model_main(argv, doc: str, needs_cuda: str, add_arguments, run) -> int:
+    """main() of a GPU benchmark that runs per `--models` entry (arch@size, comma-separated; default SD2.1@768 and
+    SDXL@1024) and per-mask `--fraction`: parses those and what `add_arguments(parser)` adds, boots the host, stops
+    with `needs_cuda` without a GPU, then calls run(arch, size, args) per model."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
+    parser.add_argument("--fraction", type=float, default=0.05)
+    add_arguments(parser)
+    a = parser.parse_args(argv)
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{needs_cuda}: run it on a machine with CUDA")
+    for spec in a.models.split(","):
+        arch, size = spec.split("@")
+        run(arch, int(size), a)
+    return 0
+
+
 class CallTimer:
     """An APPLY_MODEL wrapper: wall time of every model call, the GPU synchronised around it."""
 

@@ -10,7 +10,6 @@ current one; key by key, staging and upload run in the prefetch worker.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -106,20 +105,11 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd21v@768,sdxl@1024")
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=20)
-    a = parser.parse_args(argv)
-    import comfy_host
-    comfy_host.boot()
-    import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/step_phases.py times CUDA graph replays: run it on a machine with CUDA")
-    for spec in a.models.split(","):
-        arch, size = spec.split("@")
-        run(arch, int(size), a.fraction, a.steps)
-    return 0
+    import speed
+    return speed.per_model_main(
+        argv, __doc__, "benchmarks/step_phases.py times CUDA graph replays",
+        lambda parser: parser.add_argument("--steps", type=int, default=20),
+        lambda arch, size, a: run(arch, size, a.fraction, a.steps))
 
 
 if __name__ == "__main__":

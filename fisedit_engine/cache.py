@@ -259,8 +259,8 @@ class StepTensors:
 
     def plan_rows(self, entries: list[tuple[str, int, tuple, torch.dtype]]) -> None:
         """Plans the storage of `entries` (key, chunk, one step's stored shape with the batch, dtype) as the
-        columns of one [steps, bytes] block (pageable, see StepRows): what a step records of all of them is one row, which a replayed
-        CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
+        columns of one [steps, bytes] block (pageable, see StepRows): what a step records of all of them is one row,
+        which a replayed CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
         entries = sorted(entries, key=lambda e: -e[3].itemsize)  # largest elements first: offsets stay aligned
         layout, offset = {}, 0
         for row, (key, chunk, shape, dtype) in enumerate(entries):

@@ -9,8 +9,9 @@ the canvas is also the block's output.
 Uploaded whole: a map that a dense op reads (the last map of a sparse level feeding a dense level below it), the
 self-attention keys and values (the attention context of every inactive token), the GroupNorm statistics and the
 model output. The attention context mostly does not move at all: where the source cache keeps it on the GPU
-(resident.py) it is copied from there, and what is uploaded is kept there for the next edit. GroupNorm statistics stay exact from the uploaded data alone: the cached statistics of the whole map,
-minus the cached values on the active region, plus the fresh ones (`kernels.fused.exact_group_stats`).
+(resident.py) it is copied from there, and what is uploaded is kept there for the next edit. GroupNorm statistics
+stay exact from the uploaded data alone: the cached statistics of the whole map, minus the cached values on the
+active region, plus the fresh ones (`kernels.fused.exact_group_stats`).
 
 A step's data moves in two stages: `upload` brings it into device landing buffers (on a side stream on a GPU), and
 `activate` (on the compute stream, after the upload's event) writes it into the canvases and whole buffers that the

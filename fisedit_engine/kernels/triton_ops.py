@@ -443,8 +443,9 @@ class RowCopyLaunches:
 
     Args:
         copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors, channels contiguous, on the
-            device or in pinned host memory; or one [steps, B, L, C] tensor, a step per index), `out` ([B, L', C] on the device), `src_index` and `out_index` ([P]
-            int64 on the device, or None: 0..P-1) and `rows` (P); checked by RowCopies.add.
+            device or in pinned host memory; or one [steps, B, L, C] tensor, a step per index), `out` ([B, L', C] on
+            the device), `src_index` and `out_index` ([P] int64 on the device, or None: 0..P-1) and `rows` (P);
+            checked by RowCopies.add.
         steps: how many steps a source list must cover.
     """
     FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,

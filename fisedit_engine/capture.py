@@ -87,6 +87,11 @@ def _planned(delta: Delta) -> list[tuple[str, int, tuple, torch.dtype]]:
     return out
 
 
+def _same_sigma(scheduled: float, sigma: float) -> bool:
+    """Whether a model call's sigma is the schedule's (within float32 rounding of the sampler's arithmetic)."""
+    return math.isclose(scheduled, sigma, rel_tol=1e-4, abs_tol=1e-6)
+
+
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
 
 
@@ -171,7 +176,7 @@ class Recording:
         evaluated = self.evaluated if evaluated is None else evaluated
         schedule = self.sigmas[:-1]
         step = schedule_step(schedule, sigma)
-        if not math.isclose(float(schedule[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
+        if not _same_sigma(float(schedule[step]), sigma):
             self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
                       f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
             return None
@@ -206,7 +211,7 @@ class Recording:
             landed.synchronize()
             self._sigmas_pending.pop(0)
             sigma = float(self._sigma_buffer[slot])
-            if math.isclose(float(self.sigmas[step]), sigma, rel_tol=1e-4, abs_tol=1e-6):
+            if _same_sigma(float(self.sigmas[step]), sigma):
                 continue
             earlier = {(s, c) for s, c in self.evaluated if s < step or (s == step and c not in chunks)}
             if self._schedule_step(sigma, chunks, earlier) is not None:  # on the schedule, but not the next step
@@ -339,7 +344,6 @@ class Recording:
             return
         if packed.buffer is not None and not packed.buffer.is_cuda:
             self.store.rows.block[step].copy_(packed.buffer)
-            self.store.rows.written[:, step] = True
         elif packed.buffer is not None:
             if not self._staging:
                 self._staging = [[pinned(packed.buffer.shape, torch.uint8), None, None] for _ in range(2)]
@@ -348,6 +352,7 @@ class Recording:
             slot[0].copy_(packed.buffer, non_blocking=True)
             slot[1], slot[2] = step, torch.cuda.Event()
             slot[2].record()
+        if packed.buffer is not None:
             self.store.rows.written[:, step] = True
         for key, chunk, value in packed.rest:
             if not is_probe_key(key) or step < self.probe_steps:

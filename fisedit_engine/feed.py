@@ -36,7 +36,7 @@ import logging
 import math
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -242,11 +242,7 @@ class EditFeed:
 
     def upload(self, device) -> None:
         """The staged values into device landing buffers, on a side stream when the device is a GPU."""
-        cuda = torch.device(device).type == "cuda"
-        copy_stream = _copy_stream(device) if cuda else None
-        if cuda and self._activated is not None:
-            copy_stream.wait_event(self._activated)  # the last reads of the landing buffers (activate's copies)
-        with torch.cuda.stream(copy_stream) if cuda else nullcontext():
+        with self._uploading(device):
             for key, parts in self._host.items():
                 rows = sum(p.shape[0] for p in parts)
                 landing = self._landing.get(key)
@@ -261,14 +257,13 @@ class EditFeed:
                     else:
                         landing[at:at + p.shape[0]].copy_(p, non_blocking=True)
                     at += p.shape[0]
-            if cuda:
-                self._uploaded = torch.cuda.Event()
-                self._uploaded.record(copy_stream)
 
     def activate(self, device) -> None:
         """Landing buffers into the canvases and whole buffers the sparse ops read (fixed addresses)."""
-        if self._uploaded is not None:
-            torch.cuda.current_stream(device).wait_event(self._uploaded)
+        with self._activating(device):
+            self._activate_by_key(device)
+
+    def _activate_by_key(self, device) -> None:
         copies = []  # (target, value): issued together at the end, a few launches instead of one per tensor
         for key, parts in self._resident.items():
             self._whole_target(key, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype, device)
@@ -297,9 +292,38 @@ class EditFeed:
                     staged = self._staged[key] = torch.empty_like(landing)
                 copies.append((staged, landing))
         _copy_all(copies)
+
+    @contextmanager
+    def _uploading(self, device):
+        """The block's copies into the landing buffers: on a GPU on the copy stream, after the last activation has
+        read them, and `_uploaded` recorded after them."""
+        if torch.device(device).type != "cuda":
+            yield
+            return
+        copy_stream = _copy_stream(device)
+        if self._activated is not None:
+            copy_stream.wait_event(self._activated)
+        with torch.cuda.stream(copy_stream):
+            yield
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record(copy_stream)
+
+    @contextmanager
+    def _activating(self, device):
+        """The block's reads of the landing buffers: on the compute stream after the upload, `_activated` recorded
+        after them (the next upload waits for it)."""
+        if self._uploaded is not None:
+            torch.cuda.current_stream(device).wait_event(self._uploaded)
+        yield
         if torch.device(device).type == "cuda":
             self._activated = torch.cuda.Event()
             self._activated.record(torch.cuda.current_stream(device))
+
+    def _resident_context(self, device) -> resident.ResidentContext | None:
+        """The source's resident attention context, made on first use (None where nothing can be kept)."""
+        if self.source.resident is None:
+            self.source.resident = resident.budget().context(device)
+        return self.source.resident
 
     def _whole_target(self, key: str, shape, dtype, device) -> torch.Tensor:
         target = self._device.get(key)
@@ -309,14 +333,13 @@ class EditFeed:
 
     def _keep_context(self, key: str, landing: torch.Tensor, device) -> None:
         """Keeps an uploaded attention context on the GPU for the next edit of the same source (resident.py)."""
-        if self.source.resident is None:
-            self.source.resident = resident.budget().context(device)
-        if self.source.resident is None:
+        kept = self._resident_context(device)
+        if kept is None:
             return
         step, chunks = self._staged_at
         at = 0
         for c, part in zip(chunks, self._host[key], strict=True):
-            if not self.source.resident.keep(key, c, step, landing[at:at + part.shape[0]]):
+            if not kept.keep(key, c, step, landing[at:at + part.shape[0]]):
                 return
             at += part.shape[0]
 
@@ -396,15 +419,8 @@ class EditFeed:
         return out
 
     def _upload_planned(self, planned: _PlannedSteps, step: int, chunks, device) -> None:
-        cuda = torch.device(device).type == "cuda"
-        copy_stream = _copy_stream(device) if cuda else None
-        if cuda and self._activated is not None:
-            copy_stream.wait_event(self._activated)  # the last reads of the landing buffers (activate's copies)
-        with torch.cuda.stream(copy_stream) if cuda else nullcontext():
+        with self._uploading(device):
             K.copy_rows(planned.upload, step)
-            if cuda:
-                self._uploaded = torch.cuda.Event()
-                self._uploaded.record(copy_stream)
         self._uploaded_step = (step, tuple(chunks))
         self.stats.steps += 1
         self.stats.planned_steps += 1
@@ -412,20 +428,15 @@ class EditFeed:
         self.stats.bytes_resident += planned.resident_bytes[step]
 
     def _activate_planned(self, planned: _PlannedSteps, step: int, device) -> None:
-        if self._uploaded is not None:
-            torch.cuda.current_stream(device).wait_event(self._uploaded)
-        K.copy_rows(planned.activate, 0)
-        self._device, self._staged = planned.device, planned.staged
-        for key, chunk, rows in planned.keep[step]:  # before the event: the next upload overwrites the landing
-            if self.source.resident is None:
-                self.source.resident = resident.budget().context(device)
-            if self.source.resident is None or not self.source.resident.keep(key, chunk, step, rows):
-                break
-        if planned.resident_bytes[step]:
-            resident.budget().touch(self.source.resident)
-        if torch.device(device).type == "cuda":
-            self._activated = torch.cuda.Event()
-            self._activated.record(torch.cuda.current_stream(device))
+        with self._activating(device):  # the keeps read the landing too
+            K.copy_rows(planned.activate, 0)
+            self._device, self._staged = planned.device, planned.staged
+            for key, chunk, rows in planned.keep[step]:
+                kept = self._resident_context(device)
+                if kept is None or not kept.keep(key, chunk, step, rows):
+                    break
+            if planned.resident_bytes[step]:
+                resident.budget().touch(self.source.resident)
 
     # --- what the sparse ops read -------------------------------------------------------------------------------
     def map(self, key: str) -> torch.Tensor:

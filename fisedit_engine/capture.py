@@ -26,7 +26,9 @@ from . import other_packs
 from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
                     settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
+from .kernels import fused as K
 from .kernels.reference import group_stats
+from .kernels.row_copies import RowCopies
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
                      is_probe_key, probe_record_steps)
 from .registry import CacheRegistry
@@ -66,18 +68,31 @@ class Delta:
 @dataclass
 class PackedValues:
     """What a captured sparse step records, as its graph leaves it: `buffer` (uint8, graph-owned), a step's row of
-    the store's planned keys (StepTensors.rows), or None; `rest` (key, chunk, graph-owned value), stored key by key."""
+    the store's planned keys (StepTensors.rows), or None; `rest` (key, chunk, graph-owned value), stored key by key;
+    `copies`, the row copies that fill the buffer (their tables are filled once a capture has ended: `ready`)."""
     buffer: torch.Tensor | None
     rest: list
+    copies: RowCopies | None = None
+
+    def ready(self) -> None:
+        if self.copies is not None and self.copies.launches is not None:
+            self.copies.launches.upload()
 
 
-def _planned(delta: Delta) -> list[tuple[str, int, tuple, torch.dtype]]:
+def _stored_shape(value: torch.Tensor, positions: torch.Tensor | None) -> tuple:
+    """The shape in which the store keeps `value` (to_storage), at `positions` (take_positions) if given."""
+    if positions is not None:
+        return (value.shape[0], len(positions), value.shape[1] if value.dim() == 4 else value.shape[-1])
+    return tuple(to_storage(value).shape)
+
+
+def _planned(delta: Delta, keys: set[str]) -> list[tuple[str, int, tuple, torch.dtype]]:
     """What each step of an edit records inside the model, as the source stores it: (key, chunk, one step's stored
-    shape, dtype) of every key but the latent (recorded before the model call) and the probe keys (early steps
-    only); a key of a region at its positions."""
+    shape, dtype) of the recorded `keys` but the latent (recorded before the model call) and the probe keys (early
+    steps only); a key of a region at its positions."""
     out = []
     for (key, chunk), t in delta.base.tensors.items():
-        if key == LATENT_KEY or is_probe_key(key):
+        if key not in keys or key == LATENT_KEY or is_probe_key(key):
             continue
         shape = delta.base.step_shape(key, chunk)
         region = delta.regions.get(key)
@@ -104,10 +119,13 @@ class Recording:
         self.registry = registry
         self.store = StepTensors(steps, batch)
         self.delta = delta
+        # a source may hold keys that this layout no longer records (a cache saved by an earlier version): an edit's
+        # result leaves them out, as a new capture would
+        self.keys = {t.key for t in targets} | {LATENT_KEY}
         if delta is not None:
             self.store.base = delta.base
-            self.store.plan_rows(_planned(delta))
-        self.deferred: list | None = None  # while a CUDA graph captures a step: (key, chunk, graph-owned value)
+            self.store.plan_rows(_planned(delta, self.keys))
+        self.deferred: list | None = None  # recorded by a step that packs its record: (key, chunk, value, positions)
         self.resident: resident.ResidentContext | None = None  # the attention context kept on the GPU
         self.probe_steps = probe_record_steps(steps)
         self.sigmas = sigmas.detach().float().cpu()
@@ -239,7 +257,7 @@ class Recording:
         if not self.active:
             return
         for (key, chunk), t in source.tensors.items():
-            if key in skip or chunk not in ctx.chunks or ctx.step >= t.shape[0]:
+            if key in skip or key not in self.keys or chunk not in ctx.chunks or ctx.step >= t.shape[0]:
                 continue
             region = self.delta.region(key, ctx.step) if self.delta is not None else None
             if region is None:
@@ -262,7 +280,6 @@ class Recording:
         region = self.delta.region(key, step) if self.delta is not None else None
         if region is not None:
             self.store.regions[key] = region
-            value = take_positions(value, region.on(value.device))
         elif self.delta is not None and key in self.delta.regions:  # a step that recomputed the whole map
             nbytes = value.numel() * value.element_size()
             self.registry.reserve(nbytes, what=f"the FISEdit cache '{self.name}'")
@@ -270,10 +287,14 @@ class Recording:
             self.store.whole[(key, chunk, step)] = pinned(value.shape, value.dtype).copy_(value, non_blocking=True)
             value = take_positions(value, self.delta.regions[key].on(value.device))  # keeps the delta whole
         if self.deferred is not None:
-            # a CUDA graph is being captured: keep the graph's own copy, stored after each replay (flush); the
-            # positions taken for a region are a fresh tensor already
-            self.deferred.append((key, chunk, value if region is not None else value.clone()))
+            # packed at the end of the step (pack_deferred): a region's values are gathered there, from the map as
+            # the step leaves it (a sparse level's maps are written only by the op that makes them); a whole value
+            # is copied now, as the eager path's store does
+            positions = region.on(value.device) if region is not None else None
+            self.deferred.append((key, chunk, value if region is not None else value.clone(), positions))
             return
+        if region is not None:
+            value = take_positions(value, region.on(value.device))
         self._store(key, chunk, step, value)
 
     def _slot(self, key: str, chunk: int, sample_shape, dtype) -> torch.Tensor:
@@ -309,31 +330,41 @@ class Recording:
         if self.resident is not None:
             self.resident.keep(key, chunk, step, value)
 
-    def pack_deferred(self) -> "PackedValues":
-        """While a CUDA graph captures: the deferred values of the planned keys (StepTensors.plan_rows) concatenated
-        into one device buffer laid out as a step's row of the store, so that a replay's record moves to host memory
-        in one copy; the probe keys are stored key by key (and everything, should the step record other than what
-        was planned)."""
+    def pack_deferred(self, reuse: "PackedValues | None" = None) -> "PackedValues":
+        """At the end of a step that recorded into `deferred` (a CUDA graph's capture, or the eager step before it):
+        the values of the planned keys (StepTensors.plan_rows) written by one set of row copies into one device
+        buffer laid out as a step's row of the store, so that a replay's record moves to host memory in one copy; the
+        probe keys are stored key by key (and everything, should the step record other than what was planned).
+        `reuse`: an earlier step's packing, whose kernel tables a capture takes over (RowCopies)."""
         rows = self.store.rows
-        values, rest = {}, []
-        for key, chunk, value in self.deferred:
-            if rows is None or (key, chunk) not in rows.layout or (key, chunk) in values:
-                rest.append((key, chunk, value))
+        planned, rest = {}, []
+        for key, chunk, value, positions in self.deferred:
+            if rows is None or (key, chunk) not in rows.layout or (key, chunk) in planned:
+                rest.append((key, chunk, value, positions))
             else:
-                values[(key, chunk)] = to_storage(value)
-        if rows is None or values.keys() != rows.layout.keys() or any(
-                (tuple(v.shape), v.dtype) != rows.layout[k][1:3] for k, v in values.items()):
-            if values:
+                planned[(key, chunk)] = (value, positions)
+        stored = {k: (_stored_shape(v, p), v.dtype) for k, (v, p) in planned.items()}
+        if rows is None or planned.keys() != rows.layout.keys() or any(
+                (shape, dtype) != rows.layout[k][1:3] for k, (shape, dtype) in stored.items()):
+            if planned:
                 log.info("FISEdit: a captured sparse step records other tensors than planned; its record is "
                          "stored key by key")
-            return PackedValues(None, list(self.deferred))
-        for (key, chunk), v in values.items():  # the eager warm-up step made these already; a capture without one
-            self._slot(key, chunk, v.shape[1:], v.dtype)
-        parts = [values[k].reshape(-1).view(torch.uint8) for k in rows.layout]  # the layout is in offset order
-        padding = rows.block.shape[1] - sum(p.numel() for p in parts)
-        if padding:
-            parts.append(parts[-1].new_empty(padding))
-        return PackedValues(torch.cat(parts), rest)
+            rest = list(self.deferred)
+            planned = {}
+        rest = [(key, chunk, value if p is None else take_positions(value, p)) for key, chunk, value, p in rest]
+        if not planned:
+            return PackedValues(None, rest)
+        for (key, chunk), (shape, dtype) in stored.items():  # made by the first packed step
+            self._slot(key, chunk, shape[1:], dtype)
+        first = next(iter(planned.values()))[0]
+        buffer = torch.empty(rows.block.shape[1], dtype=torch.uint8, device=first.device)
+        copies = RowCopies(first.device, steps=1, reuse=reuse.copies if reuse is not None else None)
+        for (key, chunk), (value, positions) in planned.items():
+            offset, shape, dtype, _ = rows.layout[(key, chunk)]
+            out = buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape[0], -1, shape[-1])
+            copies.add([value.flatten(2).transpose(1, 2) if value.dim() == 4 else value], out, src_index=positions)
+        K.copy_rows(copies, 0)
+        return PackedValues(buffer, rest, copies)
 
     def flush(self, packed: "PackedValues", step: int) -> None:
         """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the planned

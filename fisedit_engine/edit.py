@@ -34,7 +34,7 @@ from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
 from .probe import ProbeState
 from .registry import registry
-from .sparse import SPARSE_FORWARDS, SparseOutput
+from .sparse import SPARSE_FORWARDS, SparseOutput, WholeConv
 
 log = logging.getLogger("FISEdit")
 
@@ -83,11 +83,16 @@ class EditState:
         self.feed.close()
 
     def conv_weight(self, conv, weight: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """The weight for a conv over `patches` [N, C, tiles, P, Q]. Patches with channels innermost (the Triton
-        gather's NHWC layout) get a channels-last copy of the module's weight, made once per edit: cuDNN would
-        otherwise transpose the weight on every call (on an H100, the kernel with the most GPU time in a sparse
-        SD2.1@768 step). A cast copy (offloaded or dtype-converted weights) is a temporary and passes through."""
-        if patches.stride(1) != 1 or weight is not conv.weight or weight.dim() != 4:
+        """The weight for a conv over `patches` [N, C, tiles, P, Q]: for patches with channels innermost (the Triton
+        gather's NHWC layout), `channels_last_weight`."""
+        return weight if patches.stride(1) != 1 else self.channels_last_weight(conv, weight)
+
+    def channels_last_weight(self, conv, weight: torch.Tensor) -> torch.Tensor:
+        """A channels-last copy of the module's weight, made once per edit: cuDNN's tensor-core convs are
+        channels-last and would otherwise transpose a channels-first weight on every call (on an H100, the kernel with
+        the most GPU time in a sparse SD2.1@768 step). A cast copy (offloaded or dtype-converted weights) is a
+        temporary and passes through."""
+        if weight is not conv.weight or weight.dim() != 4:
             return weight
         kept = self._conv_weights.get(id(conv))
         if kept is None or kept[0] is not weight:
@@ -275,6 +280,10 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             patched.add_object_patch(f"diffusion_model.{block.path}.forward",
                                      SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
     patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
+    if torch.device(model.load_device).type == "cuda":
+        for path, module in modules.items():
+            if isinstance(module, torch.nn.Conv2d):
+                patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()

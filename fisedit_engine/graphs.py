@@ -3,10 +3,12 @@
 On a GPU like the H100, ComfyUI's eager UNet call costs more in kernel launches than in arithmetic, and a sparse
 step launches more (smaller) kernels than a dense one. Every shape of a sparse step is fixed for the whole edit (the
 plan's tiles, the feed's buffers), so one graph serves every sparse step:
-- the first sparse step runs eagerly (it builds the index maps, the feed's buffers, cuDNN's plans);
+- the first sparse step runs eagerly (it builds the index maps, the feed's buffers, cuDNN's plans, and compiles
+  the kernels), and records as the graph will;
 - the second is captured, with the recording deferred: what the step records for the result cache is packed by
-  the graph into one buffer laid out as a row of the result store's planned storage, copied to host memory after
-  each replay in one copy (`Recording.flush`; StepTensors.plan_rows), so the host does no per-key work;
+  the graph (one set of row copies) into one buffer laid out as a row of the result store's planned storage,
+  copied to host memory after each replay in one copy (`Recording.flush`; StepTensors.plan_rows), so the host does
+  no per-key work;
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
@@ -33,6 +35,7 @@ class SparseStepGraph:
         self.static_kwargs: dict = {}
         self.output: torch.Tensor | None = None
         self.recorded = None  # capture.PackedValues
+        self._warm_record = None  # the warm-up step's, until the capture takes over its kernel tables
         self.eager_steps = 0
         self.replays = 0
         self.failure: str | None = None
@@ -44,9 +47,11 @@ class SparseStepGraph:
     def run(self, ctx, call, args: tuple, kwargs: dict):
         """One sparse model call: eager (warm-up, or after a failed capture), captured, or replayed."""
         signature = (tuple(ctx.chunks), _signature(args), _signature(kwargs))
-        if self.failure is not None or self.eager_steps < EAGER_WARMUP_STEPS:
-            self.eager_steps += 1
+        if self.failure is not None:
             return call(*args, **kwargs)
+        if self.eager_steps < EAGER_WARMUP_STEPS:
+            self.eager_steps += 1
+            return self._warm_up(ctx, call, args, kwargs)
         if self.graph is None:
             self._capture(ctx, call, args, kwargs, signature)
             if self.graph is None:
@@ -63,6 +68,19 @@ class SparseStepGraph:
         ctx.recording.flush(self.recorded, ctx.step)
         return self.output.clone()
 
+    def _warm_up(self, ctx, call, args, kwargs):
+        """An eager step that records as a replay does (packed, then flushed), so that the capture meets no kernel
+        it would have to compile, and can take over the packing's kernel tables."""
+        rec = ctx.recording
+        rec.deferred = []
+        try:
+            out = call(*args, **kwargs)
+            self._warm_record = rec.pack_deferred()
+        finally:
+            rec.deferred = None
+        rec.flush(self._warm_record, ctx.step)
+        return out
+
     def _capture(self, ctx, call, args, kwargs, signature) -> None:
         self.static_args = [_static(a) for a in args]
         self.static_kwargs = {k: _static(v) for k, v in kwargs.items()}
@@ -72,18 +90,19 @@ class SparseStepGraph:
         try:
             with torch.cuda.graph(graph):
                 self.output = call(*self.static_args, **self.static_kwargs)
-                recorded = rec.pack_deferred()
+                recorded = rec.pack_deferred(reuse=self._warm_record)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             self.failure = f"{type(e).__name__}: {e} (at {where})"
         finally:
-            rec.deferred = None
+            rec.deferred, self._warm_record = None, None
         if self.failure is not None:
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
             self.static_args, self.static_kwargs, self.output = [], {}, None
             return
+        recorded.ready()
         self.graph, self.signature, self.recorded = graph, signature, recorded
 
     def close(self) -> None:

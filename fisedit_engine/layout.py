@@ -11,7 +11,8 @@ What a sparse step reads across positions, and so what is cached per step and pe
 - inside each ResBlock, `h` (the input of its second GroupNorm and conv, after the time embedding is added);
 - the self-attention keys and values of every transformer block, so that active queries see the exact context of
   the inactive tokens without recomputing them;
-- per GroupNorm (every level) the mean and variance per sample and group, for the paper's cached-statistics mode;
+- per GroupNorm at a sparse level the mean and variance per sample and group: the exact statistics update them, the
+  paper's cached-statistics mode reads them as they are (a dense level's norms see their whole map);
 - for the first 30% of the steps and the positive chunk only, the cross-attention queries of every transformer
   block at every level: attention control in the probe steps recomputes the original attention maps from them;
 - the model output and the latent, for compositing and for the difference mask.
@@ -127,6 +128,12 @@ class UNetLayout:
         """The block whose output the output head reads."""
         return self.blocks[-1].path
 
+    def level_of(self, module_path: str) -> int | None:
+        """The level of the block holding `module_path` (the output head's is 0), or None outside every block."""
+        if module_path == "out" or module_path.startswith("out."):
+            return 0
+        return next((b.level for b in self.blocks if module_path.startswith(b.path + ".")), None)
+
     def consumers(self, path: str) -> list[Block]:
         return [b for b in self.blocks if path in b.inputs]
 
@@ -160,8 +167,9 @@ class UNetLayout:
                 for j in range(b.depth):
                     attn = f"{b.path}.transformer_blocks.{j}.attn2"
                     out.append(Target(f"{attn}{PROBE_QUERY_SUFFIX}", f"{attn}.to_q", "probe_q", b.level))
-        for gn in self.group_norms:
-            out.append(Target(f"{gn}:stats", gn, "stats", -1))
+        for gn in self.group_norms:  # the statistics a sparse op reads: not those of a dense level's norms
+            if self.level_of(gn) in sparse:
+                out.append(Target(f"{gn}:stats", gn, "stats", -1))
         out.append(Target(MODEL_OUTPUT_KEY, "out", "output", 0))
         return out
 

@@ -11,6 +11,7 @@ are built once per edit and per op geometry, on the device that runs the edit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -185,6 +186,11 @@ class EditPlan:
         for lvl, lp in levels.items():
             lp.read = _read_region(levels, lvl, level_sizes)
         return cls(mask, levels, list(level_sizes))
+
+    @functools.cached_property
+    def sparse_anywhere(self) -> bool:
+        """Whether some sparse level has inactive tiles (otherwise a sparse step runs every module whole)."""
+        return not all(lp.full for lp in self.levels.values())
 
     def describe(self) -> str:
         parts = [f"level {l} ({p.width}x{p.height}, tile {p.tile}): {p.n_tiles} tiles, {p.fraction:.0%}"

@@ -57,6 +57,31 @@ class SparseForward:
         raise NotImplementedError
 
 
+class WholeConv:
+    """A conv module's forward while an edit runs on a GPU. In a sparse step a conv whose module runs (the levels
+    under the smallest sparse size, a fully active level, SD1.x's 1x1 proj_in on the active tokens) takes the edit's
+    channels-last copy of its weight (EditState.channels_last_weight) and returns a contiguous map, as the module
+    would: given the channels-first weight, cuDNN transposed it on every call, which at SD2.1@768's 12x12 level (18
+    convs of 1280 or 2560 channels) took 1.5 ms of a 10.5 ms sparse step on an H200, more than the convs
+    (benchmarks/graph_kernels.py). Dense steps, steps with every level fully active and calls outside an edit run
+    the module's own forward."""
+    fisedit_patch = True
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x):
+        ctx = current_step()
+        if (ctx is None or ctx.edit is None or ctx.edit.is_dense(ctx.step) or not ctx.edit.plan.sparse_anywhere
+                or not x.is_cuda):  # a step of a whole-image mask is the stock network, bit for bit (I2)
+            return type(self.module).forward(self.module, x)
+        with host.cast_weights(self.module, x) as (w, b):
+            return self.module._conv_forward(x, ctx.edit.channels_last_weight(self.module, w), b).contiguous()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _scatter(base, tiles_out, lp, bias=None, residual_tiles=None, residual_map=None):
     """Tiles (+ bias [N, C]) (+ a residual: tiles, or the map read at the tiles) into `base`, in place."""
     positions, sources = lp.tile_scatter(base.device)

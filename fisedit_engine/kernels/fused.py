@@ -197,7 +197,9 @@ def copy_rows(copies, step: int) -> None:
     first run); the reference copies one by one."""
     def kernel():
         if copies.launches is None:
-            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps)
+            reuse = copies.reuse.launches if copies.reuse is not None else None
+            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps, reuse=reuse)
+            copies.reuse = None  # its tables are taken over; its tensors need not live on
         copies.launches(step)
     _run("copy_rows", copies.device, kernel, lambda: R.copy_rows(copies.copies, step))
 

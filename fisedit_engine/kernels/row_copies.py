@@ -1,11 +1,11 @@
 """Many row copies run together: what an edit moves per step (feed.py) is hundreds of (key, chunk) maps, and one
 kernel launch per map cost the H200's host more time than the sparse step took on the GPU.
 
-A copy is out[b, out_index[i], :] = source[b, src_index[i], :] for i < rows, with source [B, L, C] (channels
-contiguous) and out [B, L', C] (any strides), an index left out meaning 0..rows-1. That covers a gather (the read
-region of a cached map), a scatter (into a canvas [B, C, H, W], seen as [B, H*W, C]) and a plain copy. A copy's
-source may differ per step (each step's cached values: same shape and strides every step) and lie in pinned host
-memory, which the GPU reads in place.
+A copy is out[b, out_index[i], :] = source[b, src_index[i], :] for i < rows, with source [B, L, C] and out
+[B, L', C] (any strides), an index left out meaning 0..rows-1. That covers a gather (the read region of a cached map,
+or the active positions of a map [B, C, H, W] seen as [B, H*W, C]), a scatter (into such a canvas) and a plain copy.
+A copy's source may differ per step (each step's cached values: same shape and strides every step) and lie in pinned
+host memory, which the GPU reads in place (best with channels contiguous: whole transactions on the host link).
 
 `fused.copy_rows` runs them: the Triton kernel takes every copy of one element size in one launch (bitwise), from
 tables of addresses and strides built on the first run and kept on the device; the reference copies one by one.
@@ -30,12 +30,15 @@ class RowCopies:
     """A fixed set of copies over `steps` steps, on `device`. The tensors must stay where they are while the set
     lives (the kernel's tables hold their addresses; the set holds the tensors)."""
 
-    def __init__(self, device, steps: int):
+    def __init__(self, device, steps: int, reuse: "RowCopies | None" = None):
+        """`reuse`: an earlier set of the same structure whose kernel tables this one takes over (a set made while a
+        CUDA graph captures needs tables from outside the graph's memory pool: triton_ops.RowCopyLaunches)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # as tensors name it: "cuda" -> "cuda:0"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.steps = steps
         self.copies: list[RowCopy] = []
+        self.reuse = reuse
         self.launches = None  # kernels.triton_ops.RowCopyLaunches, built by the first kernel run
 
     def add(self, sources, out: torch.Tensor, src_index: torch.Tensor | None = None,
@@ -56,7 +59,6 @@ class RowCopies:
             _check(s.shape == first.shape and s.stride() == first.stride() and s.dtype == out.dtype,
                    f"every step's source must be {tuple(first.shape)} with strides {first.stride()} in {out.dtype}, "
                    f"got {tuple(s.shape)}, {s.stride()}, {s.dtype}")
-            _check(s.shape[2] <= 1 or s.stride(2) == 1, "a source's channels must be contiguous")
             _check(s.device == self.device or (s.device.type == "cpu" and s.is_pinned()),
                    f"a source on {s.device} cannot be read from {self.device}: it must be there or pinned")
         _check(out.device == self.device, f"out is on {out.device}, the copies on {self.device}")

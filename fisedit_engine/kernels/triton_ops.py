@@ -220,6 +220,7 @@ def _copy_rows_kernel(
     job_of_ptr,                 # [programs] int32: the copy each program works on
     step, n_jobs,
     UNIT: tl.constexpr,         # the integer type of the elements' size: the copy is bitwise
+    SRC_C1: tl.constexpr,       # every source's channel stride is 1 (vectorised loads)
     OUT_C1: tl.constexpr,       # every output's channel stride is 1 (vectorised stores)
     JOB_FIELDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -237,7 +238,8 @@ def _copy_rows_kernel(
     src_rows = tl.load(tl.load(f + 5).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
     out_rows = tl.load(tl.load(f + 6).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
     src = tl.load(sources_ptr + step * n_jobs + job).to(tl.pointer_type(UNIT))
-    src += b * tl.load(f + 7) + src_rows[:, None] * tl.load(f + 8) + c[None, :]  # channels contiguous
+    src += b * tl.load(f + 7) + src_rows[:, None] * tl.load(f + 8)
+    src += c[None, :] if SRC_C1 else c[None, :] * tl.load(f + 13)
     out = tl.load(f + 9).to(tl.pointer_type(UNIT)) + b * tl.load(f + 10) + out_rows[:, None] * tl.load(f + 11)
     out += c[None, :] if OUT_C1 else c[None, :] * tl.load(f + 12)
     tl.store(out, tl.load(src, mask=ok), mask=ok)
@@ -437,31 +439,43 @@ _UNITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 
 class RowCopyLaunches:
     """`kernels.row_copies.RowCopies` as launches of _copy_rows_kernel: its copies grouped by element size and by
-    whether the output's channels are contiguous, one launch per group; each group's tables (per copy its geometry and
-    output address, per step and copy the source address, per program its copy) are built here once and kept on the
-    device with the tensors they address.
+    whether the sources' and the outputs' channels are contiguous, one launch per group; each group's tables (per copy
+    its geometry and output address, per step and copy the source address, per program its copy) are built here once
+    and kept on the device with the tensors they address. Built while a CUDA graph captures, the tables must be those
+    of an earlier set of the same structure (`reuse`): the graph's own memory pool hands out blocks that the graph's
+    earlier kernels use as scratch on every replay, which would overwrite tables filled once; and a capture cannot
+    contain a copy from pageable memory, so `upload` fills them once the capture has ended.
 
     Args:
-        copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors, channels contiguous, on the
-            device or in pinned host memory; or one [steps, B, L, C] tensor, a step per index), `out` ([B, L', C] on
+        copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors on the device or in pinned
+            host memory; or one [steps, B, L, C] tensor, a step per index), `out` ([B, L', C] on
             the device), `src_index` and `out_index` ([P] int64 on the device, or None: 0..P-1) and `rows` (P);
             checked by RowCopies.add.
         steps: how many steps a source list must cover.
     """
     FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,
-    # source strides (batch, row), output address and strides (batch, row, channel); padded
+    # source strides (batch, row), output address and strides (batch, row, channel), source channel stride; padded
 
-    def __init__(self, copies, device: torch.device, steps: int, blocks=None):
+    def __init__(self, copies, device: torch.device, steps: int, blocks=None, reuse: "RowCopyLaunches | None" = None):
         block_c, self.block_p = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["rows"]
         self.device = device
+        self._capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        _check(reuse is not None or not self._capturing,
+               "row copies made while a CUDA graph captures need the tables of an earlier set (reuse)")
+        self._unfilled = []  # (device table, host table) to fill once the capture has ended
         longest = max([c.rows for c in copies if c.src_index is None or c.out_index is None], default=0)
-        self.identity = torch.arange(longest, dtype=torch.int64, device=device)
+        if reuse is None:
+            self.identity = torch.arange(longest, dtype=torch.int64, device=device)
+        else:
+            _check(len(reuse.identity) >= longest, "the reused tables have a shorter identity index")
+            self.identity = reuse.identity
         self.launches = []
         groups: dict = {}
         for c in copies:
             if c.rows and c.out.shape[0] and c.out.shape[2]:
-                groups.setdefault((c.out.element_size(), c.out.stride(2) == 1), []).append(c)
-        for (size, out_c1), group in groups.items():
+                src_c1 = c.out.shape[2] == 1 or c.sources[0].stride(2) == 1
+                groups.setdefault((c.out.element_size(), src_c1, c.out.stride(2) == 1), []).append(c)
+        for (size, src_c1, out_c1), group in groups.items():
             bc = min(block_c, triton.next_power_of_2(max(c.out.shape[2] for c in group)))
             jobs, sources, programs = [], [], []
             first = 0
@@ -470,7 +484,7 @@ class RowCopyLaunches:
                 blocks_p, blocks_c = triton.cdiv(c.rows, self.block_p), triton.cdiv(channels, bc)
                 index = [self.identity.data_ptr() if i is None else i.data_ptr() for i in (c.src_index, c.out_index)]
                 jobs.append([first, c.rows, channels, blocks_p, blocks_c, *index, src.stride(0), src.stride(1),
-                             c.out.data_ptr(), *c.out.stride()] + [0] * 3)
+                             c.out.data_ptr(), *c.out.stride(), src.stride(2)] + [0] * 2)
                 if isinstance(c.sources, torch.Tensor):  # [steps, ...]: step s at a fixed stride
                     stride = c.sources.stride(0) * c.sources.element_size()
                     sources.append(c.sources.data_ptr() + stride * torch.arange(steps, dtype=torch.int64))
@@ -480,18 +494,39 @@ class RowCopyLaunches:
                 programs.append(batch * blocks_p * blocks_c)
                 first += programs[-1]
             job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
+            host = (torch.tensor(jobs, dtype=torch.int64), torch.stack(sources, dim=1), job_of)
+            kept = reuse.launches[len(self.launches)]["tables"] if reuse is not None and len(reuse.launches) > len(
+                self.launches) else None
             self.launches.append(dict(
-                tables=(torch.tensor(jobs, dtype=torch.int64).to(device),
-                        torch.stack(sources, dim=1).to(device),
-                        job_of.to(device)),
-                n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], OUT_C1=out_c1, BLOCK_C=bc))
+                tables=tuple(self._table(h, None if kept is None else kept[i]) for i, h in enumerate(host)),
+                n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))
+        _check(reuse is None or len(reuse.launches) == len(self.launches),
+               "the reused tables are of copies grouped otherwise")
         self.copies = copies  # the tables address their tensors: kept alive with them
+
+    def _table(self, host: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        if kept is None:
+            return host.to(self.device)
+        _check(kept.shape == host.shape and kept.dtype == host.dtype,
+               f"a reused table is {kept.dtype} {tuple(kept.shape)}, these copies need {host.dtype} {tuple(host.shape)}")
+        if self._capturing:
+            self._unfilled.append((kept, host))
+        else:
+            kept.copy_(host)
+        return kept
+
+    def upload(self) -> None:
+        """Fills the tables made while a CUDA graph captured; due before the graph's first replay."""
+        for table, host in self._unfilled:
+            table.copy_(host)
+        self._unfilled = []
 
     def __call__(self, step: int) -> None:
         with _on(self.device):
             for la in self.launches:
                 _copy_rows_kernel[(la["programs"],)](*la["tables"], step, la["n_jobs"], UNIT=la["UNIT"],
-                                                     OUT_C1=la["OUT_C1"], JOB_FIELDS=self.FIELDS,
+                                                     SRC_C1=la["SRC_C1"], OUT_C1=la["OUT_C1"],
+                                                     JOB_FIELDS=self.FIELDS,
                                                      BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
 
 

@@ -45,3 +45,37 @@ def test_edit_invariants_in_half_precision(host, arch, dtype):
 
     edited = edit(mask, 99)
     assert torch.equal(edited[outside], original[outside]) and not torch.equal(edited, original)  # I4
+
+
+def test_convs_that_run_whole_in_a_sparse_step_take_channels_last_weights(host, monkeypatch):
+    """At a level under the smallest sparse size (the tiny SDXL's third level at a 32x32 latent: 8x8), a sparse step
+    runs the block's own forward, whose convs take the edit's channels-last weights (sparse.WholeConv); the edit
+    keeps I3: exact outside the mask, within rounding inside."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, EditState, run_edit
+    arch, batch, size = "sdxl", 1, 32
+    model = tiny_models.build(arch, seed=4, dtype=torch.float16)
+    settings = dict(cfg=6.0, sampler="euler", size=size)
+    captured, handle = api.capture(model, "gpu-whole-convs")
+    original = sample(captured, arch, batch=batch, **settings)
+    api.store(handle, {"samples": original})
+    assert handle.get().settings.sparse_levels == (0, 1)
+    made = []
+    keep = EditState.channels_last_weight
+
+    def spy(self, conv, weight):
+        out = keep(self, conv, weight)
+        made.append((conv, out.is_contiguous(memory_format=torch.channels_last)))
+        return out
+    monkeypatch.setattr(EditState, "channels_last_weight", spy)
+    mask = torch.zeros(batch, size, size, dtype=torch.bool)
+    mask[:, 4:12, 6:14] = True
+    with torch.inference_mode():
+        same = run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, 11), mask))[0]
+    unet = model.model.diffusion_model
+    deepest = [m for m in unet.middle_block.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert deepest and all(any(c is m and cl for c, cl in made) for m in deepest)
+    outside = ~mask[:, None].expand_as(original)
+    assert torch.equal(same[outside], original[outside])
+    deviation = (same - original).abs().max().item()
+    assert deviation <= I3_BOUND[torch.float16] * max(1.0, original.abs().max().item()), deviation

@@ -6,6 +6,7 @@ import torch
 
 from fisedit_engine.cache import Region, StepTensors, to_storage
 from fisedit_engine.capture import Delta, Recording, StepContext
+from fisedit_engine.layout import Target
 from fisedit_engine.registry import CacheRegistry
 
 STEPS, BATCH, CHUNKS = 5, 2, [1, 0]
@@ -36,8 +37,9 @@ def recording() -> Recording:
         for chunk in CHUNKS:
             base.slot(key, chunk, to_storage(value[:BATCH]).shape[1:], value.dtype)
     delta = Delta(base, {MAP: REGION, TOKENS: REGION}, whole_from=STEPS)
+    targets = [Target(key, key, "output", 0) for key in (MAP, TOKENS, STATS, OUT, PROBE)]
     return Recording("packed", CacheRegistry(budget_bytes=1 << 30), STEPS, BATCH, torch.linspace(10, 0, STEPS + 1),
-                     [], delta)
+                     targets, delta)
 
 
 def record(rec: Recording, step: int, deferred: bool, extra: bool = False):
@@ -76,9 +78,10 @@ def test_a_packed_replay_stores_what_key_by_key_recording_stores():
     by_key, packed_rec = recording(), recording()
     for step in range(STEPS):
         record(by_key, step, deferred=False)
-    record(packed_rec, 0, deferred=False)  # the eager warm-up step
+    packed_rec.flush(record(packed_rec, 0, deferred=True), 0)  # the eager warm-up step records as replays do
     packed = record(packed_rec, 1, deferred=True)  # the capture
     assert packed.buffer is not None and packed.buffer.numel() == packed_rec.store.rows.block.shape[1]
+    assert len(packed.copies.copies) == 2 * 4  # every planned (key, chunk), written by one set of row copies
     assert [(k, c) for k, c, _ in packed.rest] == [(PROBE, 0)]  # the positive chunk only, while step < probe_steps
     rows = packed_rec.store.rows.block
     for k in (MAP, TOKENS, STATS, OUT):  # planned: columns of the one block, a step's values a row of it

@@ -218,7 +218,8 @@ def test_gather_rows_is_exact(T, plan, dtype):
 def _step_copies(plan, dtype, steps=3):
     """What an edit's feed moves per step, small: a gathered read region from a per-step source (a channels-last
     [steps, batch, H*W, C] store), a scatter of it into a NaN canvas [B, C, H, W], a plain copy, and whole fp32
-    statistics (another element size: another launch)."""
+    statistics (another element size: another launch); and what a replayed step records: a channels-first map
+    gathered at the positions (channels strided: another launch)."""
     from fisedit_engine.kernels.row_copies import RowCopies
     positions = plan.levels[0].read_positions("cpu")
     gen = torch.Generator().manual_seed(41)
@@ -228,12 +229,15 @@ def _step_copies(plan, dtype, steps=3):
     canvas = torch.full((N, C, *HW), float("nan"), dtype=dtype)
     staged = torch.empty_like(landing)
     stats_out = torch.empty(N, GROUPS, 2)
+    fresh = torch.randn(N, C, *HW, generator=gen).to(dtype)
+    recorded = torch.full((N, len(positions), C), float("nan"), dtype=dtype)
     copies = RowCopies("cpu", steps)
     copies.add(stored, landing, src_index=positions)  # a step per index
     copies.add([landing], canvas.view(N, C, -1).transpose(1, 2), out_index=positions)
     copies.add([landing], staged)
     copies.add_whole(list(stats), stats_out)
-    return copies, (landing, canvas, staged, stats_out)
+    copies.add([fresh.flatten(2).transpose(1, 2)], recorded, src_index=positions)
+    return copies, (landing, canvas, staged, stats_out, recorded)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -243,9 +247,11 @@ def test_row_copies_are_exact(T, plan, dtype):
     copies, outs = _step_copies(plan, dtype)
     want, want_outs = _step_copies(plan, dtype)
     launches = T.RowCopyLaunches(copies.copies, copies.device, copies.steps, blocks=(64, 16))
-    # by element size and by whether the output's channels are contiguous (the canvas's are not)
-    groups = {(T._UNITS[dtype.itemsize], True), (T._UNITS[dtype.itemsize], False), (T._UNITS[4], True)}
-    assert {(la["UNIT"], la["OUT_C1"]) for la in launches.launches} == groups
+    # by element size and by whether the source's and the output's channels are contiguous (the canvas's and the
+    # channels-first map's are not)
+    unit = T._UNITS[dtype.itemsize]
+    groups = {(unit, True, True), (unit, True, False), (T._UNITS[4], True, True), (unit, False, True)}
+    assert {(la["UNIT"], la["SRC_C1"], la["OUT_C1"]) for la in launches.launches} == groups
     assert len(launches.launches) == len(groups)
     for step in (2, 0):
         launches(step)
@@ -253,8 +259,9 @@ def test_row_copies_are_exact(T, plan, dtype):
         for got, ref in zip(outs, want_outs):
             assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
     positions = plan.levels[0].read_positions("cpu")
-    landing, canvas, staged, stats_out = outs
+    landing, canvas, staged, stats_out, recorded = outs
     assert torch.equal(landing, copies.copies[0].sources[0][:, positions])
+    assert torch.equal(recorded, copies.copies[-1].sources[0][:, positions])
     assert torch.equal(canvas.flatten(2)[:, :, positions], landing.transpose(1, 2))
     assert canvas.flatten(2).isnan().sum() == N * C * (HW[0] * HW[1] - len(positions))
 
@@ -267,8 +274,6 @@ def test_row_copies_refuse_what_they_cannot_copy(plan):
         copies.add([src] * 3, torch.zeros(2, 10, 8))
     with pytest.raises(ValueError, match="1 sources for 2 steps"):
         copies.add(src[None], torch.zeros(2, 10, 8))  # a stepped source covers every step
-    with pytest.raises(ValueError, match="contiguous"):
-        copies.add([src.transpose(1, 2)], torch.zeros(2, 8, 10))
     with pytest.raises(ValueError, match="strides"):
         copies.add([src, src[:, :, :4].repeat(1, 1, 2)[:, :, :8].contiguous().half()], torch.zeros(2, 10, 8))
     with pytest.raises(ValueError, match="int64"):
@@ -331,8 +336,9 @@ def test_kernels_compile_for_the_h100():
         sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
         assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm
     ptrs = {"jobs_ptr": "*i64", "sources_ptr": "*i64", "job_of_ptr": "*i32"}  # bitwise: no float type
-    for unit, out_c1 in ((triton.language.int16, True), (triton.language.int32, False)):
-        consts = dict(UNIT=unit, OUT_C1=out_c1, JOB_FIELDS=T.RowCopyLaunches.FIELDS, BLOCK_P=T.GPU_BLOCKS["rows"][1],
+    for unit, src_c1, out_c1 in ((triton.language.int16, True, True), (triton.language.int32, True, False),
+                                 (triton.language.int16, False, True)):
+        consts = dict(UNIT=unit, SRC_C1=src_c1, OUT_C1=out_c1, JOB_FIELDS=T.RowCopyLaunches.FIELDS, BLOCK_P=T.GPU_BLOCKS["rows"][1],
                       BLOCK_C=T.GPU_BLOCKS["rows"][0])
         assert "cubin" in compile_(T._copy_rows_kernel, ptrs, consts).asm
 

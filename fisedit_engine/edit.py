@@ -30,6 +30,7 @@ from .feed import EditFeed
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .graphs import SparseStepGraph
 from .kernels import fused as K
+from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .plan import DEFAULT_TILE, EditPlan
 from .probe import ProbeState
@@ -136,10 +137,8 @@ class EditState:
         cached = self.cached(ctx, f"{gn_path}:stats", x).float()
         if self.stats_mode == "exact":
             lp = self.plan.levels[self.feed.entries[inputs[0]].level]
-            parts = [self.feed.cached_active(k) for k in inputs]
-            cached_active = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            fresh_active = x.flatten(2).index_select(2, lp.tokens(x.device))
-            cached = K.exact_group_stats(cached, cached_active, fresh_active, lp.height * lp.width)
+            cached = K.exact_group_stats(cached, [self.feed.cached_active(k) for k in inputs],
+                                         R.AtPositions(x.flatten(2), lp.tokens(x.device)), lp.height * lp.width)
         ctx.recording.record(f"{gn_path}:stats", ctx, cached)
         return cached
 

@@ -44,6 +44,7 @@ import torch
 from . import resident
 from .cache import FisEditCache, PinnedArena, from_storage
 from .kernels import fused as K
+from .kernels import reference as R
 from .kernels.row_copies import RowCopies
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
@@ -443,13 +444,14 @@ class EditFeed:
         """The step's cached map (valid at the level's read region) or whole tensor; sparse ops write into it."""
         return self._device[key]
 
-    def cached_active(self, key: str) -> torch.Tensor:
-        """[rows, C, active positions]: the cached values of a map at its level's active positions."""
+    def cached_active(self, key: str) -> R.AtPositions:
+        """The cached values of a map at its level's active positions, where they lie: [rows, C, positions] at the
+        active ones (not gathered: the statistics kernel reads them in place)."""
         lp = self.plan.levels[self.entries[key].level]
         if self.entries[key].whole:
-            return self._device[key].flatten(2).index_select(2, lp.tokens(self._device[key].device))
+            return R.AtPositions(self._device[key].flatten(2), lp.tokens(self._device[key].device))
         staged = self._staged[key]  # [rows, P, C]
-        return staged.index_select(1, lp.active_in_read(staged.device)).transpose(1, 2)
+        return R.AtPositions(staged.transpose(1, 2), lp.active_in_read(staged.device))
 
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""

@@ -153,18 +153,30 @@ def oracle_scatter(base, tiles_out, positions, sources, bias=None, residual_tile
     return out
 
 
-def stats_case(n, c, groups, hw, tokens, dtype, device, seed, token_major=False):
+def stats_case(n, c, groups, hw, tokens, dtype, device, seed, token_major=False, split=None):
     """A GroupNorm input before and after an edit at the flat positions `tokens`: (the cached statistics [n, G, 2]
-    fp32 of the map before, its values and the fresh ones at the tokens [n, c, P] (token-major views when
-    `token_major`, as the feed's staged values are), the fp64 statistics of the map after)."""
+    fp32 of the map before; its values at the tokens, as the edit hands them over (reference.AtPositions, a list):
+    the map [n, c, H*W] itself at the tokens, or with `token_major` token-major rows [n, c, R] (as the feed's staged
+    values are, R > P) at positions of them, and with `split` two maps of `split` and c - split channels; the fresh
+    values [n, c, P] at 0..P-1 (token-major with `token_major`); the fp64 statistics of the map after)."""
+    from fisedit_engine.kernels.reference import AtPositions
     before = (rand(n, c, *hw, seed=seed) * 2 + 0.7).to(device, dtype)
     fresh = (rand(n, c, len(tokens), seed=seed + 1) * 3 - 0.4).to(device, dtype)
     after = before.clone()
     after.view(n, c, -1)[:, :, tokens] = fresh
-    cached_active = before.view(n, c, -1)[:, :, tokens]
-    if token_major:
-        cached_active, fresh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (cached_active, fresh))
-    return oracle_group_stats(before, groups).float(), cached_active, fresh, oracle_group_stats(after, groups)
+    tokens = tokens.to(device)
+    flat = before.view(n, c, -1)
+    if token_major:  # rows of every other position (twice the tokens), the tokens at the odd ones
+        rows = torch.zeros(n, c, 2 * len(tokens), dtype=dtype, device=device)
+        rows[:, :, 1::2] = flat[:, :, tokens]
+        flat = rows.transpose(1, 2).contiguous().transpose(1, 2)
+        tokens = torch.arange(1, 2 * len(tokens), 2, device=device)
+        fresh = fresh.transpose(1, 2).contiguous().transpose(1, 2)
+    cut = c if split is None else split
+    parts = [AtPositions(flat[:, :cut], tokens)] + ([AtPositions(flat[:, cut:], tokens)] if cut < c else [])
+    index = torch.arange(fresh.shape[2], device=device)
+    return (oracle_group_stats(before, groups).float(), parts, AtPositions(fresh, index),
+            oracle_group_stats(after, groups))
 
 
 def oracle_group_stats(x, groups):

@@ -204,10 +204,11 @@ def copy_rows(copies, step: int) -> None:
     _run("copy_rows", copies.device, kernel, lambda: R.copy_rows(copies.copies, step))
 
 
-def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
+def exact_group_stats(cached: torch.Tensor, cached_active: list[R.AtPositions], fresh_active: R.AtPositions,
                       positions: int) -> torch.Tensor:
     """[N, G, 2] fp32: the GroupNorm statistics of a map of `positions` positions whose cached statistics are
-    `cached`, with its cached values `cached_active` [N, C, P] at the active positions replaced by `fresh_active`."""
+    `cached`, with its cached values at the active positions (`cached_active`: up to two maps concatenated along
+    channels) replaced by `fresh_active`. The kernel reads the values where they lie; the reference gathers them."""
     return _run("exact_stats", cached.device,
                 lambda: _module.exact_group_stats(cached, cached_active, fresh_active, positions),
-                lambda: R.exact_group_stats(cached, cached_active, fresh_active, positions))
+                lambda: R.exact_group_stats(cached, R.gathered(cached_active), fresh_active.gather(), positions))

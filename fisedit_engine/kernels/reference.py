@@ -5,10 +5,28 @@ coordinates come from the plan's index maps, -1 meaning "outside the input" (the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 STATS_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class AtPositions:
+    """A map's values [N, C, L] (any strides) at positions `index` [P] (int64 on its device): `values[:, :, index]`,
+    left for the kernel that reads them to gather."""
+    values: torch.Tensor
+    index: torch.Tensor
+
+    def gather(self) -> torch.Tensor:
+        return self.values.index_select(2, self.index)
+
+
+def gathered(parts: list[AtPositions]) -> torch.Tensor:
+    """[N, sum of C, P]: the parts gathered and concatenated along channels."""
+    return torch.cat([part.gather() for part in parts], dim=1)
 
 
 def gather_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@
 - `RowCopyLaunches`: `reference.copy_rows` for many copies at once (an edit's per-step upload and activation), rows
   gathered from and/or scattered to positions, bitwise, one launch per element size.
 - `exact_group_stats`: `reference.exact_group_stats`, a GroupNorm's statistics over a map of cached values with fresh
-  ones at the active positions, from the cached statistics (one program per batch row and group).
+  ones at the active positions, from the cached statistics (one program per batch row and group), each read at its
+  positions where it lies (no gathered copies).
 
 Arithmetic is fp32 inside; each output element is rounded once to the output dtype. Every index and stride is a
 kernel argument, so inputs of any memory format are read where they lie (no `.contiguous()` copies).
@@ -160,10 +161,12 @@ _SUM = tl.standard._sum_combine if INTERPRETED else _add
 @triton.jit
 def _exact_stats_kernel(
     stats_ptr,                  # [N, G, 2] fp32, contiguous: the cached map's mean and biased variance
-    old_ptr, new_ptr,           # [N, C, P] cached and fresh values at the active positions, strides so_* / sn_*
+    old0_ptr, old0_idx,         # the cached values: channels < C0 from map 0 [N, C0, L0] at its positions [P] ...
+    old1_ptr, old1_idx,         # ... the rest from map 1 [N, C - C0, L1] at its own positions (strides s0_*, s1_*)
+    new_ptr, new_idx,           # the fresh values: map [N, C, L] at its positions, strides sn_*
     out_ptr,                    # [N, G, 2] fp32, contiguous
-    P, CPG, G, count,           # active positions, channels per group, groups, positions of the map x CPG
-    so_n, so_c, so_p, sn_n, sn_c, sn_p,
+    P, CPG, G, C0, count,       # active positions, channels per group, groups, map 0's channels, positions x CPG
+    s0_n, s0_c, s0_p, s1_n, s1_c, s1_p, sn_n, sn_c, sn_p,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # One program: one batch row and group. Sums about the cached mean, so nothing cancels (as the reference).
@@ -174,15 +177,21 @@ def _exact_stats_kernel(
     k = tl.arange(0, BLOCK_C)
     c = (g * CPG + k).to(tl.int64)
     c_ok = k < CPG
+    first = (c < C0)[:, None]  # a group may straddle the two maps
     n64 = n.to(tl.int64)
-    s1 = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)  # not tl.zeros: a @triton.jit helper, as tl.sum
+    s1 = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)  # not tl.zeros: a jit helper, as tl.sum
     s2 = tl.full([BLOCK_C, BLOCK_P], 0.0, tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-        ok = c_ok[:, None] & (p < P)[None, :]
-        old = tl.load(old_ptr + n64 * so_n + c[:, None] * so_c + p[None, :] * so_p, mask=ok, other=0.0)
-        new = tl.load(new_ptr + n64 * sn_n + c[:, None] * sn_c + p[None, :] * sn_p, mask=ok, other=0.0)
-        old = tl.where(ok, old.to(tl.float32) - mean, 0.0)
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        ok = c_ok[:, None] & p_ok[None, :]
+        i0 = tl.load(old0_idx + p, mask=p_ok, other=0).to(tl.int64)[None, :]
+        i1 = tl.load(old1_idx + p, mask=p_ok, other=0).to(tl.int64)[None, :]
+        i_new = tl.load(new_idx + p, mask=p_ok, other=0).to(tl.int64)[None, :]
+        a = tl.load(old0_ptr + n64 * s0_n + c[:, None] * s0_c + i0 * s0_p, mask=ok & first, other=0.0)
+        b = tl.load(old1_ptr + n64 * s1_n + (c[:, None] - C0) * s1_c + i1 * s1_p, mask=ok & ~first, other=0.0)
+        new = tl.load(new_ptr + n64 * sn_n + c[:, None] * sn_c + i_new * sn_p, mask=ok, other=0.0)
+        old = tl.where(ok, tl.where(first, a.to(tl.float32), b.to(tl.float32)) - mean, 0.0)
         new = tl.where(ok, new.to(tl.float32) - mean, 0.0)
         s1 += new - old
         s2 += new * new - old * old
@@ -530,14 +539,22 @@ class RowCopyLaunches:
                                                      BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
 
 
-def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_active: torch.Tensor,
-                      positions: int, blocks: int | None = None) -> torch.Tensor:
+def exact_group_stats(cached: torch.Tensor, cached_active, fresh_active, positions: int,
+                      blocks: int | None = None) -> torch.Tensor:
     """`reference.exact_group_stats` in one launch: [N, G, 2] fp32 statistics of the cached map with its active
-    positions replaced by fresh values, from the cached statistics `cached` [N, G, 2] (fp32) and the cached and fresh
-    values at the active positions [N, C, P] (any strides, any float dtype) of a map of `positions` positions."""
-    n, c, p = fresh_active.shape
-    _check(cached_active.shape == fresh_active.shape,
-           f"cached_active {tuple(cached_active.shape)} and fresh_active {tuple(fresh_active.shape)} differ")
+    positions replaced by fresh values, from the cached statistics `cached` [N, G, 2] (fp32), the cached values at
+    the active positions (`cached_active`: a list of one or two reference.AtPositions, concatenated along channels)
+    and the fresh ones (`fresh_active`: an AtPositions), of a map of `positions` positions. The values are read where
+    they lie (any strides, any float dtype), at their positions."""
+    _check(1 <= len(cached_active) <= 2, f"one or two cached maps expected, got {len(cached_active)}")
+    first, second = cached_active[0], cached_active[-1]
+    n, c, p = fresh_active.values.shape[0], fresh_active.values.shape[1], len(fresh_active.index)
+    channels = sum(part.values.shape[1] for part in cached_active)
+    _check(channels == c and all(len(part.index) == p and part.values.shape[0] == n for part in cached_active),
+           f"the cached values ({channels} channels at {[len(x.index) for x in cached_active]} positions) and the "
+           f"fresh ones ({c} channels at {p} positions) differ")
+    for at in (*cached_active, fresh_active):
+        _check_index("an index of active positions", at.index, at.values.device)
     _check(cached.dtype == torch.float32 and cached.dim() == 3 and cached.shape[0] == n and cached.shape[2] == 2,
            f"cached: fp32 [N={n}, G, 2] expected, got {cached.dtype} {tuple(cached.shape)}")
     groups = cached.shape[1]
@@ -551,8 +568,9 @@ def exact_group_stats(cached: torch.Tensor, cached_active: torch.Tensor, fresh_a
     out = torch.empty_like(cached)
     with _on(cached.device):
         _exact_stats_kernel[(n, groups)](
-            cached, cached_active, fresh_active, out, p, per, groups, float(positions * per),
-            *cached_active.stride(), *fresh_active.stride(),
+            cached, first.values, first.index, second.values, second.index, fresh_active.values, fresh_active.index,
+            out, p, per, groups, first.values.shape[1], float(positions * per),
+            *first.values.stride(), *second.values.stride(), *fresh_active.values.stride(),
             BLOCK_C=block_c, BLOCK_P=block_p,
         )
     return out

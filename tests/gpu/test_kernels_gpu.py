@@ -81,13 +81,17 @@ def test_group_norm_tokens(T, plan, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels", [320, 960, 2560])  # 10, 30 and 80 channels per group (concatenated inputs)
 def test_exact_group_stats(T, plan, dtype, channels):
+    """From token-major rows, as the feed stages them; the concatenated inputs from two maps (split inside a
+    group where the group size allows)."""
     tokens = plan.levels[0].tokens(DEV)
+    split = None if channels == 320 else channels // 3 + 1
     cached, cached_active, fresh, exact = KC.stats_case(N, channels, GROUPS, HW, tokens, dtype, DEV, seed=12,
-                                                        token_major=True)
+                                                        token_major=True, split=split)
     out = T.exact_group_stats(cached, cached_active, fresh, HW[0] * HW[1])
-    ref = R.exact_group_stats(cached, cached_active, fresh, HW[0] * HW[1])
+    ref = R.exact_group_stats(cached, R.gathered(cached_active), fresh.gather(), HW[0] * HW[1])
     KC.check_bound(out, ref, exact, 2.0)
-    assert torch.equal(T.exact_group_stats(cached, cached_active, cached_active, HW[0] * HW[1]), cached)
+    unchanged = R.AtPositions(R.gathered(cached_active), fresh.index)
+    assert torch.equal(T.exact_group_stats(cached, cached_active, unchanged, HW[0] * HW[1]), cached)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -176,23 +176,31 @@ def test_scatter_tokens_with_residual(T, plan, dtype):
     KC.check_bound(out, ref, exact, k_of(dtype))
 
 
-@pytest.mark.parametrize("dtype, token_major", [(torch.float32, False), (torch.float16, True),
-                                                (torch.bfloat16, False)])
-def test_exact_group_stats(T, plan, dtype, token_major):
-    """The statistics of the assembled map from the cached ones, for a map edited at the level's active tokens."""
+@pytest.mark.parametrize("dtype, token_major, split", [(torch.float32, False, None), (torch.float16, True, 40),
+                                                       (torch.bfloat16, False, 40), (torch.float16, True, None)])
+def test_exact_group_stats(T, plan, dtype, token_major, split):
+    """The statistics of the assembled map from the cached ones, for a map edited at the level's active tokens; the
+    cached values read at their positions from the map, or from token-major rows, or from two maps concatenated
+    along channels (split inside a group: channel 39 in the first map, 40 and 41 in the second)."""
     lp = plan.levels[0]
     tokens = lp.tokens("cpu")
     positions = HW[0] * HW[1]
     cached, cached_active, fresh, exact = KC.stats_case(N, C, GROUPS, HW, tokens, dtype, "cpu", seed=23,
-                                                        token_major=token_major)
+                                                        token_major=token_major, split=split)
     out = T.exact_group_stats(cached, cached_active, fresh, positions)
-    ref = R.exact_group_stats(cached, cached_active, fresh, positions)
+    ref = R.exact_group_stats(cached, R.gathered(cached_active), fresh.gather(), positions)
     KC.check_bound(out, ref, exact, 2.0)
     if token_major:  # a program looping over the positions in several blocks: fp32 summation order only
         torch.testing.assert_close(T.exact_group_stats(cached, cached_active, fresh, positions, blocks=64), out)
     # no edit gives the cached statistics exactly, and so does an empty active region
-    assert torch.equal(T.exact_group_stats(cached, cached_active, cached_active, positions), cached)
-    assert torch.equal(T.exact_group_stats(cached, cached_active[..., :0], fresh[..., :0], positions), cached)
+    unchanged = R.AtPositions(R.gathered(cached_active), fresh.index)
+    assert torch.equal(T.exact_group_stats(cached, cached_active, unchanged, positions), cached)
+    empty = [R.AtPositions(part.values, part.index[:0]) for part in cached_active]
+    assert torch.equal(T.exact_group_stats(cached, empty, R.AtPositions(fresh.values, fresh.index[:0]), positions),
+                       cached)
+    with pytest.raises(ValueError, match="differ"):
+        T.exact_group_stats(cached, cached_active[:1], fresh, positions) if split else T.exact_group_stats(
+            cached, cached_active, R.AtPositions(fresh.values, fresh.index[:-1]), positions)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -332,7 +340,8 @@ def test_kernels_compile_for_the_h100():
         ptrs = {"src_ptr": f"*{dt}", "idx_ptr": "*i64", "out_ptr": f"*{dt}"}
         consts = dict(BLOCK_C=T.GPU_BLOCKS["rows"][0], BLOCK_P=T.GPU_BLOCKS["rows"][1])
         assert "cubin" in compile_(T._gather_rows_kernel, ptrs, consts).asm
-        ptrs = {"stats_ptr": "*fp32", "old_ptr": f"*{dt}", "new_ptr": f"*{dt}", "out_ptr": "*fp32"}
+        ptrs = {"stats_ptr": "*fp32", "old0_ptr": f"*{dt}", "old1_ptr": f"*{dt}", "new_ptr": f"*{dt}",
+                "out_ptr": "*fp32", "old0_idx": "*i64", "old1_idx": "*i64", "new_idx": "*i64"}
         sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
         assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm
     ptrs = {"jobs_ptr": "*i64", "sources_ptr": "*i64", "job_of_ptr": "*i32"}  # bitwise: no float type

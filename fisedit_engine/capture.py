@@ -67,14 +67,16 @@ class Delta:
 
 @dataclass
 class PackedValues:
-    """What a captured sparse step records, as its graph leaves it: `buffer` (uint8, graph-owned), a step's row of
-    the store's planned keys (StepTensors.rows), or None; `rest` (key, chunk, graph-owned value), stored key by key;
-    `copies`, the row copies that fill the buffer (their tables are filled once a capture has ended: `ready`)."""
+    """What a step that packs its record (a captured sparse step, as its graph leaves it, or the eager step before
+    the capture) records: `buffer` (uint8, graph-owned), a step's row of the store's planned keys (StepTensors.rows),
+    or None; `rest` (key, chunk, graph-owned value), stored key by key; `copies`, the row copies that fill the
+    buffer."""
     buffer: torch.Tensor | None
     rest: list
     copies: RowCopies | None = None
 
     def ready(self) -> None:
+        """Fills the row copies' tables once the capture that made them has ended (before the first replay)."""
         if self.copies is not None and self.copies.launches is not None:
             self.copies.launches.upload()
 

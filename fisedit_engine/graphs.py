@@ -107,6 +107,7 @@ class SparseStepGraph:
 
     def close(self) -> None:
         self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, None
+        self._warm_record = None
 
 
 def _signature(values) -> tuple:

@@ -484,6 +484,7 @@ class RowCopyLaunches:
             if c.rows and c.out.shape[0] and c.out.shape[2]:
                 src_c1 = c.out.shape[2] == 1 or c.sources[0].stride(2) == 1
                 groups.setdefault((c.out.element_size(), src_c1, c.out.stride(2) == 1), []).append(c)
+        _check(reuse is None or len(reuse.launches) == len(groups), "the reused tables are of copies grouped otherwise")
         for (size, src_c1, out_c1), group in groups.items():
             bc = min(block_c, triton.next_power_of_2(max(c.out.shape[2] for c in group)))
             jobs, sources, programs = [], [], []
@@ -504,13 +505,10 @@ class RowCopyLaunches:
                 first += programs[-1]
             job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
             host = (torch.tensor(jobs, dtype=torch.int64), torch.stack(sources, dim=1), job_of)
-            kept = reuse.launches[len(self.launches)]["tables"] if reuse is not None and len(reuse.launches) > len(
-                self.launches) else None
+            kept = reuse.launches[len(self.launches)]["tables"] if reuse is not None else None
             self.launches.append(dict(
                 tables=tuple(self._table(h, None if kept is None else kept[i]) for i, h in enumerate(host)),
                 n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))
-        _check(reuse is None or len(reuse.launches) == len(self.launches),
-               "the reused tables are of copies grouped otherwise")
         self.copies = copies  # the tables address their tensors: kept alive with them
 
     def _table(self, host: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:

@@ -182,9 +182,14 @@ def edge_guide(vae, image, probe):
 
 
 def check_conditioning(conditioning, what: str) -> None:
-    """A CONDITIONING with NaN or infinite values would make the edited region NaN; refuse it before any work."""
+    """A CONDITIONING with NaN or infinite values would make the edited region NaN, one with a ControlNet would be
+    applied where a sparse step cannot honour it: refuse them before any work."""
     import torch
     for i, item in enumerate(conditioning or []):
+        if host.carries_control(item):
+            raise CacheError(f"the {what} conditioning (entry {i}) carries a ControlNet or T2I-Adapter, which FISEdit "
+                             f"cannot apply in a sparse step: connect the text encoder's output without Apply "
+                             f"ControlNet")
         tensors = [item[0]] + [v for v in item[1].values() if isinstance(v, torch.Tensor)]
         if any(t is not None and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
             raise CacheError(f"the {what} conditioning (entry {i}) has NaN or infinite values: check the text "

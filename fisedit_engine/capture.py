@@ -551,6 +551,10 @@ class CaptureOuterSample(_CaptureWrapper):
         rec.noise = noise.detach().cpu()
         rec.latent_image = a["latent_image"].detach().cpu()
         rec.conds = host.guider_conds(guider)
+        if any(host.carries_control(item) for items in rec.conds.values() for item in items):
+            rec.fail("this generation uses a ControlNet or T2I-Adapter, which adds to the UNet's block outputs after "
+                     "FISEdit records them, so no edit could rebuild what the network read; the image is unaffected: "
+                     "capture a generation without Apply ControlNet")
         rec.partial_settings = dict(
             sampler=sampler, sampler_extra_options=host.sampler_extra_options(a["sampler"]),
             sampler_inpaint_options=host.sampler_inpaint_options(a["sampler"]),

@@ -207,6 +207,12 @@ def guider_conds(guider) -> dict[str, list]:
     return out
 
 
+def carries_control(item) -> bool:
+    """Whether a CONDITIONING entry [tensor, extras] carries a ControlNet, T2I-Adapter or control LoRA (what
+    ControlNetApply and its variants set), which adds its residuals to the UNet's block outputs."""
+    return item[1].get("control") is not None
+
+
 def is_interrupt(exc: BaseException) -> bool:
     try:
         import comfy.model_management as mm

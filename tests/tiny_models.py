@@ -66,6 +66,26 @@ def build(arch: str = "sd15", seed: int = 0, dtype=torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
+def with_control_net(conditioning, arch: str, latent_hw: tuple[int, int], seed: int = 0):
+    """`conditioning` with a random-weight ControlNet of the tiny model's structure (ComfyUI's cldm.ControlNet) and a
+    random hint image, as ControlNetApply attaches one."""
+    import inspect
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    params = inspect.signature(comfy.cldm.cldm.ControlNet.__init__).parameters
+    cfg = {k: v for k, v in CONFIGS[arch].items() if k in params}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu",
+                                     dtype=torch.float32, **cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    hint = torch.rand(1, 3, latent_hw[0] * 8, latent_hw[1] * 8, generator=gen)
+    control = comfy.controlnet.ControlNet(net, load_device=torch.device("cpu")).copy().set_cond_hint(hint, 1.0)
+    return [[t, dict(extras, control=control, control_apply_to_uncond=False)] for t, extras in conditioning]
+
+
 def conditioning(arch: str, seed: int, batch: int = 1):
     """A random CONDITIONING for the tiny model (with the pooled output and sizes SDXL's label embedding needs)."""
     gen = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ Documented results tested here: an empty mask returns the original and its cache
 pixel (soft masks, values above 1 or below 0 are fine); a dilation beyond the latent's size covers everything (the
 edit is a regenerate, I2); probe_steps 0 means 20% of the cached steps. Errors: masks of another size, batch or rank,
 NaN/inf in a mask, a conditioning, a generation or a latent to decode; a negative dilation; probe steps outside
-1..steps-1; a cache of another model family. Property-based parts (hypothesis) vary mask shapes, values, dilation
+1..steps-1; a cache of another model family; a ControlNet in the captured generation or in the edited prompt. Property-based parts (hypothesis) vary mask shapes, values, dilation
 and the probe settings, and compare accepted masks with an independent reference.
 """
 import numpy as np
@@ -36,12 +36,12 @@ def source(model):
     return api.sealed_handle(cache), original
 
 
-def generate(model, prompt_seed=11, negative=None, latent=None):
+def generate(model, prompt_seed=11, negative=None, latent=None, positive=None):
     import comfy.sample
     latent = torch.zeros(BATCH, 4, H, W) if latent is None else latent
     with torch.inference_mode():
         return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 3), STEPS, 7.0, "euler", "normal",
-                                   tiny_models.conditioning("sd15", prompt_seed),
+                                   positive or tiny_models.conditioning("sd15", prompt_seed),
                                    negative or tiny_models.conditioning("sd15", 12), latent, seed=3, disable_pbar=True)
 
 
@@ -335,6 +335,33 @@ def test_a_generation_gone_nan_is_refused_by_the_store_and_its_memory_returned(m
         api.store(handle, {"samples": out})
     assert handle.recording.reserved == 0 and not handle.recording.store.tensors
     reliability.assert_registry_unchanged(before)
+
+
+# --- ControlNet -------------------------------------------------------------------------------------------------
+
+def test_a_controlnet_is_refused_by_the_store_and_by_the_edit(model, source, untouched):
+    """A ControlNet adds its residuals to the block outputs after the capture records them: a generation with one is
+    sampled untouched (I1) but not cached, and an edited prompt with one is refused before any model call."""
+    from fisedit_engine import api
+    from fisedit_engine.cache import CacheError
+    before = reliability.registry_snapshot()
+    positive = tiny_models.with_control_net(tiny_models.conditioning("sd15", 11), "sd15", (H, W))
+    captured, handle = api.capture(model, "bad-input-controlnet")
+    out = generate(captured, positive=positive)
+    assert torch.equal(out, generate(model, positive=positive))
+    assert not torch.equal(out, generate(model))  # the ControlNet took part
+    with pytest.raises(CacheError, match="ControlNet"):
+        api.store(handle, {"samples": out})
+    reliability.assert_registry_unchanged(before)
+    calls = []
+    hook = model.model.diffusion_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(CacheError, match="positive conditioning .* ControlNet"):
+            difference_mask(model, source[0], positive=tiny_models.with_control_net(edited_prompt(), "sd15", (H, W)),
+                            mask_mode="user", user_mask=torch.ones(1, H * 8, W * 8))
+    finally:
+        hook.remove()
+    assert calls == []
 
 
 # --- another model family ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTens
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels import fused as K
 from .kernels.reference import group_stats
-from .kernels.row_copies import RowCopies
+from .kernels.row_copies import RowCopies, as_rows
 from .layout import (DEFAULT_MIN_SPARSE_POSITIONS, LATENT_KEY, MODEL_OUTPUT_KEY, Target, UNetLayout, UnsupportedUNet,
                      is_probe_key, probe_record_steps)
 from .registry import CacheRegistry
@@ -364,7 +364,7 @@ class Recording:
         for (key, chunk), (value, positions) in planned.items():
             offset, shape, dtype, _ = rows.layout[(key, chunk)]
             out = buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape[0], -1, shape[-1])
-            copies.add([value.flatten(2).transpose(1, 2) if value.dim() == 4 else value], out, src_index=positions)
+            copies.add([as_rows(value)], out, src_index=positions)
         K.copy_rows(copies, 0)
         return PackedValues(buffer, rest, copies)
 

@@ -45,7 +45,7 @@ from . import resident
 from .cache import FisEditCache, PinnedArena, from_storage
 from .kernels import fused as K
 from .kernels import reference as R
-from .kernels.row_copies import RowCopies
+from .kernels.row_copies import RowCopies, as_rows
 from .layout import MODEL_OUTPUT_KEY, UNetLayout
 from .plan import EditPlan
 
@@ -407,14 +407,14 @@ class EditFeed:
                 value = from_storage(landing)
                 target = out.device[key] = torch.empty(value.shape, device=device, dtype=value.dtype)
                 if landing.dim() == 4:  # a map: channels-last landing into the [rows, C, H, W] buffer
-                    activate.add([landing.flatten(1, 2)], target.flatten(2).transpose(1, 2))
+                    activate.add([landing.flatten(1, 2)], as_rows(target))
                 else:
                     activate.add_whole([landing], target)
             else:
                 lp = self.plan.levels[e.level]
                 canvas = out.device[key] = torch.full((rows, sample[-1], lp.height, lp.width), float("nan"),
                                                       device=device, dtype=landing.dtype)
-                activate.add([landing], canvas.flatten(2).transpose(1, 2), out_index=positions)
+                activate.add([landing], as_rows(canvas), out_index=positions)
                 out.staged[key] = torch.empty_like(landing)  # a copy: the next upload lands while this step runs
                 activate.add_whole([landing], out.staged[key])
         return out

@@ -71,32 +71,24 @@ class SparseStepGraph:
     def _warm_up(self, ctx, call, args, kwargs):
         """An eager step that records as a replay does (packed, then flushed), so that the capture meets no kernel
         it would have to compile, and can take over the packing's kernel tables."""
-        rec = ctx.recording
-        rec.deferred = []
-        try:
-            out = call(*args, **kwargs)
-            self._warm_record = rec.pack_deferred()
-        finally:
-            rec.deferred = None
-        rec.flush(self._warm_record, ctx.step)
+        out, self._warm_record = _packed_call(ctx.recording, call, args, kwargs)
+        ctx.recording.flush(self._warm_record, ctx.step)
         return out
 
     def _capture(self, ctx, call, args, kwargs, signature) -> None:
         self.static_args = [_static(a) for a in args]
         self.static_kwargs = {k: _static(v) for k, v in kwargs.items()}
-        rec = ctx.recording
-        rec.deferred = []
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.output = call(*self.static_args, **self.static_kwargs)
-                recorded = rec.pack_deferred(reuse=self._warm_record)
+                self.output, recorded = _packed_call(ctx.recording, call, self.static_args, self.static_kwargs,
+                                                     reuse=self._warm_record)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             self.failure = f"{type(e).__name__}: {e} (at {where})"
         finally:
-            rec.deferred, self._warm_record = None, None
+            self._warm_record = None
         if self.failure is not None:
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
@@ -108,6 +100,15 @@ class SparseStepGraph:
     def close(self) -> None:
         self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, None
         self._warm_record = None
+
+
+def _packed_call(rec, call, args, kwargs, reuse=None):
+    """(the model call's output, what it recorded: capture.PackedValues), its record deferred and packed."""
+    rec.deferred = []
+    try:
+        return call(*args, **kwargs), rec.pack_deferred(reuse)
+    finally:
+        rec.deferred = None
 
 
 def _signature(values) -> tuple:

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 import torch
 
 
+def as_rows(value: torch.Tensor) -> torch.Tensor:
+    """A value as the rows a copy reads or writes: a map [B, C, H, W] as [B, H*W, C] (a view, channels strided),
+    anything else as it is."""
+    return value.flatten(2).transpose(1, 2) if value.dim() == 4 else value
+
+
 @dataclass(frozen=True)
 class RowCopy:
     sources: tuple[torch.Tensor, ...] | torch.Tensor   # per step, or one for every step; or [steps, ...] stepped

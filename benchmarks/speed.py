@@ -316,8 +316,9 @@ def main(argv=None) -> int:
         if earlier["gpu"] != gpu:
             raise SystemExit(f"{a.append} was measured on {earlier['gpu']}, not on this {gpu}")
         rows = earlier["rows"] + rows
-    result = {"gpu": gpu, "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; "
-                                   f"FISEdit tile 4, exact GroupNorm statistics", "rows": rows}
+    result = {"gpu": gpu, "rows": rows,
+              "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; FISEdit tile sizes "
+                       f"by the cost model (fisedit_engine/tile_costs.json), exact GroupNorm statistics"}
     a.out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

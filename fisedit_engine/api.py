@@ -198,15 +198,16 @@ def check_conditioning(conditioning, what: str) -> None:
 
 def sparse_sample(model, edit, dense_tail: float, gn_statistics: str, tile_size: int,
                   progress: Callable[[object, int], Callable] | None = None):
-    """FISEditSparseKSampler. `progress(model, steps)` returns a sampler callback (the node layer passes one that
-    draws the host's progress bar, one tick per step, as KSampler's does)."""
+    """FISEditSparseKSampler. `tile_size` 0 lets the cost model choose per level (tiling.py). `progress(model,
+    steps)` returns a sampler callback (the node layer passes one that draws the host's progress bar, one tick per
+    step, as KSampler's does)."""
     from .edit import EditSpec, run_edit
     if not isinstance(edit, EditSpec):
         raise CacheError(f"FISEditSparseKSampler's 'edit' got {type(edit).__name__}: connect the FISEDIT_EDIT output "
                          f"of FISEditDifferenceMask")
     callback = progress(model, edit.cache.get().settings.steps) if progress is not None else None
-    samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics, tile_size=tile_size,
-                               callback=callback)
+    samples, handle = run_edit(model, edit, dense_tail=dense_tail, stats_mode=gn_statistics,
+                               tile_size=tile_size or None, callback=callback)
     edit.result = handle if handle is not edit.cache else None
     return {"samples": samples}, handle
 

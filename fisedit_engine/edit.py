@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import comfy_adapter as host
 from . import cost
 from . import other_packs
+from . import tiling
 from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .feed import EditFeed
@@ -32,7 +33,7 @@ from .graphs import SparseStepGraph
 from .kernels import fused as K
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
-from .plan import DEFAULT_TILE, EditPlan
+from .plan import EditPlan
 from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput, WholeConv
@@ -233,8 +234,10 @@ def check_model(model, source: FisEditCache) -> None:
 
 
 def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
-             tile_size: int = DEFAULT_TILE, callback=None, cuda_graph: bool = True) -> tuple[torch.Tensor, CacheHandle]:
-    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache. On a CUDA device
+             tile_size: int | dict[int, int] | None = None, callback=None,
+             cuda_graph: bool = True) -> tuple[torch.Tensor, CacheHandle]:
+    """Runs the edit; returns the edited LATENT samples and a handle to the edited result's cache. `tile_size`: one
+    size for every sparse level, one per level, or None: per level by the cost model (tiling.py). On a CUDA device
     the sparse steps replay one captured CUDA graph unless `cuda_graph` is False."""
     source = spec.cache.get()
     s = source.settings
@@ -259,7 +262,15 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             callback(s.steps - 1, final, final, s.steps)
         return final, spec.cache
 
-    plan = EditPlan.build(spec.mask, layout.level_sizes(*s.latent_shape[-2:]), s.sparse_levels, tile_size)
+    level_sizes = layout.level_sizes(*s.latent_shape[-2:])
+    if tile_size is None:
+        work = tiling.level_work(unet, layout, level_sizes, s.sparse_levels, _context_tokens(spec))
+        choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work, batch * len(s.chunks),
+                                     *tiling.calibration_for(model.load_device))
+        tile_size, tile_note = choice.tiles, choice.note
+    else:
+        tile_note = "tile sizes set by the edit"
+    plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph)
@@ -295,21 +306,20 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     seal(handle, samples).edited_from = (weakref.ref(source), spec.mask)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
-    handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds)
+    handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds, tile_note)
     log.info("%s", handle.edit_summary)
     return samples, handle
 
 
 def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, layout: UNetLayout, unet, state: EditState,
-             seconds: float) -> str:
+             seconds: float, tile_note: str) -> str:
     """The edit's one-line summary: mask area, steps by kind, time, and the speed-up estimated from MACs (cost.py)."""
     s = source.settings
     replayed = spec.probe.steps if spec.probe is not None else 0
     dense = s.steps - max(replayed, state.dense_from)   # replayed steps are never recomputed, even in the tail
     sparse = s.steps - replayed - dense
     probe_seconds = spec.probe.seconds if spec.probe is not None else 0.0
-    context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
-    costs = cost.level_costs(unet, layout, plan.level_sizes, context)
+    costs = cost.level_costs(unet, layout, plan.level_sizes, _context_tokens(spec))
     fraction = cost.sparse_fraction(costs, {lvl: lp.fraction for lvl, lp in plan.levels.items()})
     speedup = cost.edit_speedup(s.steps, replayed, sparse, dense, fraction, len(s.chunks))
     return (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of the latent; "
@@ -317,7 +327,12 @@ def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, layout: UNetL
             f"{probe_seconds + seconds:.2f} s (probe {probe_seconds:.2f} s, sampling {seconds:.2f} s); "
             f"estimated speed-up {speedup:.1f}x over regenerating (a sparse step computes {100 * fraction:.0f}% of "
             f"a dense step's MACs); {_graph_note(state.graph)}, "
-            f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step; {plan.describe()}")
+            f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step; {plan.describe()}; "
+            f"{tile_note}")
+
+
+def _context_tokens(spec: EditSpec) -> int:
+    return spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
 
 
 def _graph_note(graph: SparseStepGraph | None) -> str:

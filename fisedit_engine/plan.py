@@ -140,6 +140,35 @@ def tile_region(tiles: torch.Tensor, tile: int, size: tuple[int, int]) -> torch.
     return region[:h, :w]
 
 
+def active_tiles(mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_levels,
+                 tile_sizes: dict[int, int] | int = DEFAULT_TILE) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per sparse level: (tile size, its active tiles [n, 2], their region [H, W] clipped to the map)."""
+    if mask.shape[-2:] != tuple(level_sizes[0]):
+        raise ValueError(f"mask {tuple(mask.shape[-2:])} does not match the latent {tuple(level_sizes[0])}")
+    levels = {}
+    active = mask.any(dim=0) if mask.dim() == 3 else mask
+    for lvl in range(max(sparse_levels, default=-1) + 1):
+        if lvl > 0:
+            active = pooled(levels[lvl - 1][2] if lvl - 1 in levels else active, level_sizes[lvl])
+        if lvl in sparse_levels:
+            t = tile_sizes if isinstance(tile_sizes, int) else tile_sizes.get(lvl, DEFAULT_TILE)
+            levels[lvl] = tiled(active, t)
+    return levels
+
+
+def pooled(finer: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The any-pool (2x2) of a finer level's active set onto the grid of the next level down, of `size`."""
+    h, w = finer.shape
+    padded = F.pad(finer.float(), (0, 2 * size[1] - w, 0, 2 * size[0] - h))
+    return F.max_pool2d(padded[None, None], 2)[0, 0] > 0
+
+
+def tiled(active: torch.Tensor, tile: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(tile, the tiles covering `active`, their region clipped to the map)."""
+    tiles = tiles_covering(active, tile)
+    return tile, tiles, tile_region(tiles, tile, tuple(active.shape))
+
+
 def _read_region(levels: dict[int, LevelPlan], lvl: int, level_sizes) -> torch.Tensor:
     """Every position of level `lvl` that a sparse op reads: 3x3 convs at the level, the stride-2 conv of the next
     level down, the upsampling conv of the level above. Always contains the active region."""
@@ -168,21 +197,8 @@ class EditPlan:
     @classmethod
     def build(cls, mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_levels,
               tile_sizes: dict[int, int] | int = DEFAULT_TILE) -> "EditPlan":
-        if mask.shape[-2:] != tuple(level_sizes[0]):
-            raise ValueError(f"mask {tuple(mask.shape[-2:])} does not match the latent {tuple(level_sizes[0])}")
-        levels = {}
-        active = mask.any(dim=0) if mask.dim() == 3 else mask
-        for lvl in range(max(sparse_levels, default=-1) + 1):
-            size = level_sizes[lvl]
-            if lvl > 0:  # any-pool the finer level's active set onto this level's grid
-                prev = levels[lvl - 1].active if lvl - 1 in levels else active
-                ph, pw = prev.shape
-                prev = F.pad(prev.float(), (0, 2 * size[1] - pw, 0, 2 * size[0] - ph))
-                active = F.max_pool2d(prev[None, None], 2)[0, 0] > 0
-            if lvl in sparse_levels:
-                t = tile_sizes if isinstance(tile_sizes, int) else tile_sizes.get(lvl, DEFAULT_TILE)
-                tiles = tiles_covering(active, t)
-                levels[lvl] = LevelPlan(lvl, size[0], size[1], t, tiles, tile_region(tiles, t, size))
+        levels = {lvl: LevelPlan(lvl, *level_sizes[lvl], t, tiles, region)
+                  for lvl, (t, tiles, region) in active_tiles(mask, level_sizes, sparse_levels, tile_sizes).items()}
         for lvl, lp in levels.items():
             lp.read = _read_region(levels, lvl, level_sizes)
         return cls(mask, levels, list(level_sizes))

@@ -92,8 +92,10 @@ SPARSE_KSAMPLER = NodeSpec(
         In("gn_statistics", "COMBO", ("exact: GroupNorm statistics of the whole map (cached outside, fresh inside). "
                                       "cached: the original run's statistics (the paper's approximation)."),
            optional=True, options=STATS_MODES, default="exact"),
-        In("tile_size", "INT", "Side of the tiles the sparse levels are computed in, in latent pixels.",
-           optional=True, default=DEFAULT_TILE, min=1, max=64),
+        In("tile_size", "INT", ("Side of the tiles the sparse levels are computed in, in latent pixels. 0: chosen "
+                                "per level by a cost model calibrated on the GPU (the edit's summary names the sizes "
+                                f"and the calibration; without one, {DEFAULT_TILE})."),
+           optional=True, default=0, min=0, max=64),
     ),
     outputs=(
         Out("latent", "LATENT", "The edited latent: decode it with VAEDecode (or FISEditDecode)."),

@@ -36,7 +36,7 @@ CONTRACT = {
                               [("FISEDIT_EDIT", "edit"), ("MASK", "mask"), ("IMAGE", "preview")]),
     "FISEditSparseKSampler": ([("required", "model", "MODEL", None), ("required", "edit", "FISEDIT_EDIT", None),
                                ("optional", "dense_tail", "FLOAT", 0.0), ("optional", "gn_statistics", "COMBO", "exact"),
-                               ("optional", "tile_size", "INT", 4)],
+                               ("optional", "tile_size", "INT", 0)],
                               [("LATENT", "latent"), ("FISEDIT_CACHE", "cache")]),
     "FISEditDecode": ([("required", "vae", "VAE", None), ("required", "samples", "LATENT", None),
                        ("required", "edit", "FISEDIT_EDIT", None)], [("IMAGE", "image")]),

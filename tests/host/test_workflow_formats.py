@@ -80,7 +80,7 @@ def test_widget_values_are_where_the_frontend_puts_them(defs):
                                                        "mask_mode", "probe_steps", "threshold", "edit_size", "dilate",
                                                        "attention_control"]
     assert [l[1:] for l in ui["links"] if l[3] == 14 and l[5] == "VAE"] == [[1, 2, 14, 4, "VAE"]]
-    assert nodes[15]["widgets_values"] == [0.0, "exact", 4]
+    assert nodes[15]["widgets_values"] == [0.0, "exact", 0]  # tile_size 0 (the cost model) since the frontend run
     assert nodes[14]["title"] == "FISEdit Difference Mask (auto)"
     assert [l[1:] for l in ui["links"] if l[3] == 15] == [[1, 0, 15, 0, "MODEL"], [14, 0, 15, 1, "FISEDIT_EDIT"]]
 

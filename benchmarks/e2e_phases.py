@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     def edit(patcher):
         spec, t_mask = synced(lambda: speed.probed_edit(patcher, handle, edited, lat, a.fraction))
-        (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 4))
+        (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 0))
         _, t_decode = synced(lambda: api.decode(vae, samples, spec))
         if result.name != handle.name:
             api.registry().remove(result.name)

@@ -13,7 +13,8 @@ Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 w
   context's size (held from the capture on, within FISEDIT_RESIDENT_BUDGET).
 Writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (speedup versus edit size).
 
-    python benchmarks/speed.py [--models sd15@512,sd21v@768,sd21v@1024,sdxl@1024] [--steps 20]
+    python benchmarks/speed.py [--models sd15@512,sd21v@768,sd21v@1024,sdxl@1024] [--steps 20] [--fractions F,...]
+                               [--no-e2e]
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def unet_call_times(model, arch: str, lat: int, repeat: int) -> dict:
     return {"unet_eager_ms": eager, "unet_graph_ms": replay}
 
 
-def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
+def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS, end_to_end: bool = True) -> dict:
     import torch
     import comfy.sample
     from fisedit_engine import api, resident
@@ -202,7 +203,7 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
         row["resident_budget_bytes"] = resident.budget().limit(torch.device("cuda"))
 
         row["sparse"] = []
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             for shape in ("rect", "blob"):
                 mask = region_mask(lat, fraction, shape)
                 entry = {"fraction": fraction, "shape": shape, "mask_area": float(mask.float().mean())}
@@ -228,7 +229,7 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
 
         def edit_e2e(fraction):
             spec = probed_edit(model, handle, edited, lat, fraction)
-            samples, result = api.sparse_sample(model, spec, 0.0, "exact", 4)
+            samples, result = api.sparse_sample(model, spec, 0.0, "exact", 0)  # 0: the cost model's tiles
             image = api.decode(vae, samples, spec)
             return image, spec, result
 
@@ -241,10 +242,11 @@ def run_case(arch: str, size: int, steps: int, repeat: int) -> dict:
             torch.cuda.synchronize()
             return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
 
-        stock_e2e()
-        _, row["stock_e2e_s"], row["stock_peak_bytes"] = measure(stock_e2e)
         row["e2e"] = []
-        for fraction in FRACTIONS:
+        if end_to_end:
+            stock_e2e()
+            _, row["stock_e2e_s"], row["stock_peak_bytes"] = measure(stock_e2e)
+        for fraction in fractions if end_to_end else ():
             for attempt in range(2):
                 (_, spec, result), seconds, peak = measure(lambda: edit_e2e(fraction))
                 if result.name != handle.name:  # an empty mask returns the source itself
@@ -295,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=30, help="timed UNet calls for the eager and graph medians")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="edit sizes (comma-separated)")
+    parser.add_argument("--no-e2e", action="store_true", help="per-step rows only (no end-to-end edits)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--append", type=Path, help="a JSON of an earlier run on the same GPU whose rows come first")
     a = parser.parse_args(argv)
@@ -309,7 +313,8 @@ def main(argv=None) -> int:
     for spec in a.models.split(","):
         arch, size = spec.split("@")
         t0 = time.perf_counter()
-        rows.append(run_case(arch, int(size), a.steps, a.repeat))
+        rows.append(run_case(arch, int(size), a.steps, a.repeat, tuple(map(float, a.fractions.split(","))),
+                             not a.no_e2e))
         print(f"{spec}: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.append is not None:
         earlier = json.loads(a.append.read_text())

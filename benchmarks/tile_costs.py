@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
         coef, intercepts = tiling.fit([s["features"] for s in samples], [s["ms"] / 1e3 for s in samples],
                                       [s["model"] for s in samples])
-        calibration = tiling.Calibration(gpu, coef, "")
+        calibration = tiling.Calibration(gpu, "cuda", coef, "")
         for s in samples:
             s["predicted_ms"] = 1e3 * (calibration.predict(s["features"]) + intercepts[s["model"]])
         errors = [s["predicted_ms"] - s["ms"] for s in samples]
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     (a.out / f"{stem}.md").write_text(table)
     if a.write:
         entries = json.loads(tiling.CALIBRATIONS.read_text()) if tiling.CALIBRATIONS.exists() else {}
-        entries[gpu] = {"seconds": list(coef),
+        entries[gpu] = {"kind": "cuda", "seconds": list(coef),
                         "fitted": (f"benchmarks/tile_costs.py --models {a.models}, {datetime.date.today()}, "
                                    f"{len(samples)} edits, residual rms {rms:.3f} ms")}
         tiling.CALIBRATIONS.write_text(json.dumps(entries, indent=1) + "\n")

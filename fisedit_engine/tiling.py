@@ -85,9 +85,10 @@ def plan_features(work: dict[int, LevelWork], levels: dict[int, tuple[int, torch
 
 @dataclass(frozen=True)
 class Calibration:
-    device: str
+    device: str                  # torch.cuda.get_device_name(), or a device type ("cpu")
+    kind: str                    # the device type: "cuda", "cpu", ...
     seconds: tuple[float, ...]   # per unit of each of FEATURES
-    fitted: str                           # how and on what it was measured
+    fitted: str                  # how and on what it was measured
 
     def predict(self, features) -> float:
         return sum(c * f for c, f in zip(self.seconds, features))
@@ -96,9 +97,8 @@ class Calibration:
 @dataclass(frozen=True)
 class TileChoice:
     tiles: dict[int, int]
-    predicted_s: float
-    default_s: float            # predicted with DEFAULT_TILE at every level
-    calibration: Calibration | None
+    predicted_s: float      # the sparse levels' predicted time per step (NaN without a calibration)
+    default_s: float        # the same with DEFAULT_TILE at every level
     note: str               # for the edit's summary: how the sizes were chosen
 
 
@@ -108,7 +108,7 @@ def calibrations(path: Path | None = None) -> dict[str, Calibration]:
     if not path.exists():
         return {}
     entries = json.loads(path.read_text())
-    return {name: Calibration(name, tuple(e["seconds"]), e["fitted"]) for name, e in entries.items()}
+    return {name: Calibration(name, e["kind"], tuple(e["seconds"]), e["fitted"]) for name, e in entries.items()}
 
 
 def device_name(device) -> str:
@@ -123,7 +123,7 @@ def calibration_for(device, table: dict[str, Calibration] | None = None) -> tupl
     if name in table:
         return table[name], f"calibrated on this {name}"
     kind = torch.device(device).type
-    same_kind = [c for n, c in sorted(table.items()) if (n != "cpu") == (kind != "cpu")]
+    same_kind = [c for _, c in sorted(table.items()) if c.kind == kind]
     if same_kind:
         return same_kind[0], (f"calibrated on {same_kind[0].device}, not this {name}: run benchmarks/tile_costs.py "
                               f"--write to calibrate it")
@@ -137,7 +137,7 @@ def choose_tiles(mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_
     levels = sorted(sparse_levels)
     default = {lvl: DEFAULT_TILE for lvl in levels}
     if calibration is None:
-        return TileChoice(default, math.nan, math.nan, None, f"tile {DEFAULT_TILE} at every level ({note})")
+        return TileChoice(default, math.nan, math.nan, f"tile {DEFAULT_TILE} at every level ({note})")
     if levels != list(range(len(levels))):
         raise ValueError(f"sparse levels {levels}: the cost model expects the finest levels, 0 up")
     best: list = [math.inf, None]
@@ -157,7 +157,7 @@ def choose_tiles(mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_
 
     search(0, mask.any(dim=0) if mask.dim() == 3 else mask, {}, 0.0)
     default_s = calibration.predict(plan_features(work, active_tiles(mask, level_sizes, levels, default), rows))
-    return TileChoice(best[1], best[0], default_s, calibration,
+    return TileChoice(best[1], best[0], default_s,
                       f"tiles by the cost model ({note}): predicted {1e3 * best[0]:.2f} ms per step for the sparse "
                       f"levels, {1e3 * default_s:.2f} ms at tile {DEFAULT_TILE}")
 

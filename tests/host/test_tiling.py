@@ -56,7 +56,7 @@ def test_the_search_finds_the_combination_of_least_predicted_time(sd15, seed):
     levels = [0, 1]
     work, sizes = work_of(sd15, (32, 40), levels)
     rng = random.Random(seed)
-    calibration = tiling.Calibration("test", tuple(rng.uniform(0, 1) * 10 ** rng.uniform(-14, -9)
+    calibration = tiling.Calibration("test", "cpu", tuple(rng.uniform(0, 1) * 10 ** rng.uniform(-14, -9)
                                                    for _ in tiling.FEATURES), "random")
     mask = random_mask((32, 40), seed)
     choice = tiling.choose_tiles(mask, sizes, levels, work, 2, calibration, "test")
@@ -75,7 +75,7 @@ def test_halos_favour_large_tiles_and_masks_favour_small_ones(sd15):
     levels = [0, 1]
     work, sizes = work_of(sd15, (32, 40), levels)
     mask = random_mask((32, 40), 0)
-    only = lambda i: tiling.Calibration("test", tuple(1e-12 * (j == i) for j in range(4)), "")  # noqa: E731
+    only = lambda i: tiling.Calibration("test", "cpu", tuple(1e-12 * (j == i) for j in range(4)), "")  # noqa: E731
     by_macs = tiling.choose_tiles(mask, sizes, levels, work, 2, only(0)).tiles
     by_gathers = tiling.choose_tiles(mask, sizes, levels, work, 2, only(2)).tiles
     assert by_macs[0] == min(tiling.CANDIDATES)
@@ -93,12 +93,24 @@ def test_without_a_calibration_every_level_takes_the_default_tile_and_says_why(s
     assert choice.note == f"tile {DEFAULT_TILE} at every level (no calibration for cpu)"
 
 
-def test_a_calibration_is_taken_by_device_name():
+def test_a_calibration_is_taken_by_device_name_else_by_device_type():
     from fisedit_engine import tiling
-    gpu = tiling.Calibration("Some GPU", (1.0, 1.0, 1.0, 1.0), "")
-    cpu = tiling.Calibration("cpu", (2.0, 2.0, 2.0, 2.0), "")
+    gpu = tiling.Calibration("Some GPU", "cuda", (1.0, 1.0, 1.0, 1.0), "")
+    cpu = tiling.Calibration("cpu", "cpu", (2.0, 2.0, 2.0, 2.0), "")
     assert tiling.calibration_for("cpu", {"Some GPU": gpu, "cpu": cpu}) == (cpu, "calibrated on this cpu")
     assert tiling.calibration_for("cpu", {"Some GPU": gpu})[0] is None  # a GPU's costs say nothing of a CPU's
+    other = tiling.Calibration("Other CPU", "cpu", (3.0, 3.0, 3.0, 3.0), "")
+    assert tiling.calibration_for("cpu", {"Some GPU": gpu, "Other CPU": other}) == (
+        other, "calibrated on Other CPU, not this cpu: run benchmarks/tile_costs.py --write to calibrate it")
+
+
+def test_the_stored_calibrations_load():
+    from fisedit_engine import tiling
+    table = tiling.calibrations()
+    assert table, f"{tiling.CALIBRATIONS} holds no calibration"
+    for name, c in table.items():
+        assert c.device == name and c.kind == "cuda" and len(c.seconds) == len(tiling.FEATURES)
+        assert all(v >= 0 for v in c.seconds) and any(v > 0 for v in c.seconds) and c.fitted
 
 
 def test_the_fit_recovers_known_costs_and_keeps_them_non_negative():
@@ -134,7 +146,8 @@ def test_an_edit_without_a_tile_size_takes_the_cost_models_tiles(sd15, monkeypat
         _, default = run_edit(sd15, spec)
     assert "tile 4 at every level (no calibration for cpu)" in default.edit_summary
     path = tmp_path / "tile_costs.json"
-    path.write_text(json.dumps({"cpu": {"seconds": [1e-12, 1e-12, 0.0, 0.0], "fitted": "test: MACs only"}}))
+    path.write_text(json.dumps({"cpu": {"kind": "cpu", "seconds": [1e-12, 1e-12, 0.0, 0.0],
+                                        "fitted": "test: MACs only"}}))
     monkeypatch.setattr(tiling, "CALIBRATIONS", path)
     with torch.inference_mode():
         edited, result = run_edit(sd15, spec)

@@ -160,7 +160,7 @@ class StepRows:
     The block is pageable memory: an edit's result is about 1 GiB at SD2.1@768 (5% mask), which the H200's host took
     0.55 s to pin (2 GiB and 1.1 s as PyTorch's pinned allocator rounds it up) against 0.1 s to first touch
     (benchmarks/host_memory.py), and results stay in the registry, so every edit would pin anew. The rows that a
-    replayed step records reach it through a pinned staging row (capture.Recording.flush)."""
+    replayed step records reach it through a pinned staging row (capture.RowLander)."""
     ALIGN = 16
     layout: dict
     block: torch.Tensor

@@ -2,10 +2,11 @@
 planned storage (StepTensors.plan_rows, capture.PackedValues), gives the store that recording key by key gives. Run
 here without a graph: the packing and the host side are the same code a CUDA-graph capture runs
 (tests/gpu/test_graph_gpu.py compares whole edits on a GPU)."""
+import pytest
 import torch
 
 from fisedit_engine.cache import Region, StepTensors, to_storage
-from fisedit_engine.capture import Delta, Recording, StepContext
+from fisedit_engine.capture import Delta, Recording, RowLander, StepContext
 from fisedit_engine.layout import Target
 from fisedit_engine.registry import CacheRegistry
 
@@ -89,6 +90,8 @@ def test_a_packed_replay_stores_what_key_by_key_recording_stores():
     assert packed_rec.store.tensors[(TOKENS, 1)].shape == (STEPS, BATCH, len(REGION.positions), 3)
     for step in range(1, STEPS):
         replay(packed_rec, packed, step)
+    packed_rec.finish(torch.zeros(BATCH, 4, 4, 4))  # waits for the rows still on their way into the store
+    assert packed_rec.state == "complete"
     assert_same_store(by_key.store, packed_rec.store)
 
 
@@ -103,3 +106,31 @@ def test_a_step_that_records_other_keys_than_planned_is_stored_key_by_key():
     for step in range(1, STEPS):
         replay(other, packed, step, extra=True)
     assert_same_store(by_key.store, other.store)
+
+
+def test_the_row_lander_stores_each_row_as_it_was_put():
+    """The caller overwrites its buffer right after each put (as the next replay does); every row still lands."""
+    block = torch.zeros(40, 1 << 16, dtype=torch.uint8)
+    buffer = torch.empty(1 << 16, dtype=torch.uint8)
+    lander = RowLander(buffer.shape)
+    expected = []
+    for step in range(len(block)):
+        buffer.random_(0, 256, generator=torch.Generator().manual_seed(step))
+        expected.append(buffer.clone())
+        lander.put(buffer, block[step], step)
+        buffer.fill_(0)
+    lander.drain()
+    lander.shutdown()
+    assert torch.equal(block, torch.stack(expected))
+
+
+def test_the_row_lander_writes_inference_tensors_and_raises_what_a_landing_raised():
+    with torch.inference_mode():  # ComfyUI samples in inference mode: the store's block is an inference tensor
+        block = torch.zeros(2, 8, dtype=torch.uint8)
+    lander = RowLander((8,))
+    lander.put(torch.full((8,), 7, dtype=torch.uint8), block[0], 0)
+    lander.put(torch.full((8,), 9, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), 1)  # no room for it
+    with pytest.raises(RuntimeError):
+        lander.drain()
+    lander.shutdown()
+    assert block[0].tolist() == [7] * 8

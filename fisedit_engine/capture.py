@@ -116,7 +116,7 @@ _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextV
 class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
     into one of two pinned staging rows without waiting for the GPU; a worker thread then waits for that copy to land
-    and copies the staging row into the store. That host copy (about 46 MB per step at SD2.1@768 with a 5% mask, 3-4
+    and copies the staging row into the store. That host copy (about 46 MiB per step at SD2.1@768 with a 5% mask, 3-4
     ms) thus runs beside the main thread's next steps instead of inside a model call; a staging row is taken again
     two steps later, once its landing has finished. On the CPU (tests) the same path runs without the GPU's wait."""
 

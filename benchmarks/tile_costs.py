@@ -36,6 +36,7 @@ class Bench:
         import comfy.sample
         import speed
         from fisedit_engine import api, tiling
+        from fisedit_engine.cost import level_costs
         from fisedit_engine.layout import UNetLayout
 
         self.name, self.arch, self.lat, self.replays = f"{arch}@{size}", arch, size // 8, replays
@@ -54,7 +55,8 @@ class Bench:
         self.levels = sorted(s.sparse_levels)
         self.level_sizes = layout.level_sizes(*s.latent_shape[-2:])
         self.rows = s.latent_shape[0] * len(s.chunks)
-        self.work = tiling.level_work(unet, layout, self.level_sizes, self.levels, self.edited[0][0].shape[1])
+        costs = level_costs(unet, layout, self.level_sizes, self.edited[0][0].shape[1])
+        self.work = tiling.level_work(unet, layout, costs, self.levels)
 
     def mask(self, shape: str, fraction: float):
         import speed

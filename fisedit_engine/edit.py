@@ -263,15 +263,18 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
         return final, spec.cache
 
     level_sizes = layout.level_sizes(*s.latent_shape[-2:])
+    context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
+    costs = cost.level_costs(unet, layout, level_sizes, context)  # the cost model's and the summary's
     if tile_size is None:
-        work = tiling.level_work(unet, layout, level_sizes, s.sparse_levels, _context_tokens(spec))
+        work = tiling.level_work(unet, layout, costs, s.sparse_levels)
         choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work, batch * len(s.chunks),
                                      *tiling.calibration_for(model.load_device))
         tile_size, tile_note = choice.tiles, choice.note
     else:
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
-    graph = SparseStepGraph() if cuda_graph and torch.device(model.load_device).type == "cuda" else None
+    on_gpu = torch.device(model.load_device).type == "cuda"
+    graph = SparseStepGraph() if cuda_graph and on_gpu else None
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph)
 
@@ -290,7 +293,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             patched.add_object_patch(f"diffusion_model.{block.path}.forward",
                                      SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
     patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
-    if torch.device(model.load_device).type == "cuda":
+    if on_gpu:
         for path, module in modules.items():
             if isinstance(module, torch.nn.Conv2d):
                 patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
@@ -306,20 +309,19 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     seal(handle, samples).edited_from = (weakref.ref(source), spec.mask)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
-    handle.edit_summary = _summary(source, spec, plan, layout, unet, state, seconds, tile_note)
+    handle.edit_summary = _summary(source, spec, plan, costs, state, seconds, tile_note)
     log.info("%s", handle.edit_summary)
     return samples, handle
 
 
-def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, layout: UNetLayout, unet, state: EditState,
-             seconds: float, tile_note: str) -> str:
+def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, costs: dict[int, cost.LevelCost],
+             state: EditState, seconds: float, tile_note: str) -> str:
     """The edit's one-line summary: mask area, steps by kind, time, and the speed-up estimated from MACs (cost.py)."""
     s = source.settings
     replayed = spec.probe.steps if spec.probe is not None else 0
     dense = s.steps - max(replayed, state.dense_from)   # replayed steps are never recomputed, even in the tail
     sparse = s.steps - replayed - dense
     probe_seconds = spec.probe.seconds if spec.probe is not None else 0.0
-    costs = cost.level_costs(unet, layout, plan.level_sizes, _context_tokens(spec))
     fraction = cost.sparse_fraction(costs, {lvl: lp.fraction for lvl, lp in plan.levels.items()})
     speedup = cost.edit_speedup(s.steps, replayed, sparse, dense, fraction, len(s.chunks))
     return (f"FISEdit edit of '{source.name}': mask {100 * float(spec.mask.float().mean()):.1f}% of the latent; "
@@ -329,10 +331,6 @@ def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, layout: UNetL
             f"a dense step's MACs); {_graph_note(state.graph)}, "
             f"{state.feed.stats.bytes_per_step / 2**20:.1f} MiB uploaded per sparse step; {plan.describe()}; "
             f"{tile_note}")
-
-
-def _context_tokens(spec: EditSpec) -> int:
-    return spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
 
 
 def _graph_note(graph: SparseStepGraph | None) -> str:

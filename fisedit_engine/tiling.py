@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .cost import LevelCost, level_costs
+from .cost import LevelCost
 from .layout import UNetLayout
 from .plan import DEFAULT_TILE, active_tiles, pooled, tiled
 
@@ -55,9 +55,8 @@ class LevelWork:
         return layer, attention, float(tiles * (tile + 2) ** 2 * self.conv_inputs), float(tiles * self.convs)
 
 
-def level_work(unet, layout: UNetLayout, level_sizes: list[tuple[int, int]], sparse_levels,
-               context_tokens: int) -> dict[int, LevelWork]:
-    costs = level_costs(unet, layout, level_sizes, context_tokens)
+def level_work(unet, layout: UNetLayout, costs: dict[int, LevelCost], sparse_levels) -> dict[int, LevelWork]:
+    """Per sparse level: its MACs (`costs`: cost.level_costs) and its 3x3 convs."""
     modules = dict(unet.named_modules())
     roots = [(modules[b.path], b.level) for b in layout.blocks if b.level in sparse_levels]
     if isinstance(getattr(unet, "out", None), torch.nn.Module) and 0 in sparse_levels:

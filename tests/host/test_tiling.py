@@ -17,11 +17,12 @@ def sd15(host):
 
 def work_of(model, latent_hw, levels):
     from fisedit_engine import tiling
+    from fisedit_engine.cost import level_costs
     from fisedit_engine.layout import UNetLayout
     unet = model.model.diffusion_model
     layout = UNetLayout.from_unet(unet)
     sizes = layout.level_sizes(*latent_hw)
-    return tiling.level_work(unet, layout, sizes, levels, 77), sizes
+    return tiling.level_work(unet, layout, level_costs(unet, layout, sizes, 77), levels), sizes
 
 
 def random_mask(hw, seed):

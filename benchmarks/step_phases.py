@@ -25,6 +25,7 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
 
     def wrap(cls, name, on_gpu):
         original = getattr(cls, name)
+        label = label_of(cls, name)
 
         def timed(*args, **kwargs):
             if on_gpu:
@@ -32,11 +33,11 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
                 start.record()
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
-            times.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+            times.setdefault(label, []).append(1000 * (time.perf_counter() - t0))
             if on_gpu:
                 end.record()
                 end.synchronize()
-                times.setdefault(f"{name} (GPU)", []).append(start.elapsed_time(end))
+                times.setdefault(f"{label} (GPU)", []).append(start.elapsed_time(end))
             return out
         setattr(cls, name, timed)
         return original
@@ -44,11 +45,24 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
     return [(cls, name, wrap(cls, name, on_gpu)) for cls, name, on_gpu in targets]
 
 
+def label_of(owner, name: str) -> str:
+    """'Class.method' or 'module.function'."""
+    return f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
+
+
 def once_per_edit():
-    """(owner, name) of what an edit does once, besides its steps (timed like the phases)."""
-    from fisedit_engine import cache, edit, feed, graphs, plan
-    return [(edit, "check_model"), (plan.EditPlan, "build"), (feed.EditFeed, "_build_plan"),
-            (cache.StepTensors, "plan_rows"), (graphs.SparseStepGraph, "_capture"), (edit, "seal")]
+    """(owner, name) of what an edit does once, besides its steps (timed like the phases), in the order it does
+    them: the checks and the plan, the first sparse step's capture (what it builds ahead, the capture with the graph's
+    instantiation, the record's packing tables and landing rows), and the end of the run."""
+    import torch
+    from fisedit_engine import cache, capture, cost, edit, feed, graphs, plan, registry, tiling
+    from fisedit_engine.kernels import triton_ops
+    return [(edit, "check_model"), (cost, "level_costs"), (tiling, "choose_tiles"), (plan.EditPlan, "build"),
+            (feed.EditFeed, "build"), (cache.StepTensors, "plan_rows"), (feed.EditFeed, "_build_plan"),
+            (edit.EditState, "prepare_capture"), (graphs.SparseStepGraph, "_capture"),
+            (torch.cuda.CUDAGraph, "capture_end"), (capture.Recording, "packing"),
+            (triton_ops.RowCopyLaunches, "__init__"), (capture.RowLander, "__init__"), (capture.Recording, "finish"),
+            (edit, "seal"), (registry.CacheRegistry, "put"), (edit.EditState, "close")]
 
 
 def run(arch: str, size: int, fraction: float, steps: int) -> None:
@@ -95,13 +109,15 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
     print(f"{arch}@{size}, {100 * fraction:.0f}% rectangle, {steps} steps: edit {total:.2f} s, model call "
           f"(synchronised) median {1000 * statistics.median(timer.seconds[2:]):.1f} ms")
     calls = ", ".join(f"{1000 * s:.1f}" for s in timer.seconds[:4])
-    print(f"  model calls 1-4 (eager, captured, replayed): {calls} ms")
+    print(f"  model calls 1-4: {calls} ms")
+    print(f"  {result.edit_summary}")
+    once_labels = {label_of(owner, n) for owner, n in once}
     for name, values in times.items():
-        if name in {n for _, n in once}:
-            print(f"  {name:16s} {', '.join(f'{v:.1f}' for v in values)} ms (once per edit)")
+        if name in once_labels:
+            print(f"  {name:30s} {', '.join(f'{v:.1f}' for v in values)} ms (once per edit)")
             continue
         later = values[2:] or values  # the first steps build buffers and capture the graph
-        print(f"  {name:16s} median {statistics.median(later):7.2f} ms over {len(later)} steps")
+        print(f"  {name:30s} median {statistics.median(later):7.2f} ms over {len(later)} steps")
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .comfy_adapter import CHUNK_NAMES, COND
+from .graphs import outside_capture
 
 
 class CacheError(ValueError):
@@ -187,6 +188,7 @@ class Region:
         """The positions on `device` (copied once: a sparse step may be running as a CUDA graph capture)."""
         key = str(device)
         if key not in self._on:
+            outside_capture(device, "a region's positions")
             self._on[key] = self.positions.to(device)
         return self._on[key]
 

@@ -68,18 +68,17 @@ class Delta:
 
 @dataclass
 class PackedValues:
-    """What a step that packs its record (a captured sparse step, as its graph leaves it, or the eager step before
-    the capture) records: `buffer` (uint8, graph-owned), a step's row of the store's planned keys (StepTensors.rows),
-    or None; `rest` (key, chunk, graph-owned value), stored key by key; `copies`, the row copies that fill the
-    buffer."""
+    """What a captured sparse step records, as its graph leaves it after each replay: `buffer` (uint8), a step's row
+    of the store's planned keys (StepTensors.rows), filled by `copies` (pack()), or None; `rest` (key, chunk,
+    graph-owned value), stored key by key."""
     buffer: torch.Tensor | None
     rest: list
     copies: RowCopies | None = None
 
-    def ready(self) -> None:
-        """Fills the row copies' tables once the capture that made them has ended (before the first replay)."""
-        if self.copies is not None and self.copies.launches is not None:
-            self.copies.launches.upload()
+    def pack(self) -> None:
+        """Fills `buffer` from the graph's values (after a replay, before the buffer's copy to host memory)."""
+        if self.copies is not None:
+            K.copy_rows(self.copies, 0)
 
 
 def _stored_shape(value: torch.Tensor, positions: torch.Tensor | None) -> tuple:
@@ -336,7 +335,7 @@ class Recording:
             self.store.whole[(key, chunk, step)] = pinned(value.shape, value.dtype).copy_(value, non_blocking=True)
             value = take_positions(value, self.delta.regions[key].on(value.device))  # keeps the delta whole
         if self.deferred is not None:
-            # packed at the end of the step (pack_deferred): a region's values are gathered there, from the map as
+            # taken at the end of the step (take_deferred): a region's values are gathered there, from the map as
             # the step leaves it (a sparse level's maps are written only by the op that makes them); a whole value
             # is copied now, as the eager path's store does
             positions = region.on(value.device) if region is not None else None
@@ -379,12 +378,11 @@ class Recording:
         if self.resident is not None:
             self.resident.keep(key, chunk, step, value)
 
-    def pack_deferred(self, reuse: "PackedValues | None" = None) -> "PackedValues":
-        """At the end of a step that recorded into `deferred` (a CUDA graph's capture, or the eager step before it):
-        the values of the planned keys (StepTensors.plan_rows) written by one set of row copies into one device
-        buffer laid out as a step's row of the store, so that a replay's record moves to host memory in one copy; the
-        probe keys are stored key by key (and everything, should the step record other than what was planned).
-        `reuse`: an earlier step's packing, whose kernel tables a capture takes over (RowCopies)."""
+    def take_deferred(self) -> tuple[dict, list]:
+        """At the end of a captured step, what it recorded into `deferred`: ({(key, chunk): (value, positions)} of the
+        planned keys (StepTensors.plan_rows), packed after each replay (`packing`); [(key, chunk, value)] of the rest,
+        stored key by key: the probe keys, and everything should the step record other than what was planned. A
+        region's values are gathered here, so inside the graph."""
         rows = self.store.rows
         planned, rest = {}, []
         for key, chunk, value, positions in self.deferred:
@@ -392,27 +390,30 @@ class Recording:
                 rest.append((key, chunk, value, positions))
             else:
                 planned[(key, chunk)] = (value, positions)
-        stored = {k: (_stored_shape(v, p), v.dtype) for k, (v, p) in planned.items()}
         if rows is None or planned.keys() != rows.layout.keys() or any(
-                (shape, dtype) != rows.layout[k][1:3] for k, (shape, dtype) in stored.items()):
+                (_stored_shape(v, p), v.dtype) != rows.layout[k][1:3] for k, (v, p) in planned.items()):
             if planned:
                 log.info("FISEdit: a captured sparse step records other tensors than planned; its record is "
                          "stored key by key")
-            rest = list(self.deferred)
-            planned = {}
-        rest = [(key, chunk, value if p is None else take_positions(value, p)) for key, chunk, value, p in rest]
+            rest, planned = list(self.deferred), {}
+        return planned, [(key, chunk, value if p is None else take_positions(value, p)) for key, chunk, value, p in rest]
+
+    def packing(self, deferred: tuple[dict, list]) -> "PackedValues":
+        """The row copies that pack a captured step's planned values (take_deferred) into one row of the store, built
+        once the capture has ended (their tables live outside the graph's memory pool)."""
+        planned, rest = deferred
         if not planned:
             return PackedValues(None, rest)
-        for (key, chunk), (shape, dtype) in stored.items():  # made by the first packed step
-            self._slot(key, chunk, shape[1:], dtype)
+        rows = self.store.rows
+        for (key, chunk), (value, positions) in planned.items():
+            self._slot(key, chunk, _stored_shape(value, positions)[1:], value.dtype)
         first = next(iter(planned.values()))[0]
         buffer = torch.empty(rows.block.shape[1], dtype=torch.uint8, device=first.device)
-        copies = RowCopies(first.device, steps=1, reuse=reuse.copies if reuse is not None else None)
+        copies = RowCopies(first.device, steps=1)
         for (key, chunk), (value, positions) in planned.items():
             offset, shape, dtype, _ = rows.layout[(key, chunk)]
             out = buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape[0], -1, shape[-1])
             copies.add([as_rows(value)], out, src_index=positions)
-        K.copy_rows(copies, 0)
         return PackedValues(buffer, rest, copies)
 
     def flush(self, packed: "PackedValues", step: int) -> None:

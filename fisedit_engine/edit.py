@@ -29,7 +29,7 @@ from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .feed import EditFeed
 from .fingerprint import conditioning_fingerprint, model_fingerprint
-from .graphs import SparseStepGraph
+from .graphs import SparseStepGraph, outside_capture
 from .kernels import fused as K
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
@@ -68,6 +68,7 @@ class EditState:
     feed: EditFeed | None = None
     graph: SparseStepGraph | None = None    # None: every step runs eagerly
     regions: list = field(default_factory=list)  # the result's delta regions (their device copies are dropped)
+    convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
     _mask_rows: dict = field(default_factory=dict)
     _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (its weight, a channels-last copy)
 
@@ -98,8 +99,20 @@ class EditState:
             return weight
         kept = self._conv_weights.get(id(conv))
         if kept is None or kept[0] is not weight:
+            outside_capture(weight.device, f"a channels-last copy of a conv weight {tuple(weight.shape)}")
             kept = self._conv_weights[id(conv)] = (weight, weight.contiguous(memory_format=torch.channels_last))
         return kept[1]
+
+    def prepare_capture(self, ctx: StepContext, x: torch.Tensor) -> None:
+        """Builds on x's device what a sparse step reads besides its inputs and the feed's buffers, before a CUDA
+        graph captures the step (graphs.py)."""
+        self.plan.prepare(x.device)
+        self.mask_rows(ctx, x.device)
+        for region in self.regions:
+            region.on(x.device)
+        for conv in self.convs:
+            with host.cast_weights(conv, x) as (w, _):
+                self.channels_last_weight(conv, w)
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
@@ -156,6 +169,7 @@ class EditState:
         """[rows, 1, H, W] bool: each batch row's mask, repeated per CFG chunk."""
         key = (len(ctx.chunks), ctx.batch, str(device))
         if key not in self._mask_rows:
+            outside_capture(device, "the edit mask's rows")
             mask = self.plan.mask
             mask = mask.expand(ctx.batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
             self._mask_rows[key] = mask.repeat(len(ctx.chunks), 1, 1)[:, None].to(device)
@@ -178,6 +192,8 @@ class SparseStepWrapper:
         if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
             return executor(*args, **kwargs)
         state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
+        if state.graph.captures_next():
+            state.prepare_capture(ctx, args[0])
         # this step's values are in the buffers it reads now: the next step's can be staged and uploaded while this
         # one runs and records (feed.py), except while a graph captures, when no other thread may call into CUDA
         following = ctx.step + 1
@@ -274,9 +290,11 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     on_gpu = torch.device(model.load_device).type == "cuda"
-    graph = SparseStepGraph() if cuda_graph and on_gpu else None
+    graph = SparseStepGraph(model.load_device) if cuda_graph and on_gpu else None
+    modules = dict(unet.named_modules())
+    convs = [m for m in modules.values() if isinstance(m, torch.nn.Conv2d)] if on_gpu else []
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout), graph=graph)
+                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs)
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
     delta = Delta(source.store, _result_regions(plan, layout, s), state.dense_from)
@@ -287,16 +305,14 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
     if graph is not None:
         host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
-    modules = dict(unet.named_modules())
     for block in layout.blocks:
         if block.level in plan.levels:
             patched.add_object_patch(f"diffusion_model.{block.path}.forward",
                                      SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
     patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
-    if on_gpu:
-        for path, module in modules.items():
-            if isinstance(module, torch.nn.Conv2d):
-                patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
+    for path, module in modules.items():
+        if on_gpu and isinstance(module, torch.nn.Conv2d):
+            patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()
@@ -338,7 +354,13 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
         return "eager"
     if graph.failure is not None:
         return f"eager (no CUDA graph: {graph.failure})"
-    return f"{graph.replays} sparse steps replayed as a CUDA graph"
+    if graph.failed_captures:
+        start = f"after an eager step, as the first capture failed ({graph.failed_captures[0]})"
+    elif graph.eager_steps:
+        start = "after an eager warm-up step, the first on this device"
+    else:
+        start = "captured at the first sparse step"
+    return f"{graph.replays} sparse steps replayed as a CUDA graph ({start})"
 
 
 def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:

@@ -3,16 +3,22 @@
 On a GPU like the H100, ComfyUI's eager UNet call costs more in kernel launches than in arithmetic, and a sparse
 step launches more (smaller) kernels than a dense one. Every shape of a sparse step is fixed for the whole edit (the
 plan's tiles, the feed's buffers), so one graph serves every sparse step:
-- the first sparse step runs eagerly (it builds the index maps, the feed's buffers, cuDNN's plans, and compiles
-  the kernels), and records as the graph will;
-- the second is captured, with the recording deferred: what the step records for the result cache is packed by
-  the graph (one set of row copies) into one buffer laid out as a row of the result store's planned storage,
-  copied to host memory after each replay in one copy (`Recording.flush`; StepTensors.plan_rows), so the host does
-  no per-key work;
+- the first sparse step is captured, then replayed. What a captured step reads besides its inputs is built before
+  the capture (`EditState.prepare_capture`: the plan's index maps, the mask rows, the regions' positions and the
+  channels-last conv weights on the device), since a capture cannot copy from pageable memory; each of those caches
+  raises `NotPrepared` instead of building while a graph captures (`outside_capture`). Until a capture has succeeded
+  on a device in this process, the first sparse step runs eagerly instead (a warm-up): it compiles the Triton kernels
+  (a kernel's first launch never happens inside a capture: kernels/fused.py) and builds cuDNN's plans. A capture
+  that fails for want of either is logged, and the edit warms up and captures at the next step;
+- what the captured step records for the result cache is deferred: after each replay one set of row copies packs it
+  into one buffer laid out as a row of the result store's planned storage (StepTensors.plan_rows), which moves to
+  host memory in one copy (`Recording.flush`), so the host does no per-key work. The copies run outside the graph,
+  on tables built once after the capture (a table filled once cannot live in the graph's memory pool, whose blocks
+  the graph's own kernels reuse as scratch);
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
-A capture that fails falls back to eager steps, with the reason in the log.
+A second failed capture leaves the edit's steps eager, with the reason in the log.
 """
 from __future__ import annotations
 
@@ -24,37 +30,53 @@ import torch
 
 log = logging.getLogger("FISEdit")
 
-EAGER_WARMUP_STEPS = 1
+_warm_devices: set[str] = set()  # devices on which a sparse step was captured in this process
+_capture_streams: dict[str, torch.cuda.Stream] = {}
+
+
+class NotPrepared(RuntimeError):
+    """Something a captured step reads would be built during the capture (see the module docstring)."""
+
+
+def outside_capture(device, what: str) -> None:
+    """Raises NotPrepared if a CUDA graph is capturing on the current stream of `device` (a CUDA device): called by
+    the per-edit caches before they build `what`."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise NotPrepared(f"{what} was not built before the CUDA graph's capture")
 
 
 class SparseStepGraph:
-    def __init__(self):
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.warm_up_first = str(self.device) not in _warm_devices
         self.graph: torch.cuda.CUDAGraph | None = None
         self.signature = None
         self.static_args: list = []
         self.static_kwargs: dict = {}
         self.output: torch.Tensor | None = None
         self.recorded = None  # capture.PackedValues
-        self._warm_record = None  # the warm-up step's, until the capture takes over its kernel tables
         self.eager_steps = 0
         self.replays = 0
+        self.failed_captures: list[str] = []
         self.failure: str | None = None
 
     def captures_next(self) -> bool:
         """Whether the next run() captures the graph."""
-        return self.failure is None and self.graph is None and self.eager_steps >= EAGER_WARMUP_STEPS
+        return self.failure is None and self.graph is None and not (self.warm_up_first and self.eager_steps == 0)
 
     def run(self, ctx, call, args: tuple, kwargs: dict):
-        """One sparse model call: eager (warm-up, or after a failed capture), captured, or replayed."""
+        """One sparse model call: eager (a warm-up, or after a failed capture), captured and replayed, or replayed."""
         signature = (tuple(ctx.chunks), _signature(args), _signature(kwargs))
         if self.failure is not None:
             return call(*args, **kwargs)
-        if self.eager_steps < EAGER_WARMUP_STEPS:
-            self.eager_steps += 1
-            return self._warm_up(ctx, call, args, kwargs)
         if self.graph is None:
+            if not self.captures_next():
+                self.eager_steps += 1
+                return call(*args, **kwargs)
             self._capture(ctx, call, args, kwargs, signature)
             if self.graph is None:
+                self.eager_steps += 1
                 return call(*args, **kwargs)
         elif signature != self.signature:  # e.g. ComfyUI split the CFG batch under memory pressure
             log.info("FISEdit: a sparse step with another batch layout than the captured one runs eagerly")
@@ -65,50 +87,79 @@ class SparseStepGraph:
                 static.copy_(value)
         self.graph.replay()
         self.replays += 1
+        self.recorded.pack()
         ctx.recording.flush(self.recorded, ctx.step)
         return self.output.clone()
-
-    def _warm_up(self, ctx, call, args, kwargs):
-        """An eager step that records as a replay does (packed, then flushed), so that the capture meets no kernel
-        it would have to compile, and can take over the packing's kernel tables."""
-        out, self._warm_record = _packed_call(ctx.recording, call, args, kwargs)
-        ctx.recording.flush(self._warm_record, ctx.step)
-        return out
 
     def _capture(self, ctx, call, args, kwargs, signature) -> None:
         self.static_args = [_static(a) for a in args]
         self.static_kwargs = {k: _static(v) for k, v in kwargs.items()}
         graph = torch.cuda.CUDAGraph()
+        rec, error = ctx.recording, None
+        rec.deferred = []
         try:
-            with torch.cuda.graph(graph):
-                self.output, recorded = _packed_call(ctx.recording, call, self.static_args, self.static_kwargs,
-                                                     reuse=self._warm_record)
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run this edit eagerly, and say why
+            with _capturing(graph, self.device):
+                self.output = call(*self.static_args, **self.static_kwargs)
+                deferred = rec.take_deferred()  # the unplanned values' gathers belong to the graph
+            self.recorded = rec.packing(deferred)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: warm up, or run this edit eagerly; say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-            self.failure = f"{type(e).__name__}: {e} (at {where})"
+            error = f"{type(e).__name__}: {e} (at {where})"
         finally:
-            self._warm_record = None
-        if self.failure is not None:
+            rec.deferred = None
+        if error is None:
+            self.graph, self.signature = graph, signature
+            _warm_devices.add(str(self.device))
+            return
+        self.failed_captures.append(error)
+        self.static_args, self.static_kwargs, self.output, self.recorded = [], {}, None, None
+        if not self.warm_up_first:
+            log.info("FISEdit: the first sparse step could not be captured as a CUDA graph without a warm-up step "
+                     "(%s); it runs eagerly and the next one is captured", error)
+            self.warm_up_first = True
+        else:
+            self.failure = error
             log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
                         "(%s)", self.failure)
-            self.static_args, self.static_kwargs, self.output = [], {}, None
-            return
-        recorded.ready()
-        self.graph, self.signature, self.recorded = graph, signature, recorded
 
     def close(self) -> None:
         self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, None
-        self._warm_record = None
 
 
-def _packed_call(rec, call, args, kwargs, reuse=None):
-    """(the model call's output, what it recorded: capture.PackedValues), its record deferred and packed."""
-    rec.deferred = []
-    try:
-        return call(*args, **kwargs), rec.pack_deferred(reuse)
-    finally:
-        rec.deferred = None
+class _capturing:
+    """torch.cuda.graph without its synchronize() and empty_cache() calls, which wait for the device and return its
+    and the pinned host memory's cached blocks to the driver before every capture (and so before every edit), only
+    for the steps after it to allocate them again (the capture runs nothing, and replays on the caller's stream, so
+    nothing needs to wait); and in thread_local mode, so that the result's landing thread (capture.RowLander) may wait
+    on its events meanwhile. An error inside the capture is raised as such, not as the failure of ending the capture
+    that it invalidated."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device):
+        self.graph = graph
+        key = str(device)
+        if key not in _capture_streams:
+            _capture_streams[key] = torch.cuda.Stream(device)
+        self.stream = torch.cuda.stream(_capture_streams[key])
+
+    def __enter__(self):
+        self.stream.__enter__()
+        try:
+            self.graph.capture_begin(capture_error_mode="thread_local")
+        except BaseException:
+            self.stream.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, kind, value, tb):
+        try:
+            self.graph.capture_end()
+        except Exception:
+            if kind is None:
+                raise
+            log.debug("FISEdit: ending a capture that an error invalidated also failed", exc_info=True)
+        finally:
+            self.stream.__exit__(None, None, None)
+        return False
 
 
 def _signature(values) -> tuple:

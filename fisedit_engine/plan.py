@@ -7,7 +7,8 @@ value (the previous block's cached output), which is what makes each sparse op e
 
 A sparse op reads an input patch per active tile: `rows`/`cols` [tiles, P] give, per tile, the input coordinates of
 the patch (the tile plus its halo for that op's geometry), -1 where the patch leaves the input (zero padding). They
-are built once per edit and per op geometry, on the device that runs the edit.
+are built once per edit and per op geometry, on the device that runs the edit: before a CUDA graph captures a
+sparse step (EditPlan.prepare), since a capture cannot copy them from host memory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .graphs import outside_capture
 
 DEFAULT_TILE = 4
 
@@ -118,6 +121,7 @@ class LevelPlan:
     def _cached(self, key, device, make):
         key = (key, str(device))
         if key not in self._maps:
+            outside_capture(device, f"level {self.level}'s index map {key[0]}")
             value = make()
             self._maps[key] = tuple(v.to(device) for v in value) if isinstance(value, tuple) else value.to(device)
         return self._maps[key]
@@ -202,6 +206,16 @@ class EditPlan:
         for lvl, lp in levels.items():
             lp.read = _read_region(levels, lvl, level_sizes)
         return cls(mask, levels, list(level_sizes))
+
+    def prepare(self, device) -> None:
+        """Builds on `device` every index map that a sparse op of this plan may read."""
+        for lvl, lp in self.levels.items():
+            lp.tiles_on(device), lp.tokens(device), lp.tile_scatter(device), lp.active_in_read(device)
+            lp.patch_index("conv3", device)
+            if lvl > 0:
+                lp.patch_index("down", device, tuple(self.level_sizes[lvl - 1]))
+            if lvl + 1 < len(self.level_sizes):
+                lp.patch_index("up", device, tuple(self.level_sizes[lvl + 1]))
 
     @functools.cached_property
     def sparse_anywhere(self) -> bool:

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..graphs import outside_capture
 from . import reference as R
 
 log = logging.getLogger("FISEdit")
@@ -133,6 +134,8 @@ def _run(op: str, device, kernel, reference):
     if _pick(op, device) == "reference":
         return reference()
     key = (op, str(device))
+    if key not in _launched:  # compiled and tried eagerly first: a failure inside a capture would end the capture
+        outside_capture(device, f"the Triton kernel {op} (its first launch)")
     if key in _launched or mode() == "triton":
         out = kernel()
         _launched.add(key)
@@ -197,9 +200,7 @@ def copy_rows(copies, step: int) -> None:
     first run); the reference copies one by one."""
     def kernel():
         if copies.launches is None:
-            reuse = copies.reuse.launches if copies.reuse is not None else None
-            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps, reuse=reuse)
-            copies.reuse = None  # its tables are taken over; its tensors need not live on
+            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps)
         copies.launches(step)
     _run("copy_rows", copies.device, kernel, lambda: R.copy_rows(copies.copies, step))
 

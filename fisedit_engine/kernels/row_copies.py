@@ -36,15 +36,12 @@ class RowCopies:
     """A fixed set of copies over `steps` steps, on `device`. The tensors must stay where they are while the set
     lives (the kernel's tables hold their addresses; the set holds the tensors)."""
 
-    def __init__(self, device, steps: int, reuse: "RowCopies | None" = None):
-        """`reuse`: an earlier set of the same structure whose kernel tables this one takes over (a set made while a
-        CUDA graph captures needs tables from outside the graph's memory pool: triton_ops.RowCopyLaunches)."""
+    def __init__(self, device, steps: int):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # as tensors name it: "cuda" -> "cuda:0"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.steps = steps
         self.copies: list[RowCopy] = []
-        self.reuse = reuse
         self.launches = None  # kernels.triton_ops.RowCopyLaunches, built by the first kernel run
 
     def add(self, sources, out: torch.Tensor, src_index: torch.Tensor | None = None,

@@ -450,10 +450,9 @@ class RowCopyLaunches:
     """`kernels.row_copies.RowCopies` as launches of _copy_rows_kernel: its copies grouped by element size and by
     whether the sources' and the outputs' channels are contiguous, one launch per group; each group's tables (per copy
     its geometry and output address, per step and copy the source address, per program its copy) are built here once
-    and kept on the device with the tensors they address. Built while a CUDA graph captures, the tables must be those
-    of an earlier set of the same structure (`reuse`): the graph's own memory pool hands out blocks that the graph's
-    earlier kernels use as scratch on every replay, which would overwrite tables filled once; and a capture cannot
-    contain a copy from pageable memory, so `upload` fills them once the capture has ended.
+    and kept on the device with the tensors they address. They are never built while a CUDA graph captures: the
+    graph's own memory pool hands out blocks that the graph's earlier kernels use as scratch on every replay, which
+    would overwrite tables filled once, and a capture cannot contain a copy from pageable memory.
 
     Args:
         copies: objects with `sources` (per step, or one for all steps: [B, L, C] tensors on the device or in pinned
@@ -465,26 +464,19 @@ class RowCopyLaunches:
     FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,
     # source strides (batch, row), output address and strides (batch, row, channel), source channel stride; padded
 
-    def __init__(self, copies, device: torch.device, steps: int, blocks=None, reuse: "RowCopyLaunches | None" = None):
+    def __init__(self, copies, device: torch.device, steps: int, blocks=None):
         block_c, self.block_p = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["rows"]
         self.device = device
-        self._capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        _check(reuse is not None or not self._capturing,
-               "row copies made while a CUDA graph captures need the tables of an earlier set (reuse)")
-        self._unfilled = []  # (device table, host table) to fill once the capture has ended
+        _check(device.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
+               "row copies cannot be built while a CUDA graph captures: build them before or after")
         longest = max([c.rows for c in copies if c.src_index is None or c.out_index is None], default=0)
-        if reuse is None:
-            self.identity = torch.arange(longest, dtype=torch.int64, device=device)
-        else:
-            _check(len(reuse.identity) >= longest, "the reused tables have a shorter identity index")
-            self.identity = reuse.identity
+        self.identity = torch.arange(longest, dtype=torch.int64, device=device)
         self.launches = []
         groups: dict = {}
         for c in copies:
             if c.rows and c.out.shape[0] and c.out.shape[2]:
                 src_c1 = c.out.shape[2] == 1 or c.sources[0].stride(2) == 1
                 groups.setdefault((c.out.element_size(), src_c1, c.out.stride(2) == 1), []).append(c)
-        _check(reuse is None or len(reuse.launches) == len(groups), "the reused tables are of copies grouped otherwise")
         for (size, src_c1, out_c1), group in groups.items():
             bc = min(block_c, triton.next_power_of_2(max(c.out.shape[2] for c in group)))
             jobs, sources, programs = [], [], []
@@ -505,28 +497,10 @@ class RowCopyLaunches:
                 first += programs[-1]
             job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
             host = (torch.tensor(jobs, dtype=torch.int64), torch.stack(sources, dim=1), job_of)
-            kept = reuse.launches[len(self.launches)]["tables"] if reuse is not None else None
             self.launches.append(dict(
-                tables=tuple(self._table(h, None if kept is None else kept[i]) for i, h in enumerate(host)),
+                tables=tuple(h.to(device) for h in host),
                 n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))
         self.copies = copies  # the tables address their tensors: kept alive with them
-
-    def _table(self, host: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-        if kept is None:
-            return host.to(self.device)
-        _check(kept.shape == host.shape and kept.dtype == host.dtype,
-               f"a reused table is {kept.dtype} {tuple(kept.shape)}, these copies need {host.dtype} {tuple(host.shape)}")
-        if self._capturing:
-            self._unfilled.append((kept, host))
-        else:
-            kept.copy_(host)
-        return kept
-
-    def upload(self) -> None:
-        """Fills the tables made while a CUDA graph captured; due before the graph's first replay."""
-        for table, host in self._unfilled:
-            table.copy_(host)
-        self._unfilled = []
 
     def __call__(self, step: int) -> None:
         with _on(self.device):

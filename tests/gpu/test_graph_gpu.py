@@ -6,9 +6,12 @@ import tiny_models
 from tiny_models import sample
 
 
-def test_graph_replay_equals_the_eager_sparse_steps(host):
-    from fisedit_engine import api
-    from fisedit_engine.edit import EditSpec, run_edit
+def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
+    """Three ways into the graph, each the eager edit bit for bit: the first edit on a device warms up (an eager
+    step, then the capture); a later one captures its first sparse step; one whose capture meets an index map not
+    built ahead (prepare_capture skipped) logs why, warms up and captures the next step."""
+    from fisedit_engine import api, graphs
+    from fisedit_engine.edit import EditSpec, EditState, run_edit
     arch, steps = "sd15", 6
     model = tiny_models.build(arch, seed=2, dtype=torch.float16)
     captured, handle = api.capture(model, "gpu-graph")
@@ -17,20 +20,30 @@ def test_graph_replay_equals_the_eager_sparse_steps(host):
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     mask[0, 10:30, 20:44] = True
     mask[1, 40:52, 5:20] = True
-    runs = {}
-    for graph in (False, True):
+
+    def edit(graph):
         with torch.inference_mode():
-            runs[graph] = run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, 99, 2), mask),
-                                   cuda_graph=graph)
-    (eager, eager_result), (replayed, graph_result) = runs[False], runs[True]
-    assert graph_result.graph_replays == steps - 1 and eager_result.graph_replays == 0  # one eager warm-up step
-    assert torch.equal(replayed, eager) and not torch.equal(replayed, original)
-    a, b = eager_result.get(), graph_result.get()
-    assert a.keys() == b.keys()
-    for key in a.keys():
-        for chunk in a.settings.chunks:
-            for step in range(a.cached_steps(key, chunk)):
-                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+            return run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, 99, 2), mask), cuda_graph=graph)
+
+    eager, eager_result = edit(False)
+    assert eager_result.graph_replays == 0 and not torch.equal(eager, original)
+    monkeypatch.setattr(graphs, "_warm_devices", set())
+    runs = {"warm-up": edit(True), "captured first": edit(True)}
+    with monkeypatch.context() as m, caplog.at_level("INFO", logger="FISEdit"):
+        m.setattr(EditState, "prepare_capture", lambda self, ctx, x: None)
+        runs["capture failed"] = edit(True)
+    assert "could not be captured as a CUDA graph without a warm-up step (NotPrepared" in caplog.text
+    replays = {name: result.graph_replays for name, (_, result) in runs.items()}
+    assert replays == {"warm-up": steps - 1, "captured first": steps, "capture failed": steps - 1}
+    a = eager_result.get()
+    for name, (replayed, result) in runs.items():
+        assert torch.equal(replayed, eager), name
+        b = result.get()
+        assert a.keys() == b.keys()
+        for key in a.keys():
+            for chunk in a.settings.chunks:
+                for step in range(a.cached_steps(key, chunk)):
+                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
 
 
 def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):

@@ -209,46 +209,35 @@ def test_row_copies_read_pinned_host_memory_and_replay_in_a_graph(T, plan, dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_copies_made_while_capturing_gather_a_channels_first_map(T, plan, dtype):
-    """What a captured sparse step does with its record (capture.Recording.pack_deferred): row copies made inside
-    the capture gather a channels-first map [B, C, H, W] at the level's active positions into a buffer; they take
-    over the tables of an eager set made before (the graph's memory pool would hand out blocks that its kernels
-    overwrite), filled once the capture has ended (RowCopyLaunches.upload); each replay gathers the map's values.
-    Scratch work captured before the copies must not disturb them."""
+def test_row_copies_after_a_replay_gather_what_the_graph_computed(T, plan, dtype):
+    """What a captured sparse step does with its record (capture.Recording.packing): row copies built once the
+    capture has ended, over a channels-first map [B, C, H, W] that the graph computes (in its own memory pool, after
+    scratch work whose blocks the pool hands out again), gather after each replay that replay's values at the level's
+    active positions. Building them while a graph captures is refused (their tables would be the pool's)."""
     from fisedit_engine.kernels.row_copies import RowCopies
     positions = plan.levels[0].tokens(DEV)
-    fmap = torch.empty(N, C, *HW, dtype=dtype, device=DEV)
+    source = torch.empty(N, C, *HW, dtype=dtype, device=DEV)
     out = torch.full((N, len(positions), C), float("nan"), dtype=dtype, device=DEV)
-
-    def gather(reuse=None):
-        copies = RowCopies(DEV, 1, reuse=reuse)
-        copies.add([fmap.flatten(2).transpose(1, 2)], out, src_index=positions)
-        fused.copy_rows(copies, 0)
-        return copies
-
-    def check(seed):
-        fmap.copy_(torch.randn(fmap.shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
-        return lambda: torch.equal(out, fmap.flatten(2)[:, :, positions].transpose(1, 2))
-
-    same = check(1)
-    eager = gather()  # first eagerly, as the edit's warm-up step: the capture meets a compiled kernel, takes its tables
-    assert same()
-    with pytest.raises(ValueError, match="reuse"):
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            gather()
+    warm = RowCopies(DEV, 1)  # the kernel's first launch is eager (kernels/fused.py)
+    warm.add([source.flatten(2).transpose(1, 2)], out, src_index=positions)
+    fused.copy_rows(warm, 0)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(3):  # scratch in the graph's pool, freed before the copies are made
+        for _ in range(3):  # scratch in the graph's pool, freed before the map is made
             (torch.randn(1 << 16, device=DEV) * 2).sum()
-        copies = gather(reuse=eager)
-    tables = zip(copies.launches.launches[0]["tables"], eager.launches.launches[0]["tables"])
-    assert copies.launches._unfilled and all(mine is theirs for mine, theirs in tables)
-    copies.launches.upload()
+        fmap = source * 2
+        with pytest.raises(ValueError, match="while a CUDA graph captures"):
+            refused = RowCopies(DEV, 1)
+            refused.add([fmap.flatten(2).transpose(1, 2)], out, src_index=positions)
+            fused.copy_rows(refused, 0)
+    copies = RowCopies(DEV, 1)
+    copies.add([fmap.flatten(2).transpose(1, 2)], out, src_index=positions)
     for seed in (2, 3):
-        same = check(seed)
+        source.copy_(torch.randn(source.shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
         graph.replay()
+        fused.copy_rows(copies, 0)
         torch.cuda.synchronize()
-        assert same()
+        assert torch.equal(out, (source * 2).flatten(2)[:, :, positions].transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,6 @@
 """An edit's record of a replayed sparse step, packed into one buffer laid out as a row of the result store's
 planned storage (StepTensors.plan_rows, capture.PackedValues), gives the store that recording key by key gives. Run
-here without a graph: the packing and the host side are the same code a CUDA-graph capture runs
+here without a graph: the packing and the host side are the same code a CUDA-graph capture and its replays run
 (tests/gpu/test_graph_gpu.py compares whole edits on a GPU)."""
 import pytest
 import torch
@@ -44,26 +44,35 @@ def recording() -> Recording:
 
 
 def record(rec: Recording, step: int, deferred: bool, extra: bool = False):
-    """Records one step's values; deferred, as while a graph captures: returns what the capture packs."""
+    """Records one step's values; deferred, as while a graph captures: returns what the capture keeps
+    (Recording.take_deferred)."""
     rec.deferred = [] if deferred else None
     ctx = StepContext(rec, step, CHUNKS, BATCH)
     for key, value in values(step, extra):
         rec.record(key, ctx, value)
     if not deferred:
         return None
-    packed = rec.pack_deferred()
+    taken = rec.take_deferred()
     rec.deferred = None
-    return packed
+    return taken
 
 
-def replay(rec: Recording, packed, step: int, extra: bool = False) -> None:
-    """A replay: the graph's buffers hold the step's values (recomputed in place), then the flush."""
-    again = record(rec, step, deferred=True, extra=extra)
-    if packed.buffer is not None:
-        packed.buffer.copy_(again.buffer)
-    fresh = {(key, chunk): value for key, chunk, value in again.rest}  # the probe key: recorded in early steps only
+def capture(rec: Recording, step: int, extra: bool = False):
+    """What a capture leaves: the graph's values of the planned keys, and their packing (built after the capture)."""
+    planned, rest = record(rec, step, deferred=True, extra=extra)
+    return planned, rec.packing((planned, rest))
+
+
+def replay(rec: Recording, captured, step: int, extra: bool = False) -> None:
+    """A replay: the graph's values are the step's (recomputed in place), then the packing and the flush."""
+    planned, packed = captured
+    fresh_planned, fresh_rest = record(rec, step, deferred=True, extra=extra)
+    for k, (value, _) in planned.items():
+        value.copy_(fresh_planned[k][0])
+    fresh = {(key, chunk): value for key, chunk, value in fresh_rest}  # the probe key: recorded in early steps only
     for key, chunk, kept in packed.rest:
         kept.copy_(fresh.get((key, chunk), torch.full_like(kept, float("nan"))))
+    packed.pack()
     rec.flush(packed, step)
 
 
@@ -75,12 +84,17 @@ def assert_same_store(a: StepTensors, b: StepTensors) -> None:
         assert torch.equal(a.written[k], b.written[k]), k
 
 
-def test_a_packed_replay_stores_what_key_by_key_recording_stores():
+@pytest.mark.parametrize("warm_up", [False, True], ids=["captured-first", "after-an-eager-step"])
+def test_a_packed_replay_stores_what_key_by_key_recording_stores(warm_up):
     by_key, packed_rec = recording(), recording()
     for step in range(STEPS):
         record(by_key, step, deferred=False)
-    packed_rec.flush(record(packed_rec, 0, deferred=True), 0)  # the eager warm-up step records as replays do
-    packed = record(packed_rec, 1, deferred=True)  # the capture
+    first = 0
+    if warm_up:  # the first edit on a device: an eager step, then the capture
+        record(packed_rec, 0, deferred=False)
+        first = 1
+    captured = capture(packed_rec, first)
+    packed = captured[1]
     assert packed.buffer is not None and packed.buffer.numel() == packed_rec.store.rows.block.shape[1]
     assert len(packed.copies.copies) == 2 * 4  # every planned (key, chunk), written by one set of row copies
     assert [(k, c) for k, c, _ in packed.rest] == [(PROBE, 0)]  # the positive chunk only, while step < probe_steps
@@ -88,8 +102,8 @@ def test_a_packed_replay_stores_what_key_by_key_recording_stores():
     for k in (MAP, TOKENS, STATS, OUT):  # planned: columns of the one block, a step's values a row of it
         assert packed_rec.store.tensors[(k, 0)].untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
     assert packed_rec.store.tensors[(TOKENS, 1)].shape == (STEPS, BATCH, len(REGION.positions), 3)
-    for step in range(1, STEPS):
-        replay(packed_rec, packed, step)
+    for step in range(first, STEPS):
+        replay(packed_rec, captured, step)
     packed_rec.finish(torch.zeros(BATCH, 4, 4, 4))  # waits for the rows still on their way into the store
     assert packed_rec.state == "complete"
     assert_same_store(by_key.store, packed_rec.store)
@@ -100,11 +114,11 @@ def test_a_step_that_records_other_keys_than_planned_is_stored_key_by_key():
     by_key, other = recording(), recording()
     for step in range(STEPS):
         record(by_key, step, deferred=False, extra=True)
-    record(other, 0, deferred=False, extra=True)
-    packed = record(other, 1, deferred=True, extra=True)
+    captured = capture(other, 0, extra=True)
+    packed = captured[1]
     assert packed.buffer is None and len(packed.rest) == 2 * 4 + 1
-    for step in range(1, STEPS):
-        replay(other, packed, step, extra=True)
+    for step in range(STEPS):
+        replay(other, captured, step, extra=True)
     assert_same_store(by_key.store, other.store)
 
 

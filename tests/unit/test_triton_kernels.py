@@ -274,38 +274,6 @@ def test_row_copies_are_exact(T, plan, dtype):
     assert canvas.flatten(2).isnan().sum() == N * C * (HW[0] * HW[1] - len(positions))
 
 
-def test_row_copies_take_over_the_tables_of_an_earlier_set(T, plan):
-    """What a sparse step's capture does with the warm-up step's packing (capture.Recording.pack_deferred): a set of
-    the same structure over other tensors writes its addresses into the earlier set's tables (the same tensors) and
-    copies its own values; a set grouped otherwise, or with other table shapes, is refused."""
-    from fisedit_engine.kernels.row_copies import RowCopies
-    positions = plan.levels[0].read_positions("cpu")
-    gen = torch.Generator().manual_seed(43)
-
-    def recorded(reuse=None, maps=1):
-        fmap = torch.randn(N, C, *HW, generator=gen).half()
-        out = torch.empty(N, len(positions), C, dtype=torch.float16)
-        copies = RowCopies("cpu", 1, reuse=reuse)
-        for _ in range(maps):
-            copies.add([fmap.flatten(2).transpose(1, 2)], out, src_index=positions)
-        copies.launches = T.RowCopyLaunches(copies.copies, copies.device, 1,
-                                            reuse=reuse.launches if reuse is not None else None)
-        copies.launches(0)
-        return copies, fmap, out
-
-    first, _, _ = recorded()
-    second, fmap, out = recorded(reuse=first)
-    assert all(mine is theirs for mine, theirs in zip(second.launches.launches[0]["tables"],
-                                                      first.launches.launches[0]["tables"]))
-    assert torch.equal(out, fmap.flatten(2)[:, :, positions].transpose(1, 2))
-    with pytest.raises(ValueError, match="reused table"):
-        recorded(reuse=second, maps=2)  # two copies in the group: a longer job table
-    grouped_otherwise = RowCopies("cpu", 1)
-    grouped_otherwise.add_whole([torch.zeros(N, 8)], torch.zeros(N, 8))
-    with pytest.raises(ValueError, match="grouped otherwise"):
-        T.RowCopyLaunches(grouped_otherwise.copies + second.copies, torch.device("cpu"), 1, reuse=second.launches)
-
-
 def test_row_copies_refuse_what_they_cannot_copy(plan):
     from fisedit_engine.kernels.row_copies import RowCopies
     copies = RowCopies("cpu", steps=2)

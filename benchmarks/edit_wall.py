@@ -5,7 +5,7 @@
 speed.py and step_phases.py time each model call with the GPU synchronised around it, which hides whether the host
 prepares a step while the GPU still runs the previous one. Here only the whole run is timed (synchronised at its
 end): the stock sampler with the edited prompt, and the edit's sparse sampling (a user mask, a centred rectangle of
-`--fraction` of the latent: no probe, every step after the first two replayed as a CUDA graph), median of
+`--fraction` of the latent: no probe, every step replayed from the CUDA graph its first captured), median of
 `--repeat` warm runs each. The edit runs twice: with the feed's planned moves (feed.py, as edits run), and moved key
 by key (what a chained edit's delta source takes; before the planned moves, every edit).
 """

@@ -94,6 +94,7 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
                                         (feed.EditFeed, "activate", False), (feed.EditFeed, "_upload_planned", False),
                                         (feed.EditFeed, "_activate_planned", False),
                                         (capture.Recording, "flush", False),
+                                        (capture.RowLander, "_wait", False), (capture, "_land", False),
                                         (torch.cuda.CUDAGraph, "replay", True)]
                                 + [(owner, name, False) for owner, name in once])
         try:

@@ -76,7 +76,8 @@ class PackedValues:
     copies: RowCopies | None = None
 
     def pack(self) -> None:
-        """Fills `buffer` from the graph's values (after a replay, before the buffer's copy to host memory)."""
+        """Fills `buffer` from the graph's values (after a replay, before the buffer's copy to host memory:
+        Recording.flush)."""
         if self.copies is not None:
             K.copy_rows(self.copies, 0)
 
@@ -114,26 +115,44 @@ _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextV
 
 class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
-    into one of two pinned staging rows without waiting for the GPU; a worker thread then waits for that copy to land
-    and copies the staging row into the store. That host copy (about 46 MiB per step at SD2.1@768 with a 5% mask, 3-4
-    ms) thus runs beside the main thread's next steps instead of inside a model call; a staging row is taken again
-    two steps later, once its landing has finished. On the CPU (tests) the same path runs without the GPU's wait."""
+    into one of two pinned staging rows on a stream of its own, so that the copy (about 46 MiB per step at SD2.1@768
+    with a 5% mask, a millisecond or more) overlaps the sampler's next step instead of delaying it (the sampler waits
+    on the main stream every step); a worker thread then waits for that copy to land and copies the staging row into
+    the store (3-4 ms), beside the main thread's next steps. A staging row is taken again two steps later, once its
+    landing has finished; the row on the device is refilled (`fill`) once the previous copy has read it. On the CPU
+    (tests) the same path runs without the GPU's streams and waits."""
 
     def __init__(self, shape):
         self._rows = [pinned(shape, torch.uint8) for _ in range(2)]
         self._landing: list[Future | None] = [None, None]
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisedit-rows")
+        self._stream = None
+        self._read = None  # the event after which the last copy has read the device row
 
-    def put(self, row: torch.Tensor, into: torch.Tensor, step: int) -> None:
-        """Moves `row` (bytes, on the GPU or the CPU) into `into` (a row of the store), without waiting for either."""
+    def put(self, row: torch.Tensor, into: torch.Tensor, step: int, fill=None) -> None:
+        """Runs `fill` (which writes `row`), then moves `row` (bytes, on the GPU or the CPU) into `into` (a row of
+        the store), without waiting for either."""
         slot = step % 2
         self._wait(slot)
         staged = self._rows[slot]
-        staged.copy_(row, non_blocking=True)
         landed = None
         if row.is_cuda:
-            landed = torch.cuda.Event()
-            landed.record()
+            current = torch.cuda.current_stream(row.device)
+            if self._read is not None:
+                current.wait_event(self._read)
+            if fill is not None:
+                fill()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(row.device)
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                staged.copy_(row, non_blocking=True)
+                self._read = landed = torch.cuda.Event()
+                landed.record(self._stream)
+        else:
+            if fill is not None:
+                fill()
+            staged.copy_(row)
         self._landing[slot] = self._worker.submit(_land, landed, staged, into)
 
     def drain(self) -> None:
@@ -396,7 +415,8 @@ class Recording:
                 log.info("FISEdit: a captured sparse step records other tensors than planned; its record is "
                          "stored key by key")
             rest, planned = list(self.deferred), {}
-        return planned, [(key, chunk, value if p is None else take_positions(value, p)) for key, chunk, value, p in rest]
+        return planned, [(key, chunk, value if p is None else take_positions(value, p))
+                         for key, chunk, value, p in rest]
 
     def packing(self, deferred: tuple[dict, list]) -> "PackedValues":
         """The row copies that pack a captured step's planned values (take_deferred) into one row of the store, built
@@ -424,7 +444,7 @@ class Recording:
         if packed.buffer is not None:
             if self._lander is None:
                 self._lander = RowLander(packed.buffer.shape)
-            self._lander.put(packed.buffer, self.store.rows.block[step], step)
+            self._lander.put(packed.buffer, self.store.rows.block[step], step, fill=packed.pack)
             self.store.rows.written[:, step] = True
         for key, chunk, value in packed.rest:
             if not is_probe_key(key) or step < self.probe_steps:

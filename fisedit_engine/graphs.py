@@ -12,9 +12,9 @@ plan's tiles, the feed's buffers), so one graph serves every sparse step:
   that fails for want of either is logged, and the edit warms up and captures at the next step;
 - what the captured step records for the result cache is deferred: after each replay one set of row copies packs it
   into one buffer laid out as a row of the result store's planned storage (StepTensors.plan_rows), which moves to
-  host memory in one copy (`Recording.flush`), so the host does no per-key work. The copies run outside the graph,
-  on tables built once after the capture (a table filled once cannot live in the graph's memory pool, whose blocks
-  the graph's own kernels reuse as scratch);
+  host memory in one copy (`Recording.flush`, capture.RowLander), so the host does no per-key work. The copies run
+  outside the graph, on tables built once after the capture (a table filled once cannot live in the graph's memory
+  pool, whose blocks the graph's own kernels reuse as scratch);
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
@@ -87,7 +87,6 @@ class SparseStepGraph:
                 static.copy_(value)
         self.graph.replay()
         self.replays += 1
-        self.recorded.pack()
         ctx.recording.flush(self.recorded, ctx.step)
         return self.output.clone()
 

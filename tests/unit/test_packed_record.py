@@ -72,8 +72,7 @@ def replay(rec: Recording, captured, step: int, extra: bool = False) -> None:
     fresh = {(key, chunk): value for key, chunk, value in fresh_rest}  # the probe key: recorded in early steps only
     for key, chunk, kept in packed.rest:
         kept.copy_(fresh.get((key, chunk), torch.full_like(kept, float("nan"))))
-    packed.pack()
-    rec.flush(packed, step)
+    rec.flush(packed, step)  # packs, then moves the row
 
 
 def assert_same_store(a: StepTensors, b: StepTensors) -> None:

@@ -52,26 +52,26 @@ class RowCopies:
         sources = sources if stepped else tuple(sources)
         first = sources[0]
         rows = next((len(i) for i in (src_index, out_index) if i is not None), out.shape[1])
-        _check(self.launches is None, "the copies were run already: add every copy before the first run")
+        _check(self.launches is None, lambda: "the copies were run already: add every copy before the first run")
         _check(len(sources) == self.steps or (len(sources) == 1 and not stepped),
-               f"{len(sources)} sources for {self.steps} steps")
+               lambda: f"{len(sources)} sources for {self.steps} steps")
         _check(first.dim() == 3 and out.dim() == 3 and first.shape[0] == out.shape[0]
-               and first.shape[2] == out.shape[2], f"source [B, L, C] and out [B, L', C] expected, got "
+               and first.shape[2] == out.shape[2], lambda: f"source [B, L, C] and out [B, L', C] expected, got "
                f"{tuple(first.shape)} and {tuple(out.shape)}")
         for s in (first,) if stepped else sources:
             _check(s.shape == first.shape and s.stride() == first.stride() and s.dtype == out.dtype,
-                   f"every step's source must be {tuple(first.shape)} with strides {first.stride()} in {out.dtype}, "
-                   f"got {tuple(s.shape)}, {s.stride()}, {s.dtype}")
+                   lambda: f"every step's source must be {tuple(first.shape)} with strides {first.stride()} in "
+                   f"{out.dtype}, got {tuple(s.shape)}, {s.stride()}, {s.dtype}")
             _check(s.device == self.device or (s.device.type == "cpu" and s.is_pinned()),
-                   f"a source on {s.device} cannot be read from {self.device}: it must be there or pinned")
-        _check(out.device == self.device, f"out is on {out.device}, the copies on {self.device}")
+                   lambda: f"a source on {s.device} cannot be read from {self.device}: it must be there or pinned")
+        _check(out.device == self.device, lambda: f"out is on {out.device}, the copies on {self.device}")
         for name, index, length in (("src_index", src_index, first.shape[1]), ("out_index", out_index, out.shape[1])):
             if index is None:
-                _check(rows <= length, f"{rows} rows, but {name} is left out and the tensor has {length}")
+                _check(rows <= length, lambda: f"{rows} rows, but {name} is left out and the tensor has {length}")
             else:
                 _check(index.dtype == torch.int64 and index.dim() == 1 and index.is_contiguous()
                        and index.device == self.device and len(index) == rows,
-                       f"{name}: {rows} contiguous int64 indices on {self.device} expected")
+                       lambda: f"{name}: {rows} contiguous int64 indices on {self.device} expected")
         self.copies.append(RowCopy(sources, out, src_index, out_index, rows))
 
     def add_whole(self, sources, out: torch.Tensor) -> None:
@@ -79,7 +79,7 @@ class RowCopies:
         n = out.numel()
         width = 128 if n % 128 == 0 else max(n, 1)
         if isinstance(sources, torch.Tensor):
-            _check(sources[0].is_contiguous(), "add_whole copies contiguous tensors")
+            _check(sources[0].is_contiguous(), lambda: "add_whole copies contiguous tensors")
             self.add(sources.view(len(sources), 1, -1, width), out.view(1, -1, width))
         else:
             self.add([s.view(1, -1, width) for s in sources], out.view(1, -1, width))
@@ -94,6 +94,7 @@ class RowCopies:
         return total
 
 
-def _check(cond: bool, message: str) -> None:
+def _check(cond: bool, message) -> None:
+    """`message`: a callable, formatted only on failure (add() runs for every copy of an edit's plan)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message())

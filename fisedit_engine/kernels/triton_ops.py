@@ -273,15 +273,16 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
-def _check(cond: bool, message: str):
+def _check(cond: bool, message):
+    """`message`: a callable, formatted only on failure (the checks run at every launch)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_index(name: str, index: torch.Tensor, device):
-    _check(index.dtype in (torch.int32, torch.int64), f"{name}: integer indices expected, got {index.dtype}")
-    _check(index.is_contiguous(), f"{name}: contiguous indices expected")
-    _check(index.device == device, f"{name} is on {index.device}, the map on {device}")
+    _check(index.dtype in (torch.int32, torch.int64), lambda: f"{name}: integer indices expected, got {index.dtype}")
+    _check(index.is_contiguous(), lambda: f"{name}: contiguous indices expected")
+    _check(index.device == device, lambda: f"{name} is on {index.device}, the map on {device}")
 
 
 def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
@@ -304,7 +305,8 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     n, c, h, w = x.shape
     t, p = rows.shape
     q = cols.shape[1]
-    _check(cols.shape[0] == t, f"rows {tuple(rows.shape)} and cols {tuple(cols.shape)} disagree on the tile count")
+    _check(cols.shape[0] == t,
+           lambda: f"rows {tuple(rows.shape)} and cols {tuple(cols.shape)} disagree on the tile count")
     _check_index("rows", rows, x.device)
     _check_index("cols", cols, x.device)
     if channels_last:
@@ -324,7 +326,7 @@ def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor
     """GroupNorm (no SiLU) of x [N, C, H, W] at the flat positions `tokens` [P] -> [N, C, P] in x's dtype
     (`reference.group_norm_tokens`), stored [N, P, C]: the token-major layout proj_in reads."""
     n, c, h, w = x.shape
-    _check(tokens.dim() == 1, f"tokens: [P] expected, got {tuple(tokens.shape)}")
+    _check(tokens.dim() == 1, lambda: f"tokens: [P] expected, got {tuple(tokens.shape)}")
     _check_index("tokens", tokens, x.device)
     p = tokens.shape[0]
     storage = torch.empty((n, p, c), device=x.device, dtype=x.dtype)
@@ -339,11 +341,12 @@ def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage,
     groups = 1
     if norm:
         _check(stats.dtype == torch.float32 and stats.dim() == 3 and stats.shape[0] == n and stats.shape[2] == 2,
-               f"stats: fp32 [N={n}, G, 2] expected, got {stats.dtype} {tuple(stats.shape)}")
+               lambda: f"stats: fp32 [N={n}, G, 2] expected, got {stats.dtype} {tuple(stats.shape)}")
         groups = stats.shape[1]
-        _check(c % groups == 0, f"{c} channels do not split into {groups} groups")
+        _check(c % groups == 0, lambda: f"{c} channels do not split into {groups} groups")
         for name, v in (("weight", weight), ("bias", bias)):
-            _check(v is None or v.shape == (c,), f"{name}: [{c}] expected, got {None if v is None else tuple(v.shape)}")
+            _check(v is None or v.shape == (c,),
+                   lambda: f"{name}: [{c}] expected, got {None if v is None else tuple(v.shape)}")
         # copies only if the caller's are strided (normally no-ops): the kernel reads them by flat index
         stats = stats.contiguous()
         weight = weight.contiguous() if weight is not None else None
@@ -381,23 +384,24 @@ def scatter_tiles_(base: torch.Tensor, tiles_out: torch.Tensor, positions: torch
     """
     n, c, h, w = base.shape
     _check(tiles_out.dim() == 5 and tiles_out.shape[:2] == (n, c) and tiles_out.shape[3] == tiles_out.shape[4],
-           f"tiles_out: [{n}, {c}, tiles, T, T] expected, got {tuple(tiles_out.shape)}")
-    _check(residual_tiles is None or residual_map is None, "at most one residual")
+           lambda: f"tiles_out: [{n}, {c}, tiles, T, T] expected, got {tuple(tiles_out.shape)}")
+    _check(residual_tiles is None or residual_map is None, lambda: "at most one residual")
     _check_index("positions", positions, base.device)
     s = positions.shape[0]
     if sources is not None:
         _check_index("sources", sources, base.device)
-        _check(sources.shape == positions.shape, "positions and sources differ in length")
+        _check(sources.shape == positions.shape, lambda: "positions and sources differ in length")
     else:
-        _check(tiles_out.shape[2] * tiles_out.shape[3] ** 2 == s, "without sources, one tile element per position")
+        _check(tiles_out.shape[2] * tiles_out.shape[3] ** 2 == s,
+               lambda: "without sources, one tile element per position")
     if bias is not None:
-        _check(bias.shape == (n, c), f"bias: [{n}, {c}] expected, got {tuple(bias.shape)}")
+        _check(bias.shape == (n, c), lambda: f"bias: [{n}, {c}] expected, got {tuple(bias.shape)}")
     res, res_t, sr = 0, base, (0, 0, 0, 0, 0)
     if residual_tiles is not None:
-        _check(residual_tiles.shape == tiles_out.shape, "residual_tiles must be shaped like tiles_out")
+        _check(residual_tiles.shape == tiles_out.shape, lambda: "residual_tiles must be shaped like tiles_out")
         res, res_t, sr = 1, residual_tiles, residual_tiles.stride()
     elif residual_map is not None:
-        _check(residual_map.shape == base.shape, "residual_map must be shaped like base")
+        _check(residual_map.shape == base.shape, lambda: "residual_map must be shaped like base")
         rs = residual_map.stride()
         res, res_t, sr = 2, residual_map, (rs[0], rs[1], 0, rs[2], rs[3])
     if s == 0 or n == 0 or c == 0:
@@ -427,10 +431,10 @@ def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, b
         out: [B, P, C], any strides.
     """
     _check(src.dim() == 3 and out.dim() == 3 and out.shape == (src.shape[0], positions.shape[0], src.shape[2]),
-           f"src [B, L, C] and out [B, P, C] expected, got {tuple(src.shape)} and {tuple(out.shape)}")
-    _check(src.dtype == out.dtype, f"src is {src.dtype}, out {out.dtype}")
+           lambda: f"src [B, L, C] and out [B, P, C] expected, got {tuple(src.shape)} and {tuple(out.shape)}")
+    _check(src.dtype == out.dtype, lambda: f"src is {src.dtype}, out {out.dtype}")
     _check(src.device == out.device or (src.device.type == "cpu" and out.device.type == "cuda" and src.is_pinned()),
-           f"src on {src.device} cannot be read from {out.device}: it must be there or in pinned host memory")
+           lambda: f"src on {src.device} cannot be read from {out.device}: it must be there or in pinned host memory")
     _check_index("positions", positions, out.device)
     b, p, c = out.shape
     if b == 0 or p == 0 or c == 0:
@@ -468,7 +472,7 @@ class RowCopyLaunches:
         block_c, self.block_p = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["rows"]
         self.device = device
         _check(device.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
-               "row copies cannot be built while a CUDA graph captures: build them before or after")
+               lambda: "row copies cannot be built while a CUDA graph captures: build them before or after")
         longest = max([c.rows for c in copies if c.src_index is None or c.out_index is None], default=0)
         self.identity = torch.arange(longest, dtype=torch.int64, device=device)
         self.launches = []
@@ -518,19 +522,19 @@ def exact_group_stats(cached: torch.Tensor, cached_active, fresh_active, positio
     the active positions (`cached_active`: a list of one or two reference.AtPositions, concatenated along channels)
     and the fresh ones (`fresh_active`: an AtPositions), of a map of `positions` positions. The values are read where
     they lie (any strides, any float dtype), at their positions."""
-    _check(1 <= len(cached_active) <= 2, f"one or two cached maps expected, got {len(cached_active)}")
+    _check(1 <= len(cached_active) <= 2, lambda: f"one or two cached maps expected, got {len(cached_active)}")
     first, second = cached_active[0], cached_active[-1]
     n, c, p = fresh_active.values.shape[0], fresh_active.values.shape[1], len(fresh_active.index)
     channels = sum(part.values.shape[1] for part in cached_active)
     _check(channels == c and all(len(part.index) == p and part.values.shape[0] == n for part in cached_active),
-           f"the cached values ({channels} channels at {[len(x.index) for x in cached_active]} positions) and the "
-           f"fresh ones ({c} channels at {p} positions) differ")
+           lambda: f"the cached values ({channels} channels at {[len(x.index) for x in cached_active]} positions) and "
+           f"the fresh ones ({c} channels at {p} positions) differ")
     for at in (*cached_active, fresh_active):
         _check_index("an index of active positions", at.index, at.values.device)
     _check(cached.dtype == torch.float32 and cached.dim() == 3 and cached.shape[0] == n and cached.shape[2] == 2,
-           f"cached: fp32 [N={n}, G, 2] expected, got {cached.dtype} {tuple(cached.shape)}")
+           lambda: f"cached: fp32 [N={n}, G, 2] expected, got {cached.dtype} {tuple(cached.shape)}")
     groups = cached.shape[1]
-    _check(groups > 0 and c % groups == 0, f"{c} channels do not split into {groups} groups")
+    _check(groups > 0 and c % groups == 0, lambda: f"{c} channels do not split into {groups} groups")
     cached = cached.contiguous()
     if n == 0 or p == 0:
         return cached.clone()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,17 +114,35 @@ def _same_sigma(scheduled: float, sigma: float) -> bool:
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
 
 
+SPARE_STAGING_BYTES = 256 << 20  # a staging row up to this size outlives its edit, for the next edit's lander
+_spare_rows: list[torch.Tensor] = []  # the last lander's two staging rows (flat bytes)
+_spare_lock = threading.Lock()
+
+
+def _staging_rows(nbytes: int) -> list[torch.Tensor]:
+    """Two pinned rows of at least `nbytes` bytes: the last lander's if large enough (pinning fresh memory costs
+    about 0.55 s per GiB, 30 ms for SD2.1@768's two rows of a 5% edit: benchmarks/host_memory.py), else new ones."""
+    with _spare_lock:
+        rows, _spare_rows[:] = list(_spare_rows), []
+    if len(rows) == 2 and all(r.numel() >= nbytes for r in rows):
+        return rows
+    return [pinned((nbytes,), torch.uint8) for _ in range(2)]
+
+
 class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
     into one of two pinned staging rows on a stream of its own, so that the copy (about 46 MiB per step at SD2.1@768
     with a 5% mask, a millisecond or more) overlaps the sampler's next step instead of delaying it (the sampler waits
     on the main stream every step); a worker thread then waits for that copy to land and copies the staging row into
     the store (3-4 ms), beside the main thread's next steps. A staging row is taken again two steps later, once its
-    landing has finished; the row on the device is refilled (`fill`) once the previous copy has read it. On the CPU
-    (tests) the same path runs without the GPU's streams and waits."""
+    landing has finished; the row on the device is refilled (`fill`) once the previous copy has read it. The staging
+    rows pass to the next edit's lander when this one shuts down (up to SPARE_STAGING_BYTES each). On the CPU (tests)
+    the same path runs without the GPU's streams and waits."""
 
     def __init__(self, shape):
-        self._rows = [pinned(shape, torch.uint8) for _ in range(2)]
+        nbytes = math.prod(shape)
+        self._flat = _staging_rows(nbytes)
+        self._rows = [row[:nbytes].view(shape) for row in self._flat]
         self._landing: list[Future | None] = [None, None]
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisedit-rows")
         self._stream = None
@@ -161,8 +180,13 @@ class RowLander:
             self._wait(slot)
 
     def shutdown(self) -> None:
-        """Ends the worker after its landings (their failures, if any, go unread: for a run that failed already)."""
+        """Ends the worker after its landings (their failures, if any, go unread: for a run that failed already), and
+        hands the staging rows on: every copy into them has landed (each landing waits for its copy)."""
         self._worker.shutdown(wait=True)
+        if self._flat[0].numel() <= SPARE_STAGING_BYTES:
+            with _spare_lock:
+                _spare_rows[:] = self._flat
+        self._flat = self._rows = []
 
     def _wait(self, slot: int) -> None:
         landing, self._landing[slot] = self._landing[slot], None

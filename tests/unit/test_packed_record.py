@@ -147,3 +147,28 @@ def test_the_row_lander_writes_inference_tensors_and_raises_what_a_landing_raise
         lander.drain()
     lander.shutdown()
     assert block[0].tolist() == [7] * 8
+
+
+def test_the_next_lander_takes_the_last_landers_staging_rows(monkeypatch):
+    """Pinning is slow (benchmarks/host_memory.py): a lander's staging rows pass to the next one when they are large
+    enough for it, and rows too large to keep between edits are not kept."""
+    from fisedit_engine import capture
+    monkeypatch.setattr(capture, "_spare_rows", [])  # none left by the tests before
+    first = RowLander((64,))
+    first.put(torch.full((64,), 3, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8), 0)
+    first.drain()
+    flat = [r.untyped_storage().data_ptr() for r in first._flat]
+    first.shutdown()
+    smaller = RowLander((2, 16))  # views of the same rows
+    assert [r.untyped_storage().data_ptr() for r in smaller._flat] == flat
+    into = torch.zeros(2, 16, dtype=torch.uint8)
+    smaller.put(torch.full((2, 16), 5, dtype=torch.uint8), into, 0)
+    smaller.drain()
+    smaller.shutdown()
+    assert into.eq(5).all()
+    larger = RowLander((128,))
+    assert [r.untyped_storage().data_ptr() for r in larger._flat] != flat and larger._flat[0].numel() == 128
+    larger.shutdown()
+    monkeypatch.setattr(capture, "SPARE_STAGING_BYTES", 64)
+    RowLander((128,)).shutdown()  # takes the 128-byte rows, and does not keep them
+    assert capture._spare_rows == []

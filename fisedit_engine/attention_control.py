@@ -19,6 +19,7 @@ import torch
 
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache
+from .graphs import outside_capture
 
 probe_step: contextvars.ContextVar[int | None] = contextvars.ContextVar("fisedit_probe_step", default=None)
 
@@ -41,6 +42,7 @@ class ControlledCrossAttention:
         self.module, self.key, self.source = module, key, source
         self.original_context, self.unchanged = original_context, unchanged
         self._on_device: dict = {}  # (device, dtype) -> (original keys, unchanged positions): the same every step
+        self._staged: torch.Tensor | None = None  # this step's original queries on the device (stage())
 
     def __deepcopy__(self, memo):
         return self
@@ -54,7 +56,10 @@ class ControlledCrossAttention:
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
         # Nothing here waits for the GPU: a blocking upload or a boolean-mask index in each of SDXL's 70 layers
         # would serialise the host's launches with the GPU's work.
-        q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype, non_blocking=True)
+        if self._staged is not None:
+            q_original = self._staged.to(q.dtype)
+        else:
+            q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype, non_blocking=True)
         k_original, unchanged = self._constants(context)
         probs = _probabilities(q, k, m.heads)
         n = min(k.shape[1], k_original.shape[1], unchanged.shape[0])
@@ -65,9 +70,23 @@ class ControlledCrossAttention:
         out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
         return m.to_out(out)
 
+    def stage(self, step: int, device) -> None:
+        """Copies the original queries of `step` into this layer's buffer on `device`, which the layer reads from
+        then on: a probe step replayed as a CUDA graph (probe.py) reads them there, refilled before each replay."""
+        cached = self.source.read(self.key, step, host.COND)
+        if self._staged is None:
+            outside_capture(device, "a cross-attention layer's buffer of original queries")
+            self._staged = torch.empty(cached.shape, dtype=cached.dtype, device=device)
+        self._staged.copy_(cached, non_blocking=True)
+
+    def prepare(self, context: torch.Tensor) -> None:
+        """Builds what every step reads on context's device, before a CUDA graph captures a probe step."""
+        self._constants(context)
+
     def _constants(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (context.device, context.dtype)
         if key not in self._on_device:
+            outside_capture(context.device, "a cross-attention layer's original keys")
             original_keys = self.module.to_k(self.original_context.to(context.device, context.dtype))
             self._on_device[key] = original_keys, self.unchanged.to(context.device)
         return self._on_device[key]
@@ -82,8 +101,8 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor
     return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
 
 
-def attach(patched, layout, source: FisEditCache, positive: list, steps: int) -> torch.Tensor:
-    """Substitutes every cross-attention of `patched` for the probe; returns the unchanged positions."""
+def attach(patched, layout, source: FisEditCache, positive: list, steps: int) -> list[ControlledCrossAttention]:
+    """Substitutes every cross-attention of `patched` for the probe; returns the substitutes."""
     original = source.conds.get("positive")
     if not original:
         raise CacheError("attention control needs the original prompt, which this cache does not hold: turn "
@@ -91,6 +110,7 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int) ->
     unchanged = unchanged_positions(original, positive)
     unet = patched.model.diffusion_model
     modules = dict(unet.named_modules())
+    layers = []
     for block in layout.blocks:
         if block.kind != "transformer":
             continue
@@ -101,6 +121,6 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int) ->
                 raise CacheError(f"attention control needs the cross-attention queries of the {steps} probe steps; "
                                  f"this cache holds them for {source.cached_steps(key, host.COND)}: lower probe_steps "
                                  f"or turn attention_control off")
-            patched.add_object_patch(f"diffusion_model.{path}.forward",
-                                     ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged))
-    return unchanged
+            layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged))
+            patched.add_object_patch(f"diffusion_model.{path}.forward", layers[-1])
+    return layers

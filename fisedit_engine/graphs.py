@@ -1,4 +1,5 @@
-"""A sparse step captured once per edit as a CUDA graph and replayed for the later sparse steps.
+"""A model call captured once as a CUDA graph and replayed for the later steps (StepGraph): an edit's sparse steps
+(SparseStepGraph, below) and a probe's dense steps (probe.ProbeStepGraph, the same way without a record).
 
 On a GPU like the H100, ComfyUI's eager UNet call costs more in kernel launches than in arithmetic, and a sparse
 step launches more (smaller) kernels than a dense one. Every shape of a sparse step is fixed for the whole edit (the
@@ -18,7 +19,8 @@ plan's tiles, the feed's buffers), so one graph serves every sparse step:
 - every later sparse step copies its inputs (latent, timestep, conditioning tensors) into the graph's static
   inputs, runs `EditFeed.prepare` (which writes the step's cached values into the buffers the graph reads), and
   replays.
-A second failed capture leaves the edit's steps eager, with the reason in the log.
+A second failed capture leaves the edit's steps eager, with the reason in the log. A probe step reads, besides its
+inputs, the original queries of attention control, which its layers stage in device buffers before each call.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 
 log = logging.getLogger("FISEdit")
 
-_warm_devices: set[str] = set()  # devices on which a sparse step was captured in this process
+_warm: set[tuple[str, str]] = set()  # (graph class, device) of the captures that succeeded in this process
 _capture_streams: dict[str, torch.cuda.Stream] = {}
 
 
@@ -46,16 +48,19 @@ def outside_capture(device, what: str) -> None:
         raise NotPrepared(f"{what} was not built before the CUDA graph's capture")
 
 
-class SparseStepGraph:
+class StepGraph:
+    """One model call per step captured once and replayed (see the module docstring); a subclass adds what its
+    steps do around the capture and after each replay. `what` names the steps in the log."""
+    what = "step"
+
     def __init__(self, device):
         self.device = torch.device(device)
-        self.warm_up_first = str(self.device) not in _warm_devices
+        self.warm_up_first = (type(self).__name__, str(self.device)) not in _warm
         self.graph: torch.cuda.CUDAGraph | None = None
         self.signature = None
         self.static_args: list = []
         self.static_kwargs: dict = {}
         self.output: torch.Tensor | None = None
-        self.recorded = None  # capture.PackedValues
         self.eager_steps = 0
         self.replays = 0
         self.failed_captures: list[str] = []
@@ -65,9 +70,10 @@ class SparseStepGraph:
         """Whether the next run() captures the graph."""
         return self.failure is None and self.graph is None and not (self.warm_up_first and self.eager_steps == 0)
 
-    def run(self, ctx, call, args: tuple, kwargs: dict):
-        """One sparse model call: eager (a warm-up, or after a failed capture), captured and replayed, or replayed."""
-        signature = (tuple(ctx.chunks), _signature(args), _signature(kwargs))
+    def run(self, ctx, call, args: tuple, kwargs: dict, layout=()):
+        """One model call: eager (a warm-up, or after a failed capture), captured and replayed, or replayed. `layout`:
+        what else must match the captured call (the CFG chunks)."""
+        signature = (tuple(layout), _signature(args), _signature(kwargs))
         if self.failure is not None:
             return call(*args, **kwargs)
         if self.graph is None:
@@ -79,7 +85,7 @@ class SparseStepGraph:
                 self.eager_steps += 1
                 return call(*args, **kwargs)
         elif signature != self.signature:  # e.g. ComfyUI split the CFG batch under memory pressure
-            log.info("FISEdit: a sparse step with another batch layout than the captured one runs eagerly")
+            log.info("FISEdit: a %s with another batch layout than the captured one runs eagerly", self.what)
             return call(*args, **kwargs)
         for static, value in zip(self.static_args + list(self.static_kwargs.values()),
                                  list(args) + list(kwargs.values())):
@@ -87,43 +93,91 @@ class SparseStepGraph:
                 static.copy_(value)
         self.graph.replay()
         self.replays += 1
-        ctx.recording.flush(self.recorded, ctx.step)
+        self._replayed(ctx)
         return self.output.clone()
 
     def _capture(self, ctx, call, args, kwargs, signature) -> None:
         self.static_args = [_static(a) for a in args]
         self.static_kwargs = {k: _static(v) for k, v in kwargs.items()}
-        graph = torch.cuda.CUDAGraph()
-        rec, error = ctx.recording, None
-        rec.deferred = []
+        graph, error = torch.cuda.CUDAGraph(), None
+        self._begin(ctx)
         try:
             with _capturing(graph, self.device):
                 self.output = call(*self.static_args, **self.static_kwargs)
-                deferred = rec.take_deferred()  # the unplanned values' gathers belong to the graph
-            self.recorded = rec.packing(deferred)
-        except Exception as e:  # noqa: BLE001 - any capture failure means: warm up, or run this edit eagerly; say why
+                kept = self._in_capture(ctx)
+            self._captured(ctx, kept)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: warm up, or run eagerly; say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
             error = f"{type(e).__name__}: {e} (at {where})"
         finally:
-            rec.deferred = None
+            self._end(ctx)
         if error is None:
             self.graph, self.signature = graph, signature
-            _warm_devices.add(str(self.device))
+            _warm.add((type(self).__name__, str(self.device)))
             return
         self.failed_captures.append(error)
-        self.static_args, self.static_kwargs, self.output, self.recorded = [], {}, None, None
+        self.static_args, self.static_kwargs, self.output = [], {}, None
+        self._captured(ctx, None)
         if not self.warm_up_first:
-            log.info("FISEdit: the first sparse step could not be captured as a CUDA graph without a warm-up step "
-                     "(%s); it runs eagerly and the next one is captured", error)
+            log.info("FISEdit: the first %s could not be captured as a CUDA graph without a warm-up step (%s); it "
+                     "runs eagerly and the next one is captured", self.what, error)
             self.warm_up_first = True
         else:
             self.failure = error
-            log.warning("FISEdit: the sparse step could not be captured as a CUDA graph; this edit runs eagerly "
-                        "(%s)", self.failure)
+            log.warning("FISEdit: the %s could not be captured as a CUDA graph; it runs eagerly (%s)", self.what,
+                        self.failure)
+
+    # what a subclass does around the capture and after each replay
+    def _begin(self, ctx) -> None:
+        pass
+
+    def _in_capture(self, ctx):
+        """Inside the capture, after the call: what _captured() receives."""
+        return None
+
+    def _captured(self, ctx, kept) -> None:
+        """After the capture has ended (kept: None when it failed)."""
+
+    def _end(self, ctx) -> None:
+        pass
+
+    def _replayed(self, ctx) -> None:
+        pass
 
     def close(self) -> None:
-        self.graph, self.output, self.static_args, self.static_kwargs, self.recorded = None, None, [], {}, None
+        self.graph, self.output, self.static_args, self.static_kwargs = None, None, [], {}
+
+
+class SparseStepGraph(StepGraph):
+    """An edit's sparse steps: the record is deferred while the step captures, and flushed after each replay."""
+    what = "sparse step"
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.recorded = None  # capture.PackedValues
+
+    def run(self, ctx, call, args: tuple, kwargs: dict, layout=()):
+        return super().run(ctx, call, args, kwargs, layout=tuple(ctx.chunks))
+
+    def _begin(self, ctx) -> None:
+        ctx.recording.deferred = []
+
+    def _in_capture(self, ctx):
+        return ctx.recording.take_deferred()  # the unplanned values' gathers belong to the graph
+
+    def _captured(self, ctx, kept) -> None:
+        self.recorded = None if kept is None else ctx.recording.packing(kept)
+
+    def _end(self, ctx) -> None:
+        ctx.recording.deferred = None
+
+    def _replayed(self, ctx) -> None:
+        ctx.recording.flush(self.recorded, ctx.step)
+
+    def close(self) -> None:
+        super().close()
+        self.recorded = None
 
 
 class _capturing:

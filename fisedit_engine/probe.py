@@ -20,6 +20,7 @@ import torch
 from . import attention_control
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache, schedule_step
+from .graphs import StepGraph
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .mask import difference_map
 
@@ -32,6 +33,7 @@ class ProbeState:
     difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
     predicted: torch.Tensor | None = None  # [B, C, H, W]: the clean latent the edited run predicts at the last step
     seconds: float = 0.0         # wall time of the probe run (the edit's summary line adds it to the sampling's)
+    graph_replays: int = 0       # probe steps replayed as a CUDA graph
 
 
 class _ProbeDone(Exception):
@@ -72,11 +74,44 @@ class _ProbeRecorder:
         return out
 
 
+class ProbeStepGraph(StepGraph):
+    what = "probe step"
+
+
+class ProbeStepWrapper:
+    """A DIFFUSION_MODEL wrapper: the probe's UNet calls replay one CUDA graph (graphs.py), captured at the first
+    probe step (after an eager one, the first time on a device). Before each call the controlled cross-attention
+    layers stage the step's original queries in their device buffers, which the graph reads."""
+    fisedit_patch = True
+
+    def __init__(self, graph: ProbeStepGraph, recorder: _ProbeRecorder, controlled: list):
+        self.graph, self.recorder, self.controlled = graph, recorder, controlled
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        step = attention_control.probe_step.get()
+        if step is None:
+            return executor(*args, **kwargs)
+        x = args[0]
+        for layer in self.controlled:
+            layer.stage(step, x.device)
+        if self.graph.captures_next():
+            context = kwargs.get("context", args[2] if len(args) > 2 else None)
+            for layer in self.controlled:
+                layer.prepare(context)
+        out = self.graph.run(None, executor, args, kwargs)
+        self.recorder.on_output(None, None, out)  # a replay runs no hook
+        return out
+
+
 def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
-              on_step=None) -> tuple[ProbeState, list[list[int]]]:
+              on_step=None, cuda_graph: bool = True) -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
-    original run's (attention_control.py). `on_step(done)` is called after each probe step (a progress bar)."""
+    original run's (attention_control.py). `on_step(done)` is called after each probe step (a progress bar). On a
+    CUDA device the probe steps replay one captured CUDA graph unless `cuda_graph` is False."""
     s = source.settings
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
@@ -86,8 +121,14 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     recorder = _ProbeRecorder(sigmas[:-1], steps, batch, on_step)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
+    controlled = []
     if attention_control_on:
-        attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source, positive, steps)
+        controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
+                                              positive, steps)
+    graph = None
+    if cuda_graph and torch.device(model.load_device).type == "cuda":
+        graph = ProbeStepGraph(model.load_device)
+        host.add_diffusion_model_wrapper(patched, ProbeStepWrapper(graph, recorder, controlled))
     model_sampling = patched.get_model_object("model_sampling")
 
     def uncond_denoised(x, sigma):
@@ -115,9 +156,13 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
                          "model calls): use mask_mode 'user', or a sampler such as euler")
     finally:
         hook.remove()
+        if graph is not None:
+            torch.cuda.synchronize()
+            graph.close()
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
                        difference_map(list(latents[1:]), cached),
-                       predicted=predicted[0].float().cpu() if predicted else None, seconds=time.perf_counter() - t0)
+                       predicted=predicted[0].float().cpu() if predicted else None, seconds=time.perf_counter() - t0,
+                       graph_replays=graph.replays if graph is not None else 0)
     return state, recorder.calls

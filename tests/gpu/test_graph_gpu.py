@@ -27,7 +27,7 @@ def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
 
     eager, eager_result = edit(False)
     assert eager_result.graph_replays == 0 and not torch.equal(eager, original)
-    monkeypatch.setattr(graphs, "_warm_devices", set())
+    monkeypatch.setattr(graphs, "_warm", set())
     runs = {"warm-up": edit(True), "captured first": edit(True)}
     with monkeypatch.context() as m, caplog.at_level("INFO", logger="FISEdit"):
         m.setattr(EditState, "prepare_capture", lambda self, ctx, x: None)
@@ -92,3 +92,25 @@ def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     assert chained_result.feed_stats.host_gathers > 0
     outside = ~mask[:, None].expand_as(chained)
     assert torch.equal(chained[outside], original[outside]) and not torch.equal(chained, planned_latent)
+
+def test_probe_replayed_as_a_graph_equals_the_eager_probe(host, monkeypatch):
+    """The probe's steps replayed from a CUDA graph (with attention control: its layers read the original queries
+    staged before each replay) give the eager probe's latents, outputs and difference map bit for bit: the first
+    probe on a device after an eager warm-up step, a later one from its first step."""
+    from fisedit_engine import api, graphs
+    from fisedit_engine.probe import run_probe
+    arch, steps, probe_steps = "sd15", 8, 3
+    model = tiny_models.build(arch, seed=4, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-probe-graph")
+    api.store(handle, {"samples": sample(captured, arch, batch=2, cfg=6.0, sampler="euler", size=64, steps=steps)})
+    edited = tiny_models.conditioning(arch, 21, 2)
+    monkeypatch.setattr(graphs, "_warm", set())
+    for control in (True, False):
+        with torch.inference_mode():
+            eager, _ = run_probe(model, handle.get(), edited, probe_steps, control, cuda_graph=False)
+            runs = [run_probe(model, handle.get(), edited, probe_steps, control)[0] for _ in range(2)]
+        assert eager.graph_replays == 0
+        assert [r.graph_replays for r in runs] == ([probe_steps - 1, probe_steps] if control else [probe_steps] * 2)
+        for replayed in runs:
+            for field in ("cond_outputs", "latents", "difference", "predicted"):
+                assert torch.equal(getattr(replayed, field), getattr(eager, field)), (control, field)

@@ -126,7 +126,8 @@ def _staging_rows(nbytes: int) -> list[torch.Tensor]:
         rows, _spare_rows[:] = list(_spare_rows), []
     if len(rows) == 2 and all(r.numel() >= nbytes for r in rows):
         return rows
-    return [pinned((nbytes,), torch.uint8) for _ in range(2)]
+    with torch.inference_mode(False):  # writable by the next lander, whether it runs in inference mode or not
+        return [pinned((nbytes,), torch.uint8) for _ in range(2)]
 
 
 class RowLander:

@@ -154,9 +154,10 @@ def test_the_next_lander_takes_the_last_landers_staging_rows(monkeypatch):
     enough for it, and rows too large to keep between edits are not kept."""
     from fisedit_engine import capture
     monkeypatch.setattr(capture, "_spare_rows", [])  # none left by the tests before
-    first = RowLander((64,))
-    first.put(torch.full((64,), 3, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8), 0)
-    first.drain()
+    with torch.inference_mode():  # as ComfyUI samples; the next lander runs outside it
+        first = RowLander((64,))
+        first.put(torch.full((64,), 3, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8), 0)
+        first.drain()
     flat = [r.untyped_storage().data_ptr() for r in first._flat]
     first.shutdown()
     smaller = RowLander((2, 16))  # views of the same rows

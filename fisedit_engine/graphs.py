@@ -70,10 +70,10 @@ class StepGraph:
         """Whether the next run() captures the graph."""
         return self.failure is None and self.graph is None and not (self.warm_up_first and self.eager_steps == 0)
 
-    def run(self, ctx, call, args: tuple, kwargs: dict, layout=()):
-        """One model call: eager (a warm-up, or after a failed capture), captured and replayed, or replayed. `layout`:
-        what else must match the captured call (the CFG chunks)."""
-        signature = (tuple(layout), _signature(args), _signature(kwargs))
+    def run(self, ctx, call, args: tuple, kwargs: dict, batch_layout=()):
+        """One model call: eager (a warm-up, or after a failed capture), captured and replayed, or replayed.
+        `batch_layout`: what else must match the captured call (the CFG chunks)."""
+        signature = (tuple(batch_layout), _signature(args), _signature(kwargs))
         if self.failure is not None:
             return call(*args, **kwargs)
         if self.graph is None:
@@ -157,8 +157,8 @@ class SparseStepGraph(StepGraph):
         super().__init__(device)
         self.recorded = None  # capture.PackedValues
 
-    def run(self, ctx, call, args: tuple, kwargs: dict, layout=()):
-        return super().run(ctx, call, args, kwargs, layout=tuple(ctx.chunks))
+    def run(self, ctx, call, args: tuple, kwargs: dict, batch_layout=()):
+        return super().run(ctx, call, args, kwargs, batch_layout=tuple(ctx.chunks))
 
     def _begin(self, ctx) -> None:
         ctx.recording.deferred = []

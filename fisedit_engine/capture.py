@@ -155,13 +155,15 @@ class RowLander:
         slot = step % 2
         self._wait(slot)
         staged = self._rows[slot]
+        current = torch.cuda.current_stream(row.device) if row.is_cuda else None
+        if current is not None and self._read is not None:
+            current.wait_event(self._read)
+        if fill is not None:
+            fill()
         landed = None
-        if row.is_cuda:
-            current = torch.cuda.current_stream(row.device)
-            if self._read is not None:
-                current.wait_event(self._read)
-            if fill is not None:
-                fill()
+        if current is None:
+            staged.copy_(row)
+        else:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(row.device)
             self._stream.wait_stream(current)
@@ -169,10 +171,6 @@ class RowLander:
                 staged.copy_(row, non_blocking=True)
                 self._read = landed = torch.cuda.Event()
                 landed.record(self._stream)
-        else:
-            if fill is not None:
-                fill()
-            staged.copy_(row)
         self._landing[slot] = self._worker.submit(_land, landed, staged, into)
 
     def drain(self) -> None:

@@ -292,9 +292,9 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     on_gpu = torch.device(model.load_device).type == "cuda"
     graph = SparseStepGraph(model.load_device) if cuda_graph and on_gpu else None
     modules = dict(unet.named_modules())
-    convs = [m for m in modules.values() if isinstance(m, torch.nn.Conv2d)] if on_gpu else []
+    convs = {path: m for path, m in modules.items() if isinstance(m, torch.nn.Conv2d)} if on_gpu else {}
     state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs)
+                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=list(convs.values()))
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
     delta = Delta(source.store, _result_regions(plan, layout, s), state.dense_from)
@@ -310,9 +310,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             patched.add_object_patch(f"diffusion_model.{block.path}.forward",
                                      SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
     patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
-    for path, module in modules.items():
-        if on_gpu and isinstance(module, torch.nn.Conv2d):
-            patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
+    for path, module in convs.items():
+        patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()

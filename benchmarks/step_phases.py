@@ -6,7 +6,9 @@ replay itself.
 
 The phases are timed by wrapping the methods for this measurement only (this process); the wrapped GPU time is
 taken with CUDA events around each replay. A planned upload is launched for the next step while the GPU runs the
-current one; key by key, staging and upload run in the prefetch worker.
+current one; key by key, staging and upload run in the prefetch worker. Two edits are timed after warm-up edits,
+each with another prompt: one with a new mask (its sparse steps planned and captured) and one with that mask again
+(taking the steps the last edit kept: fisedit_engine/warm.py).
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def once_per_edit():
     import torch
     from fisedit_engine import cache, capture, cost, edit, feed, graphs, plan, registry, tiling
     from fisedit_engine.kernels import triton_ops
-    return [(edit, "check_model"), (cost, "level_costs"), (tiling, "choose_tiles"), (plan.EditPlan, "build"),
+    return [(edit, "check_model"), (edit, "_kept_key"), (cost, "level_costs"), (tiling, "choose_tiles"),
+            (plan.EditPlan, "build"),
             (feed.EditFeed, "build"), (cache.StepTensors, "plan_rows"), (feed.EditFeed, "_build_plan"),
             (edit.EditState, "prepare_capture"), (graphs.SparseStepGraph, "_capture"),
             (torch.cuda.CUDAGraph, "capture_end"), (capture.Recording, "packing"),
@@ -83,34 +86,44 @@ def run(arch: str, size: int, fraction: float, steps: int) -> None:
         out = comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal", speed.conditioning(arch, 1, size),
                                   speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
         api.store(handle, {"samples": out})
-        spec = EditSpec(handle, speed.conditioning(arch, 3, size), speed.region_mask(lat, fraction, "rect"))
         timer = speed.CallTimer()
         patched = model.clone()
         add_apply_model_wrapper(patched, timer)
-        _, warm = run_edit(patched, spec)  # compiles, plans cuDNN; kept, as a user's last edit is
-        timer.seconds.clear()
-        times: dict = {}
-        wrapped = timed_methods(times, [(feed.EditFeed, "stage", False), (feed.EditFeed, "upload", False),
-                                        (feed.EditFeed, "activate", False), (feed.EditFeed, "_upload_planned", False),
-                                        (feed.EditFeed, "_activate_planned", False),
-                                        (capture.Recording, "flush", False),
-                                        (capture.RowLander, "_wait", False), (capture, "_land", False),
-                                        (torch.cuda.CUDAGraph, "replay", True)]
-                                + [(owner, name, False) for owner, name in once])
-        try:
-            t0 = time.perf_counter()
-            _, result = run_edit(patched, spec)
-            torch.cuda.synchronize()
-            total = time.perf_counter() - t0
-        finally:
-            for cls, name, original in wrapped:
-                setattr(cls, name, original)
-        api.registry().remove(result.name)
-        api.registry().remove(warm.name)
-    print(f"{arch}@{size}, {100 * fraction:.0f}% rectangle, {steps} steps: edit {total:.2f} s, model call "
-          f"(synchronised) median {1000 * statistics.median(timer.seconds[2:]):.1f} ms")
-    calls = ", ".join(f"{1000 * s:.1f}" for s in timer.seconds[:4])
-    print(f"  model calls 1-4: {calls} ms")
+
+        def spec(prompt_seed, shift):
+            return EditSpec(handle, speed.conditioning(arch, prompt_seed, size),
+                            speed.region_mask(lat, fraction, "rect", shift))
+        for prompt_seed, shift in ((3, 2), (4, 0)):  # compile the kernels for both masks' tile sizes, plan cuDNN
+            _, warm = run_edit(patched, spec(prompt_seed, shift))
+            api.registry().remove(warm.name)
+        for name, prompt_seed, shift in (("new mask", 4, 2), ("the last edit's mask", 5, 2)):
+            timer.seconds.clear()
+            times: dict = {}
+            wrapped = timed_methods(times, [(feed.EditFeed, "stage", False), (feed.EditFeed, "upload", False),
+                                            (feed.EditFeed, "activate", False),
+                                            (feed.EditFeed, "_upload_planned", False),
+                                            (feed.EditFeed, "_activate_planned", False),
+                                            (capture.Recording, "flush", False),
+                                            (capture.RowLander, "_wait", False), (capture, "_land", False),
+                                            (torch.cuda.CUDAGraph, "replay", True)]
+                                    + [(owner, n, False) for owner, n in once])
+            try:
+                t0 = time.perf_counter()
+                _, result = run_edit(patched, spec(prompt_seed, shift))
+                torch.cuda.synchronize()
+                total = time.perf_counter() - t0
+            finally:
+                for cls, n, original in wrapped:
+                    setattr(cls, n, original)
+            api.registry().remove(result.name)
+            report(f"{arch}@{size}, {100 * fraction:.0f}% rectangle, {steps} steps, {name}", total, timer.seconds,
+                   result, times, once)
+
+
+def report(title: str, total: float, calls: list, result, times: dict, once: list) -> None:
+    print(f"{title}: edit {total:.2f} s, model call (synchronised) median {1000 * statistics.median(calls[2:]):.1f} "
+          f"ms")
+    print(f"  model calls 1-4: {', '.join(f'{1000 * s:.1f}' for s in calls[:4])} ms")
     print(f"  {result.edit_summary}")
     once_labels = {label_of(owner, n) for owner, n in once}
     for name, values in times.items():

@@ -79,6 +79,14 @@ class ControlledCrossAttention:
             self._staged = torch.empty(cached.shape, dtype=cached.dtype, device=device)
         self._staged.copy_(cached, non_blocking=True)
 
+    def adopt(self, kept: "ControlledCrossAttention") -> None:
+        """Reads from the buffers of the same layer of an earlier probe of the source, whose CUDA graph this probe
+        replays (warm.py): this prompt's unchanged positions are copied into them."""
+        self._staged = kept._staged
+        for _, unchanged in kept._on_device.values():
+            unchanged.copy_(self.unchanged)
+        self._on_device = kept._on_device
+
     def prepare(self, context: torch.Tensor) -> None:
         """Builds what every step reads on context's device, before a CUDA graph captures a probe step."""
         self._constants(context)

@@ -378,6 +378,7 @@ class FisEditCache:
     conds: dict = field(default_factory=dict)  # "positive"/"negative" -> CONDITIONING ([[tensor, extras], ...])
     images: dict = field(default_factory=dict)  # VAE fingerprint -> decoded image [B, H, W, 3] (decode.py; in memory)
     resident: object = None  # resident.ResidentContext: the attention context kept on the GPU (in memory only)
+    kept: dict = field(default_factory=dict, compare=False, repr=False)  # warm.py: what its last edit kept (memory)
     edited_from: tuple | None = None  # (weak reference to the source FisEditCache, edit mask) of an edit's result:
     # decode.py rebuilds its image from the source's, in whatever order the decodes run (in memory only; weak, so
     # that a chain of edits does not keep every source alive)

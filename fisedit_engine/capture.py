@@ -75,6 +75,7 @@ class PackedValues:
     buffer: torch.Tensor | None
     rest: list
     copies: RowCopies | None = None
+    layout: dict | None = None  # the row layout `buffer` follows (StepRows.layout)
 
     def pack(self) -> None:
         """Fills `buffer` from the graph's values (after a replay, before the buffer's copy to host memory:
@@ -227,6 +228,7 @@ class Recording:
         self._sigma_buffer: torch.Tensor | None = None  # pinned: the sigmas of model calls on a GPU, read later
         self._sigmas_pending: list = []                 # (buffer slot, CUDA event, step, chunks) not yet checked
         self._lander: RowLander | None = None          # replayed steps' packed rows on their way into the store
+        self._adopted: PackedValues | None = None      # the packing whose planned keys' storage is taken
         self.last_step = -1
         self.partial_settings: dict = {}
         self.noise = self.latent_image = self.final_latent = None
@@ -448,8 +450,6 @@ class Recording:
         if not planned:
             return PackedValues(None, rest)
         rows = self.store.rows
-        for (key, chunk), (value, positions) in planned.items():
-            self._slot(key, chunk, _stored_shape(value, positions)[1:], value.dtype)
         first = next(iter(planned.values()))[0]
         buffer = torch.empty(rows.block.shape[1], dtype=torch.uint8, device=first.device)
         copies = RowCopies(first.device, steps=1)
@@ -457,13 +457,30 @@ class Recording:
             offset, shape, dtype, _ = rows.layout[(key, chunk)]
             out = buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape[0], -1, shape[-1])
             copies.add([as_rows(value)], out, src_index=positions)
-        return PackedValues(buffer, rest, copies)
+        packed = PackedValues(buffer, rest, copies, dict(rows.layout))
+        self._adopt(packed)
+        return packed
+
+    def _adopt(self, packed: "PackedValues") -> None:
+        """Takes the planned keys' storage for the rows that `packed` fills: at the capture, or at the first replay
+        of a graph kept from an earlier edit (warm.py), whose recording planned its rows alike."""
+        self._adopted = packed
+        if packed.buffer is None:
+            return
+        if self.store.rows is None or self.store.rows.layout != packed.layout:
+            raise CacheError(f"internal error: the CUDA graph kept from an earlier edit packs its record in another "
+                             f"layout than this edit's result plans ('{self.name}'); set FISEDIT_KEEP_GRAPHS=0 and "
+                             f"report this")
+        for (key, chunk), (_, shape, dtype, _) in packed.layout.items():
+            self._slot(key, chunk, shape[1:], dtype)
 
     def flush(self, packed: "PackedValues", step: int) -> None:
         """Stores, for `step`, what a replayed CUDA graph recorded (its static outputs, see `deferred`): the planned
         keys as one row, which a RowLander moves into the store beside the next steps, the rest key by key."""
         if not self.active:
             return
+        if packed is not self._adopted:
+            self._adopt(packed)
         if packed.buffer is not None:
             if self._lander is None:
                 self._lander = RowLander(packed.buffer.shape)

@@ -25,6 +25,7 @@ from . import comfy_adapter as host
 from . import cost
 from . import other_packs
 from . import tiling
+from . import warm
 from .cache import CacheError, FisEditCache, Region
 from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, StepContext, current_step, seal
 from .feed import EditFeed
@@ -71,6 +72,11 @@ class EditState:
     convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
     _mask_rows: dict = field(default_factory=dict)
     _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (its weight, a channels-last copy)
+
+    def end_run(self) -> None:
+        """After a run that went through: lets go of what only that run reads, before the state is kept for the next
+        edit (warm.py) or closed."""
+        self.probe = None
 
     def close(self) -> None:
         """Gives back what the edit held on the device."""
@@ -278,27 +284,20 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
             callback(s.steps - 1, final, final, s.steps)
         return final, spec.cache
 
-    level_sizes = layout.level_sizes(*s.latent_shape[-2:])
-    context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
-    costs = cost.level_costs(unet, layout, level_sizes, context)  # the cost model's and the summary's
-    if tile_size is None:
-        work = tiling.level_work(unet, layout, costs, s.sparse_levels)
-        choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work, batch * len(s.chunks),
-                                     *tiling.calibration_for(model.load_device))
-        tile_size, tile_note = choice.tiles, choice.note
-    else:
-        tile_note = "tile sizes set by the edit"
-    plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     on_gpu = torch.device(model.load_device).type == "cuda"
-    graph = SparseStepGraph(model.load_device) if cuda_graph and on_gpu else None
     modules = dict(unet.named_modules())
     convs = {path: m for path, m in modules.items() if isinstance(m, torch.nn.Conv2d)} if on_gpu else {}
-    state = EditState(plan, source, s.steps - dense_steps, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=list(convs.values()))
+    key = _kept_key(model, source, spec, tile_size, stats_mode, dense_steps, cuda_graph and on_gpu)
+    kept = warm.take(source, KEPT, key)
+    if kept is not None:
+        kept.restart(spec.probe)
+    else:
+        kept = _build(model, source, spec, layout, tile_size, stats_mode, s.steps - dense_steps,
+                      cuda_graph and on_gpu, list(convs.values()))
+    state, plan, graph = kept.state, kept.state.plan, kept.state.graph
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
-    delta = Delta(source.store, _result_regions(plan, layout, s), state.dense_from)
-    state.regions = list(delta.regions.values())
+    delta = Delta(source.store, kept.regions, state.dense_from)
     handle = CacheHandle(name, registry(), s.min_sparse_positions, delta=delta)
     patched = model.clone()
     host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
@@ -318,15 +317,85 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     try:
         samples = host.sample_custom(patched, source.noise, s.cfg, sampler, torch.tensor(s.sigmas), spec.positive,
                                      source.conds.get("negative", []), source.latent_image, s.seed, callback=callback)
-    finally:
-        state.close()
+    except BaseException:
+        kept.close()
+        raise
+    state.end_run()
+    if graph is None or graph.reusable:
+        warm.keep(source, KEPT, key, kept)
+    else:
+        kept.close()
     seconds = time.perf_counter() - t0
     seal(handle, samples).edited_from = (weakref.ref(source), spec.mask)
     handle.feed_stats = state.feed.stats
     handle.graph_replays = graph.replays if graph is not None else 0
-    handle.edit_summary = _summary(source, spec, plan, costs, state, seconds, tile_note)
+    handle.edit_summary = _summary(source, spec, plan, kept.costs, state, seconds, kept.tile_note)
     log.info("%s", handle.edit_summary)
     return samples, handle
+
+
+KEPT = "sparse steps"  # warm.py: what a finished edit keeps for the next edit of its source
+
+
+@dataclass
+class KeptEdit:
+    """An edit's sparse steps as built (plan, feed, CUDA graph, what the graph reads), for the next edit of the same
+    source whose key is equal (warm.py): such an edit changes only the prompt, which the graph copies in per step."""
+    state: EditState
+    regions: dict[str, Region]   # the result's delta regions, whose device positions the graph reads
+    costs: dict                  # for the summary
+    tile_note: str
+
+    def restart(self, probe: ProbeState | None) -> None:
+        self.state.probe = probe
+        self.state.feed.restart()
+        if self.state.graph is not None:
+            self.state.graph.restart()
+
+    def close(self) -> None:
+        self.state.close()
+
+
+def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile_size, stats_mode: str,
+           dense_from: int, cuda_graph: bool, convs: list) -> KeptEdit:
+    """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state."""
+    s, unet = source.settings, model.model.diffusion_model
+    level_sizes = layout.level_sizes(*s.latent_shape[-2:])
+    context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
+    costs = cost.level_costs(unet, layout, level_sizes, context)  # the cost model's and the summary's
+    if tile_size is None:
+        work = tiling.level_work(unet, layout, costs, s.sparse_levels)
+        choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work,
+                                     s.latent_shape[0] * len(s.chunks), *tiling.calibration_for(model.load_device))
+        tile_size, tile_note = choice.tiles, choice.note
+    else:
+        tile_note = "tile sizes set by the edit"
+    plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
+    graph = SparseStepGraph(model.load_device) if cuda_graph else None
+    state = EditState(plan, source, dense_from, stats_mode, probe=spec.probe,
+                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs)
+    regions = _result_regions(plan, layout, s)
+    state.regions = list(regions.values())
+    return KeptEdit(state, regions, costs, tile_note)
+
+
+def _kept_key(model, source: FisEditCache, spec: EditSpec, tile_size, stats_mode: str, dense_steps: int,
+              cuda_graph: bool) -> tuple:
+    """What an edit's sparse steps are built from, besides the prompt's values (warm.py)."""
+    kept = source.resident
+    shapes = [(tuple(t.shape), t.dtype) for item in spec.positive
+              for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor)]
+    mask = spec.mask.to(torch.uint8).cpu()
+    return warm.key(
+        source=warm.same(source.store),
+        resident=None if kept is None else (warm.same(kept), kept.generation, len(kept.tensors)),
+        weights=warm.weights_key(model.model.diffusion_model),
+        device=str(torch.device(model.load_device)),
+        prompt_shapes=tuple(shapes),
+        mask=(tuple(mask.shape), mask.numpy().tobytes()),
+        tiles=(tuple(sorted(tile_size.items())) if isinstance(tile_size, dict) else tile_size if tile_size is not None
+               else tiling.calibration_for(model.load_device)),
+        options=(stats_mode, dense_steps, cuda_graph, K.mode(), K.patch_layout()))
 
 
 def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, costs: dict[int, cost.LevelCost],
@@ -353,7 +422,9 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
         return "eager"
     if graph.failure is not None:
         return f"eager (no CUDA graph: {graph.failure})"
-    if graph.failed_captures:
+    if graph.runs > 1:
+        start = f"kept from the last edit of this cache with the same mask, now in its edit {graph.runs}"
+    elif graph.failed_captures:
         start = f"after an eager step, as the first capture failed ({graph.failed_captures[0]})"
     elif graph.eager_steps:
         start = "after an eager warm-up step, the first on this device"

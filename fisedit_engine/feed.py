@@ -453,6 +453,13 @@ class EditFeed:
         staged = self._staged[key]  # [rows, P, C]
         return R.AtPositions(staged.transpose(1, 2), lp.active_in_read(staged.device))
 
+    def restart(self) -> None:
+        """Readies the feed for another edit of its source with the same plan (warm.py): buffers and planned moves
+        stay, the step bookkeeping and the statistics start over."""
+        self._collect_prefetch()
+        self._step = self._staged_at = self._uploaded_step = None
+        self.stats = FeedStats()
+
     def close(self) -> None:
         """Lets go of every buffer (device memory is released when the edit ends)."""
         self._collect_prefetch()

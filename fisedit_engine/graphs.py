@@ -65,6 +65,17 @@ class StepGraph:
         self.replays = 0
         self.failed_captures: list[str] = []
         self.failure: str | None = None
+        self.runs = 1  # the runs (edits, probes) that replayed this graph: above 1 once kept (warm.py)
+
+    def restart(self) -> None:
+        """Counts the next run's steps apart: a captured graph kept for another edit or probe (warm.py)."""
+        self.eager_steps = self.replays = 0
+        self.runs += 1
+
+    @property
+    def reusable(self) -> bool:
+        """Whether a later run can replay this graph (it was captured)."""
+        return self.graph is not None
 
     def captures_next(self) -> bool:
         """Whether the next run() captures the graph."""

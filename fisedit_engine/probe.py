@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention_control
+from . import warm
 from . import comfy_adapter as host
 from .cache import CacheError, FisEditCache, schedule_step
 from .graphs import StepGraph
@@ -78,6 +79,30 @@ class ProbeStepGraph(StepGraph):
     what = "probe step"
 
 
+KEPT = "probe graph"  # warm.py: what a finished probe keeps for the next probe of its source
+
+
+class KeptProbe:
+    """A probe's captured graph and the controlled layers whose buffers it reads, for the next probe of the same
+    source whose key is equal (warm.py)."""
+
+    def __init__(self, graph: ProbeStepGraph, controlled: list):
+        self.graph = graph
+        self.layers = {layer.key: layer for layer in controlled}
+
+    def close(self) -> None:
+        self.graph.close()
+        self.layers = {}
+
+
+def _kept_key(model, source: FisEditCache, positive: list, attention_control_on: bool) -> tuple:
+    shapes = [(tuple(t.shape), t.dtype) for item in positive
+              for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor)]
+    return warm.key(source=warm.same(source.store), weights=warm.weights_key(model.model.diffusion_model),
+                    device=str(torch.device(model.load_device)), prompt_shapes=tuple(shapes),
+                    options=(attention_control_on,))
+
+
 class ProbeStepWrapper:
     """A DIFFUSION_MODEL wrapper: the probe's UNet calls replay one CUDA graph (graphs.py), captured at the first
     probe step (after an eager one, the first time on a device). Before each call the controlled cross-attention
@@ -125,9 +150,17 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     if attention_control_on:
         controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
                                               positive, steps)
-    graph = None
+    graph = key = None
     if cuda_graph and torch.device(model.load_device).type == "cuda":
-        graph = ProbeStepGraph(model.load_device)
+        key = _kept_key(model, source, positive, attention_control_on)
+        kept = warm.take(source, KEPT, key)
+        if kept is not None:
+            graph = kept.graph
+            graph.restart()
+            for layer in controlled:
+                layer.adopt(kept.layers[layer.key])
+        else:
+            graph = ProbeStepGraph(model.load_device)
         host.add_diffusion_model_wrapper(patched, ProbeStepWrapper(graph, recorder, controlled))
     model_sampling = patched.get_model_object("model_sampling")
 
@@ -147,10 +180,11 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     unet_out = model.model.diffusion_model.out
     hook = unet_out.register_forward_hook(recorder.on_output)
     t0 = time.perf_counter()
+    done = False
     try:
         guider.sample(source.noise, source.latent_image, sampler, sigmas, seed=s.seed, disable_pbar=True)
     except _ProbeDone:
-        pass
+        done = True
     else:
         raise CacheError("the probe ran to the end of the schedule without reaching its last step (the sampler skipped "
                          "model calls): use mask_mode 'user', or a sampler such as euler")
@@ -158,7 +192,10 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
         hook.remove()
         if graph is not None:
             torch.cuda.synchronize()
-            graph.close()
+            if done and graph.reusable:
+                warm.keep(source, KEPT, key, KeptProbe(graph, controlled))
+            else:
+                graph.close()
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,

@@ -12,6 +12,7 @@ import os
 import threading
 from collections import OrderedDict, deque
 
+from . import warm
 from .cache import CacheError, FisEditCache
 
 log = logging.getLogger("FISEdit")
@@ -101,6 +102,8 @@ class CacheRegistry:
 
     def clear(self) -> None:
         with self._lock:
+            for cache in self._caches.values():
+                warm.release(cache)
             self._caches.clear()
             self._sizes.clear()
             self._released_later.clear()
@@ -141,12 +144,14 @@ class CacheRegistry:
         self._sizes.pop(name, None)
         if cache is None:
             return None
+        warm.release(cache)
         if cache.resident is not None:
             cache.resident.release()
         made_whole = 0
         for other in list(self._caches.values()):
             if other.store.base is cache.store:
                 old = other.store
+                warm.release(other)  # what its edits kept reads the old store
                 other.store = old.materialized()
                 self._sizes[other.name] = other.nbytes
                 made_whole += 1

@@ -52,6 +52,7 @@ class ResidentContext:
         self.budget, self.device = budget, device
         self.tensors: dict[tuple[str, int, int], torch.Tensor] = {}
         self.nbytes = 0
+        self.generation = 0  # counts the times its tensors were let go (what an edit kept may read their addresses)
 
     def get(self, key: str, chunk: int, step: int) -> torch.Tensor | None:
         return self.tensors.get((key, chunk, step))
@@ -69,6 +70,7 @@ class ResidentContext:
 
     def release(self) -> None:
         self.tensors.clear()
+        self.generation += 1
         self.budget.give_back(self, self.nbytes)
         self.nbytes = 0
 
@@ -117,6 +119,7 @@ class DeviceBudget:
                 log.info("FISEdit: let go of a cache's attention context on the GPU (%.0f MiB, least recently "
                          "used) to stay within FISEDIT_RESIDENT_BUDGET", victim.nbytes / 2**20)
                 victim.tensors.clear()
+                victim.generation += 1
                 victim.nbytes = 0
             self._used += nbytes
             return True

@@ -13,6 +13,7 @@ def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
     from fisedit_engine import api, graphs
     from fisedit_engine.edit import EditSpec, EditState, run_edit
     arch, steps = "sd15", 6
+    monkeypatch.setenv("FISEDIT_KEEP_GRAPHS", "0")  # each edit captures its own (the next test reuses them)
     model = tiny_models.build(arch, seed=2, dtype=torch.float16)
     captured, handle = api.capture(model, "gpu-graph")
     original = sample(captured, arch, batch=2, cfg=6.0, sampler="dpmpp_2m", size=64, steps=steps)
@@ -46,6 +47,46 @@ def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
                     assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
 
 
+def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
+    """warm.py: an edit with the mask of the last edit of its source replays that edit's CUDA graph from its first
+    sparse step, with its own prompt, and gives the eager edit of that prompt bit for bit, result cache included.
+    Weights at other addresses (a reload, a patch) make the next edit capture anew, with the same result."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, run_edit
+    arch, steps = "sd15", 6
+    model = tiny_models.build(arch, seed=5, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-kept-graph")
+    api.store(handle, {"samples": sample(captured, arch, batch=2, cfg=6.0, sampler="dpmpp_2m", size=64,
+                                         steps=steps)})
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[:, 20:36, 8:30] = True
+
+    def edit(prompt_seed, graph=True):
+        with torch.inference_mode():
+            return run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, prompt_seed, 2), mask),
+                            cuda_graph=graph)
+
+    eager, eager_result = edit(31, graph=False)
+    _, first = edit(30)
+    assert first.graph_replays > 0 and "kept from the last edit" not in first.edit_summary
+    runs = {"kept": edit(31)}
+    unet = model.model.diffusion_model
+    unet.out[2].weight = torch.nn.Parameter(unet.out[2].weight.detach().clone(), requires_grad=False)
+    with caplog.at_level("INFO", logger="FISEdit"):
+        runs["weights moved"] = edit(31)
+    assert "not reusing the sparse steps kept from the last edit: built for another weights" in caplog.text
+    assert runs["kept"][1].graph_replays == steps and "kept from the last edit" in runs["kept"][1].edit_summary
+    assert "captured at the first sparse step" in runs["weights moved"][1].edit_summary
+    a = eager_result.get()
+    for name, (latent, result) in runs.items():
+        assert torch.equal(latent, eager), name
+        b = result.get()
+        for key in a.keys():
+            for chunk in a.settings.chunks:
+                for step in range(a.cached_steps(key, chunk)):
+                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
+
+
 def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     """The feed moves each step with its planned copies (one launch per element size, the GPU reading the pinned
     cache in place); moved key by key (a gather launch per map), or gathered on the host, the edit and its result
@@ -55,6 +96,7 @@ def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     from fisedit_engine.edit import EditSpec, run_edit
     from fisedit_engine.feed import EditFeed
     arch, steps = "sd15", 5
+    monkeypatch.setenv("FISEDIT_KEEP_GRAPHS", "0")  # the edits forced to move key by key build their own feeds
     model = tiny_models.build(arch, seed=3, dtype=torch.float16)
     captured, handle = api.capture(model, "gpu-device-gather")
     original = sample(captured, arch, batch=2, cfg=6.0, sampler="euler", size=64, steps=steps)
@@ -114,3 +156,27 @@ def test_probe_replayed_as_a_graph_equals_the_eager_probe(host, monkeypatch):
         for replayed in runs:
             for field in ("cond_outputs", "latents", "difference", "predicted"):
                 assert torch.equal(getattr(replayed, field), getattr(eager, field)), (control, field)
+
+
+def test_the_next_probe_replays_the_kept_probe_graph_with_its_own_prompt(host):
+    """warm.py: a probe of the same source replays the last probe's graph from its first step, reading its own
+    prompt and, with attention control, its own unchanged prompt positions (copied into the kept layers' buffers):
+    the eager probe of that prompt bit for bit."""
+    from fisedit_engine import api
+    from fisedit_engine.probe import run_probe
+    arch, steps, probe_steps = "sd15", 8, 3
+    model = tiny_models.build(arch, seed=6, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-kept-probe")
+    api.store(handle, {"samples": sample(captured, arch, batch=2, cfg=6.0, sampler="euler", size=64, steps=steps)})
+    original = handle.get().conds["positive"]
+    first = tiny_models.conditioning(arch, 40, 2)
+    second = [[first[0][0].clone(), dict(first[0][1])]]
+    second[0][0][:, :5] = original[0][0][:, :5]  # an edit after the fifth token: those stay under control
+    for control in (True, False):
+        with torch.inference_mode():
+            eager, _ = run_probe(model, handle.get(), second, probe_steps, control, cuda_graph=False)
+            run_probe(model, handle.get(), first, probe_steps, control)
+            kept, _ = run_probe(model, handle.get(), second, probe_steps, control)
+        assert kept.graph_replays == probe_steps
+        for field in ("cond_outputs", "latents", "difference", "predicted"):
+            assert torch.equal(getattr(kept, field), getattr(eager, field)), (control, field)

@@ -236,6 +236,7 @@ def test_planned_moves_feed_what_key_by_key_moves_feed(models, source, monkeypat
     assert stats.planned_steps == stats.steps > 0 and stats.bytes_uploaded > 0
     with monkeypatch.context() as m:
         m.setattr(EditFeed, "_unplannable", lambda self, chunks, device: "forced by the test")
+        m.setenv("FISEDIT_KEEP_GRAPHS", "0")  # the first edit's feed, kept, moves as planned
         by_key, by_key_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
     assert by_key_result.feed_stats.planned_steps == 0
     assert by_key_result.feed_stats.bytes_uploaded == stats.bytes_uploaded
@@ -287,3 +288,45 @@ def test_a_resident_attention_context_replaces_its_upload_and_changes_nothing(mo
     finally:
         cache.resident = None
         source.cache_clear()
+
+
+def test_an_edit_with_the_last_edits_mask_reuses_its_steps_and_equals_a_fresh_edit(models, source, monkeypatch,
+                                                                                     caplog):
+    """warm.py: an edit keeps its plan, feed (and on a GPU its CUDA graph) for the next edit of the same source; the
+    next edit with the same mask and another prompt takes them and gives what an edit built afresh gives, bit for
+    bit, result cache included. Another mask builds anew and says why; the source leaving the registry closes them."""
+    from fisedit_engine.edit import KEPT
+    from fisedit_engine.registry import registry
+    handle, _ = source("sd15", "dpmpp_2m", 2, 7.0, (16, 24))
+    cache = handle.get()
+    mask = blob_mask(2, (16, 24))
+    run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
+    kept = cache.kept[KEPT][1]
+    reused, reused_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED + 1)
+    assert cache.kept[KEPT][1] is kept
+    with monkeypatch.context() as m:
+        m.setenv("FISEDIT_KEEP_GRAPHS", "0")
+        fresh, fresh_result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED + 1)
+    assert KEPT not in cache.kept and kept.state.plan.levels[0]._maps == {}  # closed when keeping was turned off
+    assert torch.equal(reused, fresh)
+    assert reused_result.feed_stats == fresh_result.feed_stats
+    a, b = reused_result.get(), fresh_result.get()
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        for chunk in a.settings.chunks:
+            for step in range(a.cached_steps(key, chunk)):
+                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+    run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED)
+    kept = cache.kept[KEPT][1]
+    other = mask.clone()
+    other[0, 10:12, 10:12] = True
+    with caplog.at_level("INFO", logger="FISEdit"):
+        run_edit(models["sd15"], handle, "sd15", 2, other, EDITED_SEED)
+    assert "not reusing the sparse steps kept from the last edit: built for another mask" in caplog.text
+    assert cache.kept[KEPT][1] is not kept and kept.state.plan.levels[0]._maps == {}
+    kept = cache.kept[KEPT][1]
+    registry().remove(cache.name)
+    try:
+        assert cache.kept == {} and kept.state.plan.levels[0]._maps == {}
+    finally:
+        registry().put(cache)  # the module's other tests read this source

@@ -1,0 +1,129 @@
+"""What an edit builds once and can hand to the next edit of the same source: the sparse steps' plan, feed and CUDA
+graph (edit.py), and the probe's graph (probe.py).
+
+Users change a few words and edit again, often with the same mask (a painted one). Planning the sparse steps and
+capturing their graph took about 0.15 s of a 0.57 s edit at SD2.1@768 (H200, benchmarks/step_phases.py), and the
+probe's capture another 40 ms; none of it depends on the prompt. So a finished edit keeps them, under a key of
+everything they were built from, and the next edit takes them when its key is equal; otherwise they are closed and
+the edit builds its own.
+
+A key must name everything the kept objects read that is not copied in again per step: a kept CUDA graph reads the
+model's weights at the addresses they had at the capture, the source's store and resident attention context (by
+address: kernels.row_copies' tables), and the kept objects' own buffers. So keys hold the source's store and resident
+context as objects (compared by identity, held so their addresses cannot be reused), the resident context's
+generation, the weights' addresses and versions (`weights_key`), the mask's bytes and every option and input shape
+the building read.
+
+Kept objects hold GPU memory (a graph's pool, the feed's buffers, index maps): only one source keeps any at a time,
+and the registry closes them when it lets the source go. FISEDIT_KEEP_GRAPHS=0 turns keeping off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+
+import torch
+
+log = logging.getLogger("FISEdit")
+
+_lock = threading.Lock()
+_owner: weakref.ref | None = None  # the source cache whose `kept` holds something
+
+
+def enabled() -> bool:
+    value = os.environ.get("FISEDIT_KEEP_GRAPHS", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"FISEDIT_KEEP_GRAPHS={value!r}: set 1 to keep an edit's graphs for the next edit of the "
+                         f"same source (the default), or 0 to build them for every edit")
+    return value in ("1", "true", "on", "yes")
+
+
+def key(**parts) -> tuple:
+    """A key of named parts (the log names those that differ), compared with ==: wrap objects in `same()` to compare
+    them by identity; never tensors."""
+    return tuple(parts.items())
+
+
+class same:  # noqa: N801 - reads as a function in a key: same(source.store)
+    """A key part equal only to a part wrapping the same object; holding the object, so that its address is not
+    reused while the key lives."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def take(source, kind: str, key: tuple):
+    """The `kind` (an object with close()) that an earlier edit of `source` kept under `key`, taken out (the caller
+    keeps it again or closes it), or None. One kept under another key is closed, and so is what another source kept
+    (before this edit allocates its own)."""
+    if not enabled():
+        release(source)
+        return None
+    with _lock:
+        previous = _owner() if _owner is not None else None
+        entry = source.kept.pop(kind, None)
+    if previous is not None and previous is not source:
+        release(previous)
+    if entry is None:
+        return None
+    kept_key, value = entry
+    if kept_key == key:
+        return value
+    log.info("FISEdit: not reusing the %s kept from the last edit: built for another %s", kind,
+             _difference(kept_key, key))
+    value.close()
+    return None
+
+
+def keep(source, kind: str, key: tuple, value) -> None:
+    """Keeps `value` for the next edit of `source` (closing it instead when keeping is off); what another source
+    kept is closed."""
+    global _owner
+    if not enabled():
+        value.close()
+        return
+    with _lock:
+        previous = _owner() if _owner is not None else None
+        _owner = weakref.ref(source)
+        replaced = source.kept.pop(kind, None)
+        source.kept[kind] = (key, value)
+    if replaced is not None:
+        replaced[1].close()
+    if previous is not None and previous is not source:
+        release(previous)
+
+
+def release(source) -> None:
+    """Closes whatever `source` kept (the registry calls this when it lets the source go)."""
+    with _lock:
+        entries, source.kept = list(source.kept.values()), {}
+    for _, value in entries:
+        value.close()
+
+
+def weights_key(module: torch.nn.Module) -> tuple:
+    """The address and version of every parameter and buffer of `module`: a CUDA graph reads them where they were
+    at its capture, and ComfyUI moves weights when it unloads and reloads a model, or replaces them with patched
+    copies (LoRA)."""
+    return tuple((t.data_ptr(), _version(t)) for t in (*module.parameters(), *module.buffers()))
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version; it cannot be changed in place outside inference
+        return None
+
+
+def _difference(kept: tuple, wanted: tuple) -> str:
+    kept, wanted = dict(kept), dict(wanted)
+    return ", ".join(name for name in wanted if name not in kept or kept[name] != wanted[name]) or "key"

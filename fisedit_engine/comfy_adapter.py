@@ -48,6 +48,27 @@ def add_diffusion_model_wrapper(patcher, fn: Callable):
     patcher.add_wrapper_with_key(wrappers_mp().DIFFUSION_MODEL, WRAPPER_KEY, fn)
 
 
+def add_conditioning_on_device(patcher) -> None:
+    """A SAMPLER_SAMPLE wrapper that moves the conditioning to the model's device once per sampling run (see
+    `conditioning_on_device`)."""
+    patcher.add_wrapper_with_key(wrappers_mp().SAMPLER_SAMPLE, WRAPPER_KEY, conditioning_on_device)
+
+
+def conditioning_on_device(executor, guider, *args, **kwargs):
+    """ComfyUI keeps the conditioning (CLIPTextEncode's output) in host memory and copies it to the device in every
+    model call (BaseModel._apply_model), a copy from pageable memory that waits for the device to finish the previous
+    step: the host cannot prepare a step while the GPU runs the last one. Here, once the guider has processed its
+    conditionings (inner_sample), their tensors move to the device for the run; the values are the same."""
+    import torch
+    device = guider.model_patcher.load_device
+    for conds in guider.conds.values():
+        for cond in conds:
+            for value in cond.get("model_conds", {}).values():
+                if isinstance(getattr(value, "cond", None), torch.Tensor):
+                    value.cond = value.cond.to(device)
+    return executor(guider, *args, **kwargs)
+
+
 def has_fisedit_wrappers(patcher) -> bool:
     return any(WRAPPER_KEY in keyed for keyed in patcher.wrappers.values())
 

@@ -302,6 +302,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     patched = model.clone()
     host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle))
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
+    host.add_conditioning_on_device(patched)
     if graph is not None:
         host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
     for block in layout.blocks:

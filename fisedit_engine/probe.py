@@ -61,7 +61,7 @@ class _ProbeRecorder:
         x, transformer_options = host.apply_model_args(args, kwargs)
         step = schedule_step(self.sigmas, transformer_options["sigmas"])
         self.calls.append(list(transformer_options.get("cond_or_uncond", [])))
-        self.latents[step] = x[:self.batch].detach().cpu()
+        self.latents[step] = _to_host(x[:self.batch])
         if step >= self.steps:
             raise _ProbeDone()
         token = attention_control.probe_step.set(step)
@@ -69,10 +69,18 @@ class _ProbeRecorder:
             out = executor(*args, **kwargs)
         finally:
             attention_control.probe_step.reset(token)
-        self.outputs[step] = self._last_output[:self.batch].detach().cpu()
+        self.outputs[step] = _to_host(self._last_output[:self.batch])
         if self.on_step is not None:
             self.on_step(step + 1)
         return out
+
+
+def _to_host(value: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that does not wait for the device (pinned, landed once run_probe synchronises): a
+    blocking copy per step would keep the host from preparing the next step while the device runs this one."""
+    if not value.is_cuda:
+        return value.detach().clone()
+    return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value.detach(), non_blocking=True)
 
 
 class ProbeStepGraph(StepGraph):
@@ -146,6 +154,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     recorder = _ProbeRecorder(sigmas[:-1], steps, batch, on_step)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
+    host.add_conditioning_on_device(patched)
     controlled = []
     if attention_control_on:
         controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
@@ -166,7 +175,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
 
     def uncond_denoised(x, sigma):
         step = schedule_step(recorder.sigmas, sigma)
-        eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device)
+        eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device, non_blocking=True)  # a cache: immutable
         return model_sampling.calculate_denoised(sigma, eps.float(), x)
 
     predicted = []  # each step's prediction of the clean latent; the last one shows the edit most clearly
@@ -190,8 +199,9 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
                          "model calls): use mask_mode 'user', or a sampler such as euler")
     finally:
         hook.remove()
+        if torch.device(model.load_device).type == "cuda":
+            torch.cuda.synchronize()  # the copies to host memory (_to_host) have landed
         if graph is not None:
-            torch.cuda.synchronize()
             if done and graph.reusable:
                 warm.keep(source, KEPT, key, KeptProbe(graph, controlled))
             else:

@@ -180,3 +180,34 @@ def test_the_next_probe_replays_the_kept_probe_graph_with_its_own_prompt(host):
         assert kept.graph_replays == probe_steps
         for field in ("cond_outputs", "latents", "difference", "predicted"):
             assert torch.equal(getattr(kept, field), getattr(eager, field)), (control, field)
+
+
+def test_the_conditioning_reaches_the_model_calls_on_the_device(host):
+    """comfy_adapter.conditioning_on_device: the edit's and the probe's model calls get the cross-attention
+    conditioning already on the GPU (ComfyUI would copy it from host memory in every call, waiting for the device)."""
+    from fisedit_engine import api
+    from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+    from fisedit_engine.edit import EditSpec, run_edit
+    from fisedit_engine.probe import run_probe
+    arch = "sd15"
+    model = tiny_models.build(arch, seed=7, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-conditioning")
+    api.store(handle, {"samples": sample(captured, arch, size=64, steps=5)})
+    devices = []
+
+    class Spy:
+        def __deepcopy__(self, memo):
+            return self
+
+        def __call__(self, executor, *args, **kwargs):
+            devices.append(args[3].device.type)  # apply_model(x, t, c_concat, c_crossattn, ...)
+            return executor(*args, **kwargs)
+
+    spied = model.clone()
+    add_apply_model_wrapper(spied, Spy())
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[:, 10:30, 20:40] = True
+    with torch.inference_mode():
+        run_probe(spied, handle.get(), tiny_models.conditioning(arch, 8), 2)
+        run_edit(spied, EditSpec(handle, tiny_models.conditioning(arch, 9), mask))
+    assert len(devices) >= 5 and set(devices) == {"cuda"}, devices

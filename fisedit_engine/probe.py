@@ -12,6 +12,7 @@ that the last probe step predicts: decoded, it shows an added object where the o
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 from . import attention_control
 from . import warm
 from . import comfy_adapter as host
-from .cache import CacheError, FisEditCache, schedule_step
+from .cache import CacheError, FisEditCache
 from .graphs import StepGraph
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .mask import difference_map
@@ -42,13 +43,19 @@ class _ProbeDone(Exception):
 
 
 class _ProbeRecorder:
-    """APPLY_MODEL wrapper of the probe: records each step's latent and positive output; stops at step K."""
+    """APPLY_MODEL wrapper of the probe: records each step's latent and positive output; stops at step K.
+
+    The probe runs one model call per step (the positive branch), so a call's step is the count of calls before it:
+    reading the call's sigma on the host would wait for the device every step. The sigmas are kept on the device and
+    checked against the schedule once the probe has run (`check_sigmas`)."""
 
     def __init__(self, sigmas: torch.Tensor, steps: int, batch: int, on_step=None):
         self.sigmas, self.steps, self.batch, self.on_step = sigmas, steps, batch, on_step
         self.latents: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.calls: list[list[int]] = []  # cond_or_uncond of every model call, for the tests
+        self.step = -1               # the step of the model call in progress
+        self._sigmas: list = []      # each call's sigma, as the sampler passed it
         self._last_output = None
 
     def __deepcopy__(self, memo):
@@ -59,7 +66,8 @@ class _ProbeRecorder:
 
     def __call__(self, executor, *args, **kwargs):
         x, transformer_options = host.apply_model_args(args, kwargs)
-        step = schedule_step(self.sigmas, transformer_options["sigmas"])
+        self.step = step = len(self.calls)
+        self._sigmas.append(transformer_options["sigmas"].detach().reshape(-1)[:1])
         self.calls.append(list(transformer_options.get("cond_or_uncond", [])))
         self.latents[step] = _to_host(x[:self.batch])
         if step >= self.steps:
@@ -73,6 +81,16 @@ class _ProbeRecorder:
         if self.on_step is not None:
             self.on_step(step + 1)
         return out
+
+
+    def check_sigmas(self) -> None:
+        """Raises CacheError if a model call was not at its step's sigma (a sampler that skips or repeats steps)."""
+        for step, sigma in enumerate(torch.cat(self._sigmas).float().cpu().tolist() if self._sigmas else []):
+            expected = float(self.sigmas[step]) if step < len(self.sigmas) else math.nan
+            if not math.isclose(expected, sigma, rel_tol=1e-4, abs_tol=1e-6):
+                raise CacheError(f"the probe's sampler evaluated the model at sigma {sigma:.4g} where step {step} of "
+                                 f"the schedule is at {expected:.4g} (it skipped or repeated steps): use mask_mode "
+                                 f"'user', or a sampler that evaluates the model once per step, such as euler")
 
 
 def _to_host(value: torch.Tensor) -> torch.Tensor:
@@ -174,7 +192,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     model_sampling = patched.get_model_object("model_sampling")
 
     def uncond_denoised(x, sigma):
-        step = schedule_step(recorder.sigmas, sigma)
+        step = recorder.step  # the positive call of this step has just run
         eps = source.read(MODEL_OUTPUT_KEY, step, host.UNCOND).to(x.device, non_blocking=True)  # a cache: immutable
         return model_sampling.calculate_denoised(sigma, eps.float(), x)
 
@@ -206,6 +224,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
                 warm.keep(source, KEPT, key, KeptProbe(graph, controlled))
             else:
                 graph.close()
+    recorder.check_sigmas()
     latents = torch.stack([recorder.latents[i] for i in range(steps + 1)])
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,

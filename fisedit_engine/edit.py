@@ -384,15 +384,13 @@ def _kept_key(model, source: FisEditCache, spec: EditSpec, tile_size, stats_mode
               cuda_graph: bool) -> tuple:
     """What an edit's sparse steps are built from, besides the prompt's values (warm.py)."""
     kept = source.resident
-    shapes = [(tuple(t.shape), t.dtype) for item in spec.positive
-              for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor)]
     mask = spec.mask.to(torch.uint8).cpu()
     return warm.key(
         source=warm.same(source.store),
         resident=None if kept is None else (warm.same(kept), kept.generation, len(kept.tensors)),
         weights=warm.weights_key(model.model.diffusion_model),
         device=str(torch.device(model.load_device)),
-        prompt_shapes=tuple(shapes),
+        prompt_shapes=warm.conditioning_shapes(spec.positive),
         mask=(tuple(mask.shape), mask.numpy().tobytes()),
         tiles=(tuple(sorted(tile_size.items())) if isinstance(tile_size, dict) else tile_size if tile_size is not None
                else tiling.calibration_for(model.load_device)),

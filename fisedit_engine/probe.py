@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from . import attention_control
-from . import warm
 from . import comfy_adapter as host
+from . import warm
 from .cache import CacheError, FisEditCache
 from .graphs import StepGraph
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
@@ -82,7 +82,6 @@ class _ProbeRecorder:
             self.on_step(step + 1)
         return out
 
-
     def check_sigmas(self) -> None:
         """Raises CacheError if a model call was not at its step's sigma (a sampler that skips or repeats steps)."""
         for step, sigma in enumerate(torch.cat(self._sigmas).float().cpu().tolist() if self._sigmas else []):
@@ -122,10 +121,8 @@ class KeptProbe:
 
 
 def _kept_key(model, source: FisEditCache, positive: list, attention_control_on: bool) -> tuple:
-    shapes = [(tuple(t.shape), t.dtype) for item in positive
-              for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor)]
     return warm.key(source=warm.same(source.store), weights=warm.weights_key(model.model.diffusion_model),
-                    device=str(torch.device(model.load_device)), prompt_shapes=tuple(shapes),
+                    device=str(torch.device(model.load_device)), prompt_shapes=warm.conditioning_shapes(positive),
                     options=(attention_control_on,))
 
 

@@ -117,6 +117,12 @@ def weights_key(module: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), _version(t)) for t in (*module.parameters(), *module.buffers()))
 
 
+def conditioning_shapes(conditioning: list) -> tuple:
+    """The shape and dtype of every tensor of a CONDITIONING: what a kept graph's static inputs were sized for."""
+    return tuple((tuple(t.shape), t.dtype) for item in conditioning
+                 for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor))
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version

@@ -197,6 +197,7 @@ class SparseStepWrapper:
         ctx, state = current_step(), self.state
         if ctx is None or ctx.edit is not state or state.graph is None or state.is_dense(ctx.step):
             return executor(*args, **kwargs)
+        state.graph.check_weights(executor.class_obj)
         state.feed.prepare(ctx.step, ctx.chunks, args[0].device)  # outside the graph: a replay only runs kernels
         if state.graph.captures_next():
             state.prepare_capture(ctx, args[0])
@@ -388,7 +389,6 @@ def _kept_key(model, source: FisEditCache, spec: EditSpec, tile_size, stats_mode
     return warm.key(
         source=warm.same(source.store),
         resident=None if kept is None else (warm.same(kept), kept.generation, len(kept.tensors)),
-        weights=warm.weights_key(model.model.diffusion_model),
         device=str(torch.device(model.load_device)),
         prompt_shapes=warm.conditioning_shapes(spec.positive),
         mask=(tuple(mask.shape), mask.numpy().tobytes()),

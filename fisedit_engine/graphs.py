@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import warm
+
 log = logging.getLogger("FISEdit")
 
 _warm: set[tuple[str, str]] = set()  # (graph class, device) of the captures that succeeded in this process
@@ -66,11 +68,29 @@ class StepGraph:
         self.failed_captures: list[str] = []
         self.failure: str | None = None
         self.runs = 1  # the runs (edits, probes) that replayed this graph: above 1 once kept (warm.py)
+        self.weights: tuple | None = None  # warm.weights_key of the model in this run (check_weights)
+        self._check = True
 
     def restart(self) -> None:
         """Counts the next run's steps apart: a captured graph kept for another edit or probe (warm.py)."""
         self.eager_steps = self.replays = 0
         self.runs += 1
+        self._check = True
+
+    def check_weights(self, module) -> None:
+        """At the first call of a run (inside the sampler, once ComfyUI has loaded the model): a graph reads the
+        weights at the addresses they had at its capture, and ComfyUI moves them when it unloads and reloads the model
+        or patches it, between two edits. A kept graph whose weights moved is let go and captured anew, here."""
+        if not self._check:
+            return
+        self._check = False
+        now = warm.weights_key(module)
+        if self.graph is not None and now != self.weights:
+            log.info("FISEdit: the model's weights moved since the kept %s graph was captured (ComfyUI reloaded or "
+                     "patched the model); capturing it anew", self.what)
+            self.close()
+            self.runs, self.warm_up_first = 1, False  # its kernels compiled at the first capture
+        self.weights = now
 
     @property
     def reusable(self) -> bool:

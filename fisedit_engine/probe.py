@@ -121,9 +121,8 @@ class KeptProbe:
 
 
 def _kept_key(model, source: FisEditCache, positive: list, attention_control_on: bool) -> tuple:
-    return warm.key(source=warm.same(source.store), weights=warm.weights_key(model.model.diffusion_model),
-                    device=str(torch.device(model.load_device)), prompt_shapes=warm.conditioning_shapes(positive),
-                    options=(attention_control_on,))
+    return warm.key(source=warm.same(source.store), device=str(torch.device(model.load_device)),
+                    prompt_shapes=warm.conditioning_shapes(positive), options=(attention_control_on,))
 
 
 class ProbeStepWrapper:
@@ -145,6 +144,7 @@ class ProbeStepWrapper:
         x = args[0]
         for layer in self.controlled:
             layer.stage(step, x.device)
+        self.graph.check_weights(executor.class_obj)
         if self.graph.captures_next():
             context = kwargs.get("context", args[2] if len(args) > 2 else None)
             for layer in self.controlled:

@@ -7,12 +7,13 @@ probe's capture another 40 ms; none of it depends on the prompt. So a finished e
 everything they were built from, and the next edit takes them when its key is equal; otherwise they are closed and
 the edit builds its own.
 
-A key must name everything the kept objects read that is not copied in again per step: a kept CUDA graph reads the
-model's weights at the addresses they had at the capture, the source's store and resident attention context (by
-address: kernels.row_copies' tables), and the kept objects' own buffers. So keys hold the source's store and resident
-context as objects (compared by identity, held so their addresses cannot be reused), the resident context's
-generation, the weights' addresses and versions (`weights_key`), the mask's bytes and every option and input shape
-the building read.
+A key must name everything the kept objects read that is not copied in again per step: the source's store and
+resident attention context (by address: kernels.row_copies' tables) and the kept objects' own buffers. So keys hold
+the source's store and resident context as objects (compared by identity, held so their addresses cannot be reused),
+the resident context's generation, the mask's bytes and every option and input shape the building read. A kept CUDA
+graph also reads the model's weights at the addresses they had at its capture; ComfyUI may move them between two
+edits (it unloads a model, reloads it, patches it), and only within sampling are they where the run reads them, so
+the graph itself checks them at the first call of each run (`weights_key`, graphs.StepGraph.check_weights).
 
 Kept objects hold GPU memory (a graph's pool, the feed's buffers, index maps): only one source keeps any at a time,
 and the registry closes them when it lets the source go. FISEDIT_KEEP_GRAPHS=0 turns keeping off.

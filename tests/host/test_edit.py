@@ -330,3 +330,25 @@ def test_an_edit_with_the_last_edits_mask_reuses_its_steps_and_equals_a_fresh_ed
         assert cache.kept == {} and kept.state.plan.levels[0]._maps == {}
     finally:
         registry().put(cache)  # the module's other tests read this source
+
+
+def test_a_diffusion_model_wrapper_sees_the_unet_whose_weights_a_kept_graph_checks(models):
+    """graphs.StepGraph.check_weights takes `executor.class_obj` in the DIFFUSION_MODEL wrappers of the sparse steps
+    and the probe (edit.SparseStepWrapper, probe.ProbeStepWrapper, GPU only): on the real host that is the UNet,
+    with its weights where sampling has loaded them."""
+    from fisedit_engine import comfy_adapter as host
+    from fisedit_engine import warm
+    from fisedit_engine.graphs import StepGraph
+    graph, seen = StepGraph("cpu"), []
+
+    def wrapper(executor, *args, **kwargs):
+        graph.check_weights(executor.class_obj)
+        seen.append(executor.class_obj)
+        return executor(*args, **kwargs)
+
+    model = models["sd15"].clone()
+    host.add_diffusion_model_wrapper(model, wrapper)
+    generate(model, "sd15", "euler", 1, 7.0, (16, 24), EDITED_SEED)
+    unet = models["sd15"].model.diffusion_model
+    assert len(seen) == STEPS * 2 or len(seen) == STEPS  # CFG chunks in one call or two
+    assert all(s is unet for s in seen) and graph.weights == warm.weights_key(unet)

@@ -79,3 +79,24 @@ def test_the_weights_key_follows_addresses_and_in_place_changes():
     now = warm.weights_key(module)
     module[1].weight = torch.nn.Parameter(module[1].weight.detach().clone())  # what a reload or a LoRA patch does
     assert warm.weights_key(module) != now
+
+
+def test_a_kept_graph_whose_weights_moved_is_let_go_at_its_first_call_in_a_run(caplog):
+    """graphs.StepGraph.check_weights: the first call of each run compares the weights with the capture's; a graph
+    whose weights moved (ComfyUI reloaded or patched the model between edits) is let go, to be captured anew."""
+    from fisedit_engine.graphs import StepGraph
+    module = torch.nn.Linear(2, 2)
+    graph = StepGraph("cpu")
+    graph.check_weights(module)
+    graph.graph = "captured"  # what a capture leaves (captures need CUDA)
+    graph.restart()
+    graph.check_weights(module)
+    assert graph.graph == "captured" and graph.runs == 2
+    module.weight = torch.nn.Parameter(module.weight.detach().clone())
+    graph.check_weights(module)  # not the first call of the run: not checked again
+    assert graph.graph == "captured"
+    graph.restart()
+    with caplog.at_level(logging.INFO, logger="FISEdit"):
+        graph.check_weights(module)
+    assert graph.graph is None and graph.runs == 1 and graph.captures_next()
+    assert "weights moved since the kept step graph was captured" in caplog.text

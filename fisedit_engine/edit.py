@@ -71,7 +71,7 @@ class EditState:
     regions: list = field(default_factory=list)  # the result's delta regions (their device copies are dropped)
     convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
     _mask_rows: dict = field(default_factory=dict)
-    _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (its weight, a channels-last copy)
+    _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (weight, its state, channels-last copy)
 
     def end_run(self) -> None:
         """After a run that went through: lets go of what only that run reads, before the state is kept for the next
@@ -100,14 +100,17 @@ class EditState:
         """A channels-last copy of the module's weight, made once per edit: cuDNN's tensor-core convs are
         channels-last and would otherwise transpose a channels-first weight on every call (on an H100, the kernel with
         the most GPU time in a sparse SD2.1@768 step). A cast copy (offloaded or dtype-converted weights) is a
-        temporary and passes through."""
+        temporary and passes through. The copy is made again if the weight was replaced, moved or written since
+        (an edit kept for the next one, warm.py, outlives ComfyUI's reloads and patches)."""
         if weight is not conv.weight or weight.dim() != 4:
             return weight
         kept = self._conv_weights.get(id(conv))
-        if kept is None or kept[0] is not weight:
+        state = warm.tensor_state(weight)
+        if kept is None or kept[0] is not weight or kept[1] != state:
             outside_capture(weight.device, f"a channels-last copy of a conv weight {tuple(weight.shape)}")
-            kept = self._conv_weights[id(conv)] = (weight, weight.contiguous(memory_format=torch.channels_last))
-        return kept[1]
+            kept = self._conv_weights[id(conv)] = (weight, state,
+                                                   weight.contiguous(memory_format=torch.channels_last))
+        return kept[2]
 
     def prepare_capture(self, ctx: StepContext, x: torch.Tensor) -> None:
         """Builds on x's device what a sparse step reads besides its inputs and the feed's buffers, before a CUDA

@@ -115,7 +115,12 @@ def weights_key(module: torch.nn.Module) -> tuple:
     """The address and version of every parameter and buffer of `module`: a CUDA graph reads them where they were
     at its capture, and ComfyUI moves weights when it unloads and reloads a model, or replaces them with patched
     copies (LoRA)."""
-    return tuple((t.data_ptr(), _version(t)) for t in (*module.parameters(), *module.buffers()))
+    return tuple(tensor_state(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def tensor_state(t: torch.Tensor) -> tuple:
+    """(address, version counter): what changes when a tensor is replaced, moved or written in place."""
+    return t.data_ptr(), _version(t)
 
 
 def conditioning_shapes(conditioning: list) -> tuple:

@@ -22,6 +22,9 @@ def test_channels_last_patches_get_one_channels_last_copy_of_the_weight_per_edit
         assert state.conv_weight(conv, conv.weight, patches) is w
         torch.testing.assert_close(R.conv_patches(patches, w, conv.bias), R.conv_patches(patches, conv.weight,
                                                                                          conv.bias))
+        conv.weight.mul_(2.0)  # written in place (a kept edit outlives ComfyUI's patches): copied again
+        again = state.conv_weight(conv, conv.weight, patches)
+        assert again is not w and torch.equal(again, conv.weight)
 
 
 def test_other_patches_and_cast_copies_keep_the_weight_they_were_given():

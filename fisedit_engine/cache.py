@@ -29,6 +29,11 @@ def schedule_step(schedule: torch.Tensor, sigma) -> int:
     return int(torch.argmin((schedule - value).abs()))
 
 
+def same_sigma(scheduled: float, sigma: float) -> bool:
+    """Whether a model call's sigma is the schedule's (within float32 rounding of the sampler's arithmetic)."""
+    return math.isclose(scheduled, sigma, rel_tol=1e-4, abs_tol=1e-6)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Everything that must match between the captured generation and an edit of it."""

@@ -25,8 +25,8 @@ import torch
 from . import comfy_adapter as host
 from . import resident
 from . import other_packs
-from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, schedule_step,
-                    settings_differences, take_positions, to_storage)
+from .cache import (CacheError, FisEditCache, Region, SamplingSettings, StepTensors, pinned, same_sigma,
+                    schedule_step, settings_differences, take_positions, to_storage)
 from .fingerprint import conditioning_fingerprint, model_fingerprint, tensor_fingerprint
 from .kernels import fused as K
 from .kernels.reference import group_stats
@@ -105,11 +105,6 @@ def _planned(delta: Delta, keys: set[str]) -> list[tuple[str, int, tuple, torch.
             shape = (shape[0], len(region.positions), shape[-1])
         out.append((key, chunk, shape, t.dtype))
     return out
-
-
-def _same_sigma(scheduled: float, sigma: float) -> bool:
-    """Whether a model call's sigma is the schedule's (within float32 rounding of the sampler's arithmetic)."""
-    return math.isclose(scheduled, sigma, rel_tol=1e-4, abs_tol=1e-6)
 
 
 _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("fisedit_step", default=None)
@@ -286,7 +281,7 @@ class Recording:
         evaluated = self.evaluated if evaluated is None else evaluated
         schedule = self.sigmas[:-1]
         step = schedule_step(schedule, sigma)
-        if not _same_sigma(float(schedule[step]), sigma):
+        if not same_sigma(float(schedule[step]), sigma):
             self.fail(f"the sampler evaluated the model at sigma {sigma:.4g}, between the schedule's steps; only "
                       f"samplers that evaluate the model once per step can be cached: {SINGLE_EVALUATION}")
             return None
@@ -321,7 +316,7 @@ class Recording:
             landed.synchronize()
             self._sigmas_pending.pop(0)
             sigma = float(self._sigma_buffer[slot])
-            if _same_sigma(float(self.sigmas[step]), sigma):
+            if same_sigma(float(self.sigmas[step]), sigma):
                 continue
             earlier = {(s, c) for s, c in self.evaluated if s < step or (s == step and c not in chunks)}
             if self._schedule_step(sigma, chunks, earlier) is not None:  # on the schedule, but not the next step

@@ -21,7 +21,7 @@ import torch
 from . import attention_control
 from . import comfy_adapter as host
 from . import warm
-from .cache import CacheError, FisEditCache
+from .cache import CacheError, FisEditCache, same_sigma
 from .graphs import StepGraph
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
 from .mask import difference_map
@@ -86,7 +86,7 @@ class _ProbeRecorder:
         """Raises CacheError if a model call was not at its step's sigma (a sampler that skips or repeats steps)."""
         for step, sigma in enumerate(torch.cat(self._sigmas).float().cpu().tolist() if self._sigmas else []):
             expected = float(self.sigmas[step]) if step < len(self.sigmas) else math.nan
-            if not math.isclose(expected, sigma, rel_tol=1e-4, abs_tol=1e-6):
+            if not same_sigma(expected, sigma):
                 raise CacheError(f"the probe's sampler evaluated the model at sigma {sigma:.4g} where step {step} of "
                                  f"the schedule is at {expected:.4g} (it skipped or repeated steps): use mask_mode "
                                  f"'user', or a sampler that evaluates the model once per step, such as euler")

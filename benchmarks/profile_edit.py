@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     stream = io.StringIO()
     pstats.Stats(prof, stream=stream).sort_stats("cumulative").print_stats(35)
     print(stream.getvalue()[:9000])
+    stream = io.StringIO()  # the main thread's own time (waits included), not what it called
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(25)
+    print(stream.getvalue()[:7000])
     print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
     print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     return 0

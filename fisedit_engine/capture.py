@@ -111,44 +111,56 @@ _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextV
 
 
 SPARE_STAGING_BYTES = 256 << 20  # a staging row up to this size outlives its edit, for the next edit's lander
-_spare_rows: list[torch.Tensor] = []  # the last lander's two staging rows (flat bytes)
+# A row waits in its staging row until a landing thread has copied it into the store; the sampler's step after next
+# reused the row with two of them, which made the main thread wait for nearly a whole landing every step (the landing
+# of a 46 MiB row into fresh pageable memory takes about as long as a replayed step; benchmarks/edit_wall.py).
+STAGING_SLOTS = 4
+LANDING_THREADS = 4  # copy a row in this many parts at once: a copy into fresh pages is bound by the page faults
+_LANDING_ALIGN = 1 << 16
+_spare_rows: list[torch.Tensor] = []  # the last lander's staging rows (flat bytes)
 _spare_lock = threading.Lock()
 
 
-def _staging_rows(nbytes: int) -> list[torch.Tensor]:
-    """Two pinned rows of at least `nbytes` bytes: the last lander's if large enough (pinning fresh memory costs
+def _staging_rows(nbytes: int, count: int) -> list[torch.Tensor]:
+    """`count` pinned rows of at least `nbytes` bytes: the last lander's if large enough (pinning fresh memory costs
     about 0.55 s per GiB, 30 ms for SD2.1@768's two rows of a 5% edit: benchmarks/host_memory.py), else new ones."""
     with _spare_lock:
         rows, _spare_rows[:] = list(_spare_rows), []
-    if len(rows) == 2 and all(r.numel() >= nbytes for r in rows):
-        return rows
+    if len(rows) >= count and all(r.numel() >= nbytes for r in rows[:count]):
+        return rows[:count]
     with torch.inference_mode(False):  # writable by the next lander, whether it runs in inference mode or not
-        return [pinned((nbytes,), torch.uint8) for _ in range(2)]
+        return [pinned((nbytes,), torch.uint8) for _ in range(count)]
+
+
+def _landing_parts(nbytes: int, threads: int) -> list[slice]:
+    size = -(-nbytes // threads // _LANDING_ALIGN) * _LANDING_ALIGN
+    return [slice(start, min(start + size, nbytes)) for start in range(0, nbytes, size)]
 
 
 class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
-    into one of two pinned staging rows on a stream of its own, so that the copy (about 46 MiB per step at SD2.1@768
-    with a 5% mask, a millisecond or more) overlaps the sampler's next step instead of delaying it (the sampler waits
-    on the main stream every step); a worker thread then waits for that copy to land and copies the staging row into
-    the store (3-4 ms), beside the main thread's next steps. A staging row is taken again two steps later, once its
-    landing has finished; the row on the device is refilled (`fill`) once the previous copy has read it. The staging
-    rows pass to the next edit's lander when this one shuts down (up to SPARE_STAGING_BYTES each). On the CPU (tests)
-    the same path runs without the GPU's streams and waits."""
+    into one of STAGING_SLOTS pinned staging rows on a stream of its own, so that the copy (about 46 MiB per step at
+    SD2.1@768 with a 5% mask, a millisecond or more) overlaps the sampler's next step instead of delaying it (the
+    sampler waits on the main stream every step); landing threads then wait for that copy to land and copy the
+    staging row into the store in LANDING_THREADS parts, beside the main thread's next steps. A staging row is taken
+    again STAGING_SLOTS steps later, once its landing has finished; the row on the device is refilled (`fill`) once
+    the previous copy has read it. The staging rows pass to the next edit's lander when this one shuts down (up to
+    SPARE_STAGING_BYTES each). On the CPU (tests) the same path runs without the GPU's streams and waits."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, slots: int | None = None, threads: int | None = None):
         nbytes = math.prod(shape)
-        self._flat = _staging_rows(nbytes)
+        self._flat = _staging_rows(nbytes, slots or STAGING_SLOTS)
         self._rows = [row[:nbytes].view(shape) for row in self._flat]
-        self._landing: list[Future | None] = [None, None]
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisedit-rows")
+        self._parts = _landing_parts(nbytes, threads or LANDING_THREADS)
+        self._landing: list[list[Future]] = [[] for _ in self._rows]
+        self._workers = ThreadPoolExecutor(max_workers=len(self._parts), thread_name_prefix="fisedit-rows")
         self._stream = None
         self._read = None  # the event after which the last copy has read the device row
 
     def put(self, row: torch.Tensor, into: torch.Tensor, step: int, fill=None) -> None:
         """Runs `fill` (which writes `row`), then moves `row` (bytes, on the GPU or the CPU) into `into` (a row of
         the store), without waiting for either."""
-        slot = step % 2
+        slot = step % len(self._rows)
         self._wait(slot)
         staged = self._rows[slot]
         current = torch.cuda.current_stream(row.device) if row.is_cuda else None
@@ -167,7 +179,12 @@ class RowLander:
                 staged.copy_(row, non_blocking=True)
                 self._read = landed = torch.cuda.Event()
                 landed.record(self._stream)
-        self._landing[slot] = self._worker.submit(_land, landed, staged, into)
+        if into.numel() != staged.numel():  # not a row of this size: the whole copy fails, raised as landings' are
+            self._landing[slot] = [self._workers.submit(_land, landed, staged, into)]
+            return
+        source, target = staged.view(-1), into.view(-1)
+        self._landing[slot] = [self._workers.submit(_land, landed, source[part], target[part])
+                               for part in self._parts]
 
     def drain(self) -> None:
         """Waits for every landing; raises what one raised."""
@@ -175,18 +192,18 @@ class RowLander:
             self._wait(slot)
 
     def shutdown(self) -> None:
-        """Ends the worker after its landings (their failures, if any, go unread: for a run that failed already), and
-        hands the staging rows on: every copy into them has landed (each landing waits for its copy)."""
-        self._worker.shutdown(wait=True)
+        """Ends the workers after their landings (their failures, if any, go unread: for a run that failed already),
+        and hands the staging rows on: every copy into them has landed (each landing waits for its copy)."""
+        self._workers.shutdown(wait=True)
         if self._flat[0].numel() <= SPARE_STAGING_BYTES:
             with _spare_lock:
                 _spare_rows[:] = self._flat
         self._flat = self._rows = []
 
     def _wait(self, slot: int) -> None:
-        landing, self._landing[slot] = self._landing[slot], None
-        if landing is not None:
-            landing.result()
+        landing, self._landing[slot] = self._landing[slot], []
+        for part in landing:
+            part.result()
 
 
 def _land(landed, staged: torch.Tensor, into: torch.Tensor) -> None:

@@ -137,6 +137,24 @@ def test_the_row_lander_stores_each_row_as_it_was_put():
     assert torch.equal(block, torch.stack(expected))
 
 
+@pytest.mark.parametrize("nbytes, threads", [(1, 4), (5 << 16, 1), ((3 << 16) + 123, 4), (7 << 16, 3)])
+def test_a_row_lands_in_parts_that_cover_it_once(nbytes, threads):
+    """Landing threads each copy one part of a row; the parts tile it, and every row still lands whole."""
+    from fisedit_engine.capture import _landing_parts
+    parts = _landing_parts(nbytes, threads)
+    assert len(parts) <= threads and parts[0].start == 0 and parts[-1].stop == nbytes
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    block = torch.zeros(6, nbytes, dtype=torch.uint8)
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    lander = RowLander(buffer.shape, slots=3, threads=threads)
+    for step in range(len(block)):
+        buffer.fill_(step + 1)
+        lander.put(buffer, block[step], step)
+    lander.drain()
+    lander.shutdown()
+    assert torch.equal(block, torch.arange(1, 7, dtype=torch.uint8)[:, None].expand(6, nbytes))
+
+
 def test_the_row_lander_writes_inference_tensors_and_raises_what_a_landing_raised():
     with torch.inference_mode():  # ComfyUI samples in inference mode: the store's block is an inference tensor
         block = torch.zeros(2, 8, dtype=torch.uint8)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import comfy_adapter as host
 from . import cost
+from . import feed as feeds
 from . import other_packs
 from . import tiling
 from . import warm
@@ -397,7 +398,7 @@ def _kept_key(model, source: FisEditCache, spec: EditSpec, tile_size, stats_mode
         mask=(tuple(mask.shape), mask.numpy().tobytes()),
         tiles=(tuple(sorted(tile_size.items())) if isinstance(tile_size, dict) else tile_size if tile_size is not None
                else tiling.calibration_for(model.load_device)),
-        options=(stats_mode, dense_steps, cuda_graph, K.mode(), K.patch_layout()))
+        options=(stats_mode, dense_steps, cuda_graph, K.mode(), K.patch_layout(), feeds.UPLOAD_PROGRAMS))
 
 
 def _summary(source: FisEditCache, spec: EditSpec, plan: EditPlan, costs: dict[int, cost.LevelCost],

@@ -51,6 +51,12 @@ from .plan import EditPlan
 
 log = logging.getLogger("FISEdit")
 
+# Programs of one launch of a step's upload at most. The upload gathers from pinned host memory on its own stream
+# while the step before runs; with a program per 32 rows, its programs held every SM while they waited on the host
+# link, and the step's graph could not start until they were done (1.4 ms of 3.1 between replays at SD2.1@768, 5%,
+# on an H200: benchmarks/gpu_timeline.py). None: no limit.
+UPLOAD_PROGRAMS: int | None = 32
+
 
 @dataclass
 class FeedStats:
@@ -372,7 +378,7 @@ class EditFeed:
 
     def _build_plan(self, chunks: tuple, device) -> _PlannedSteps:
         steps, batch_rows = self.source.settings.steps, len(chunks)
-        upload, activate = RowCopies(device, steps), RowCopies(device, 1)
+        upload, activate = RowCopies(device, steps, max_programs=UPLOAD_PROGRAMS), RowCopies(device, 1)
         out = _PlannedSteps(upload, activate, {}, {}, [[] for _ in range(steps)], [0] * steps, [0] * steps)
         kept = self.source.resident
         for key, e in self.entries.items():

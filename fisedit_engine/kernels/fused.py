@@ -200,7 +200,8 @@ def copy_rows(copies, step: int) -> None:
     first run); the reference copies one by one."""
     def kernel():
         if copies.launches is None:
-            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps)
+            copies.launches = _module.RowCopyLaunches(copies.copies, copies.device, copies.steps,
+                                                      max_programs=copies.max_programs)
         copies.launches(step)
     _run("copy_rows", copies.device, kernel, lambda: R.copy_rows(copies.copies, step))
 

@@ -36,8 +36,9 @@ class RowCopies:
     """A fixed set of copies over `steps` steps, on `device`. The tensors must stay where they are while the set
     lives (the kernel's tables hold their addresses; the set holds the tensors)."""
 
-    def __init__(self, device, steps: int):
+    def __init__(self, device, steps: int, max_programs: int | None = None):
         self.device = torch.device(device)
+        self.max_programs = max_programs  # a launch's programs at most (triton_ops.RowCopyLaunches)
         if self.device.type == "cuda" and self.device.index is None:  # as tensors name it: "cuda" -> "cuda:0"
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.steps = steps

@@ -222,36 +222,38 @@ def _gather_rows_kernel(
     tl.store(out_ptr + b * so_b + p.to(tl.int64)[:, None] * so_p + c64[None, :] * so_c, values, mask=ok)
 
 
-@triton.jit(do_not_specialize=["step", "n_jobs"])  # one compiled variant for every step
+@triton.jit(do_not_specialize=["step", "n_jobs", "n_work"])  # one compiled variant for every step
 def _copy_rows_kernel(
     jobs_ptr,                   # [jobs, JOB_FIELDS] int64: each copy's geometry (RowCopyLaunch.FIELDS)
     sources_ptr,                # [steps, jobs] int64: each copy's source address per step
     job_of_ptr,                 # [programs] int32: the copy each program works on
-    step, n_jobs,
+    step, n_jobs, n_work,       # n_work: the work items (job, batch, row block, channel block) of every copy
     UNIT: tl.constexpr,         # the integer type of the elements' size: the copy is bitwise
     SRC_C1: tl.constexpr,       # every source's channel stride is 1 (vectorised loads)
     OUT_C1: tl.constexpr,       # every output's channel stride is 1 (vectorised stores)
     JOB_FIELDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    job = tl.load(job_of_ptr + pid).to(tl.int64)
-    f = jobs_ptr + job * JOB_FIELDS
-    local = pid - tl.load(f)
-    rows, channels, blocks_p, blocks_c = tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
-    b = local // (blocks_p * blocks_c)
-    local -= b * blocks_p * blocks_c
-    p = (local // blocks_c) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = ((local % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    p_ok = p < rows
-    ok = p_ok[:, None] & (c < channels)[None, :]
-    src_rows = tl.load(tl.load(f + 5).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
-    out_rows = tl.load(tl.load(f + 6).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
-    src = tl.load(sources_ptr + step * n_jobs + job).to(tl.pointer_type(UNIT))
-    src += b * tl.load(f + 7) + src_rows[:, None] * tl.load(f + 8)
-    src += c[None, :] if SRC_C1 else c[None, :] * tl.load(f + 13)
-    out = tl.load(f + 9).to(tl.pointer_type(UNIT)) + b * tl.load(f + 10) + out_rows[:, None] * tl.load(f + 11)
-    out += c[None, :] if OUT_C1 else c[None, :] * tl.load(f + 12)
-    tl.store(out, tl.load(src, mask=ok), mask=ok)
+    # a launch of fewer programs than work items (an upload that must leave the GPU's SMs to the step running beside
+    # it) takes its items in turn
+    for item in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        job = tl.load(job_of_ptr + item).to(tl.int64)
+        f = jobs_ptr + job * JOB_FIELDS
+        local = item - tl.load(f)
+        rows, channels, blocks_p, blocks_c = tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
+        b = local // (blocks_p * blocks_c)
+        local -= b * blocks_p * blocks_c
+        p = (local // blocks_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = ((local % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+        p_ok = p < rows
+        ok = p_ok[:, None] & (c < channels)[None, :]
+        src_rows = tl.load(tl.load(f + 5).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
+        out_rows = tl.load(tl.load(f + 6).to(tl.pointer_type(tl.int64)) + p, mask=p_ok, other=0)
+        src = tl.load(sources_ptr + step * n_jobs + job).to(tl.pointer_type(UNIT))
+        src += b * tl.load(f + 7) + src_rows[:, None] * tl.load(f + 8)
+        src += c[None, :] if SRC_C1 else c[None, :] * tl.load(f + 13)
+        out = tl.load(f + 9).to(tl.pointer_type(UNIT)) + b * tl.load(f + 10) + out_rows[:, None] * tl.load(f + 11)
+        out += c[None, :] if OUT_C1 else c[None, :] * tl.load(f + 12)
+        tl.store(out, tl.load(src, mask=ok), mask=ok)
 
 
 # Blocks: on a GPU, 2048-element tiles for 4 warps (the maps are small and the ops bandwidth-bound). The interpreter
@@ -464,13 +466,17 @@ class RowCopyLaunches:
             the device), `src_index` and `out_index` ([P] int64 on the device, or None: 0..P-1) and `rows` (P);
             checked by RowCopies.add.
         steps: how many steps a source list must cover.
+        max_programs: at most this many programs per launch (None: one per work item), each taking work items in
+            turn: an upload from host memory that runs beside a step, whose programs would otherwise hold every SM
+            while they wait on the host link and keep the step's kernels from starting.
     """
     FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,
     # source strides (batch, row), output address and strides (batch, row, channel), source channel stride; padded
 
-    def __init__(self, copies, device: torch.device, steps: int, blocks=None):
+    def __init__(self, copies, device: torch.device, steps: int, blocks=None, max_programs: int | None = None):
         block_c, self.block_p = blocks or (INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS)["rows"]
         self.device = device
+        self.max_programs = max_programs
         _check(device.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
                lambda: "row copies cannot be built while a CUDA graph captures: build them before or after")
         longest = max([c.rows for c in copies if c.src_index is None or c.out_index is None], default=0)
@@ -509,10 +515,10 @@ class RowCopyLaunches:
     def __call__(self, step: int) -> None:
         with _on(self.device):
             for la in self.launches:
-                _copy_rows_kernel[(la["programs"],)](*la["tables"], step, la["n_jobs"], UNIT=la["UNIT"],
-                                                     SRC_C1=la["SRC_C1"], OUT_C1=la["OUT_C1"],
-                                                     JOB_FIELDS=self.FIELDS,
-                                                     BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
+                grid = la["programs"] if self.max_programs is None else min(la["programs"], self.max_programs)
+                _copy_rows_kernel[(grid,)](*la["tables"], step, la["n_jobs"], la["programs"], UNIT=la["UNIT"],
+                                           SRC_C1=la["SRC_C1"], OUT_C1=la["OUT_C1"], JOB_FIELDS=self.FIELDS,
+                                           BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
 
 
 def exact_group_stats(cached: torch.Tensor, cached_active, fresh_active, positions: int,

@@ -248,6 +248,31 @@ def _step_copies(plan, dtype, steps=3):
     return copies, (landing, canvas, staged, stats_out, recorded)
 
 
+@pytest.mark.parametrize("max_programs", [1, 3])
+def test_row_copies_with_fewer_programs_than_work_items_copy_every_row(T, max_programs):
+    """An upload's launch limited to a few programs (so that it leaves the GPU's SMs to the step beside it): each
+    program takes work items in turn, and every row still lands where the reference puts it."""
+    from fisedit_engine.kernels.row_copies import RowCopies
+    gen = torch.Generator().manual_seed(43)
+    stored = torch.randn(2, N, 40, C, generator=gen).half()
+    index = torch.randperm(40, generator=gen)[:23]
+    stats = torch.randn(2, N, GROUPS, 2, generator=gen)
+    got = [torch.full((N, 23, C), float("nan")).half(), torch.empty(N, GROUPS, 2)]
+    want = [t.clone() for t in got]
+    copies, reference = (RowCopies("cpu", 2, max_programs=max_programs), RowCopies("cpu", 2))
+    for c, (rows, whole) in ((copies, got), (reference, want)):
+        c.add(stored, rows, src_index=index)
+        c.add_whole(list(stats), whole)
+    launches = T.RowCopyLaunches(copies.copies, copies.device, copies.steps, blocks=(64, 4),
+                                 max_programs=copies.max_programs)
+    assert max(la["programs"] for la in launches.launches) > max_programs  # more work items than programs
+    launches(1)
+    R.copy_rows(reference.copies, 1)
+    for g, w in zip(got, want):
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+    assert torch.equal(got[0], stored[1][:, index])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_copies_are_exact(T, plan, dtype):
     """Many copies in one launch per element size (the feed's per-step upload and activation), bit for bit what

@@ -139,9 +139,9 @@ def _landing_parts(nbytes: int, threads: int) -> list[slice]:
 
 class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
-    into one of STAGING_SLOTS pinned staging rows on a stream of its own, so that the copy (about 46 MiB per step at
-    SD2.1@768 with a 5% mask, a millisecond or more) overlaps the sampler's next step instead of delaying it (the
-    sampler waits on the main stream every step); landing threads then wait for that copy to land and copy the
+    into one of STAGING_SLOTS pinned staging rows on a stream of its own, from the sampler's next model call on
+    (`send`), so that the copy (about 46 MiB per step at SD2.1@768 with a 5% mask, a millisecond or more) overlaps the
+    sampler's next step instead of delaying it (the sampler waits on the main stream every step); landing threads then wait for that copy to land and copy the
     staging row into the store in LANDING_THREADS parts, beside the main thread's next steps. A staging row is taken
     again STAGING_SLOTS steps later, once its landing has finished; the row on the device is refilled (`fill`) once
     the previous copy has read it. The staging rows pass to the next edit's lander when this one shuts down (up to
@@ -156,29 +156,46 @@ class RowLander:
         self._workers = ThreadPoolExecutor(max_workers=len(self._parts), thread_name_prefix="fisedit-rows")
         self._stream = None
         self._read = None  # the event after which the last copy has read the device row
+        self._pending = None  # the row put last, its copy not started yet (send)
 
     def put(self, row: torch.Tensor, into: torch.Tensor, step: int, fill=None) -> None:
         """Runs `fill` (which writes `row`), then moves `row` (bytes, on the GPU or the CPU) into `into` (a row of
-        the store), without waiting for either."""
+        the store), without waiting for either. On a GPU the copy starts at `send`."""
+        self.send()
         slot = step % len(self._rows)
         self._wait(slot)
-        staged = self._rows[slot]
         current = torch.cuda.current_stream(row.device) if row.is_cuda else None
         if current is not None and self._read is not None:
             current.wait_event(self._read)
         if fill is not None:
             fill()
-        landed = None
         if current is None:
-            staged.copy_(row)
-        else:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(row.device)
-            self._stream.wait_stream(current)
-            with torch.cuda.stream(self._stream):
-                staged.copy_(row, non_blocking=True)
-                self._read = landed = torch.cuda.Event()
-                landed.record(self._stream)
+            self._rows[slot].copy_(row)
+            self._land_later(slot, None, into)
+            return
+        filled = torch.cuda.Event()
+        filled.record(current)
+        self._pending = (row, into, slot, filled)
+
+    def send(self) -> None:
+        """Starts the copy of the row put last, if not started yet. The sampler's next model call sends it once it
+        has queued its own small copies to host memory (the step's sigma and latent): those would wait behind this
+        one on the GPU's copy engine, and the step with them (0.8 ms at SD2.1@768, 5%: benchmarks/gpu_timeline.py)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        row, into, slot, filled = pending
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(row.device)
+        self._stream.wait_event(filled)
+        with torch.cuda.stream(self._stream):
+            self._rows[slot].copy_(row, non_blocking=True)
+            self._read = landed = torch.cuda.Event()
+            landed.record(self._stream)
+        self._land_later(slot, landed, into)
+
+    def _land_later(self, slot: int, landed, into: torch.Tensor) -> None:
+        staged = self._rows[slot]
         if into.numel() != staged.numel():  # not a row of this size: the whole copy fails, raised as landings' are
             self._landing[slot] = [self._workers.submit(_land, landed, staged, into)]
             return
@@ -187,7 +204,8 @@ class RowLander:
                                for part in self._parts]
 
     def drain(self) -> None:
-        """Waits for every landing; raises what one raised."""
+        """Sends the last row, and waits for every landing; raises what one raised."""
+        self.send()
         for slot in range(len(self._landing)):
             self._wait(slot)
 
@@ -502,6 +520,12 @@ class Recording:
             if not is_probe_key(key) or step < self.probe_steps:
                 self._store(key, chunk, step, value)
 
+    def send_rows(self) -> None:
+        """Starts moving the last replayed step's row to the host (RowLander.send): called by a model call once it
+        has queued its own copies to host memory."""
+        if self._lander is not None:
+            self._lander.send()
+
     def _drain(self) -> None:
         """Waits until every flushed row is in the store (raising what a landing raised), and ends the lander."""
         lander, self._lander = self._lander, None
@@ -706,6 +730,7 @@ class CaptureApplyModel(_CaptureWrapper):
         if ctx is None:
             return executor(*args, **kwargs)
         rec.record_latent(ctx, x)
+        rec.send_rows()
         ctx.edit = self.edit
         if self.edit is not None and self.edit.replays(ctx.step):
             return self.edit.replay(ctx, x, args[1] if len(args) > 1 else kwargs["t"], executor.class_obj.model_sampling)

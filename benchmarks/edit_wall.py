@@ -1,7 +1,7 @@
 """Wall time of sparse sampling against stock sampling, with nothing synchronised inside the runs.
 
     python benchmarks/edit_wall.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--steps 20] [--repeat 3]
-                                   [--landers 2x1]
+                                   [--landers 2x1] [--upload-programs none]
 
 speed.py and step_phases.py time each model call with the GPU synchronised around it, which hides whether the host
 prepares a step while the GPU still runs the previous one. Here only the whole run is timed (synchronised at its
@@ -12,7 +12,9 @@ graph) the last edit of the same mask kept (fisedit_engine/warm.py); planning an
 (FISEDIT_KEEP_GRAPHS=0: an edit with a new mask); and that way moving its cached values key by key (what a chained
 edit's delta source takes; before the planned moves, every edit). `--landers SxT,...` times the edit with the kept
 steps again per entry, its result's rows landing through S staging rows and T threads (capture.RowLander; the
-default is capture.STAGING_SLOTS x capture.LANDING_THREADS; 2x1 was the lander before).
+default is capture.STAGING_SLOTS x capture.LANDING_THREADS; 2x1 was the lander before). `--upload-programs N,...`
+does the same per limit on the programs of a step's upload launch (feed.UPLOAD_PROGRAMS; `none`, no limit, was the
+upload before).
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
 
 
-def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers: list[str]) -> None:
+def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers: list[str],
+        upload_programs: list[str]) -> None:
     import torch
     import comfy.sample
     import speed
-    from fisedit_engine import api, capture
+    from fisedit_engine import api, capture, feed
     from fisedit_engine.edit import EditSpec, run_edit
     from fisedit_engine.feed import EditFeed
 
@@ -71,7 +74,10 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
         for lander in landers:
             slots, threads = (int(n) for n in lander.split("x"))
             with mock.patch.multiple(capture, STAGING_SLOTS=slots, LANDING_THREADS=threads):
-                _, by_lander[lander] = timed(edit)
+                _, by_lander[f"{lander} landing"] = timed(edit)
+        for programs in upload_programs:
+            with mock.patch.object(feed, "UPLOAD_PROGRAMS", None if programs == "none" else int(programs)):
+                _, by_lander[f"{programs} upload programs"] = timed(edit)
         with mock.patch.dict(os.environ, {"FISEDIT_KEEP_GRAPHS": "0"}):
             _, fresh_s = timed(edit)
             with mock.patch.object(EditFeed, "_unplannable", lambda self, chunks, device: "edit_wall.py: key by key"):
@@ -84,8 +90,9 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
         api.registry().remove(handle.name)
     print(f"{arch}@{size}, {steps} euler steps, mask {100 * fraction:.0f}% rectangle: stock sampling {stock_s:.3f} s "
           f"({1000 * stock_s / steps:.1f} ms/step), sparse sampling {edit_s:.3f} s ({replays} steps replayed; "
-          f"x{stock_s / edit_s:.2f}; rows landed by {capture.STAGING_SLOTS}x{capture.LANDING_THREADS}), "
-          + "".join(f"landed by {k} {v:.3f} s (x{stock_s / v:.2f}), " for k, v in by_lander.items())
+          f"x{stock_s / edit_s:.2f}; rows landed by {capture.STAGING_SLOTS}x{capture.LANDING_THREADS}, "
+          f"{feed.UPLOAD_PROGRAMS} upload programs), "
+          + "".join(f"with {k} {v:.3f} s (x{stock_s / v:.2f}), " for k, v in by_lander.items())
           + f"planned and captured per edit {fresh_s:.3f} s (x{stock_s / fresh_s:.2f}), "
           f"moved key by key {key_by_key_s:.3f} s (x{stock_s / key_by_key_s:.2f}); the result keeps "
           f"{kept / 2**20:.0f} MiB", flush=True)
@@ -100,9 +107,11 @@ def main(argv=None) -> int:
         parser.add_argument("--steps", type=int, default=20)
         parser.add_argument("--repeat", type=int, default=3)
         parser.add_argument("--landers", default="2x1", help="staging rows x landing threads, comma-separated")
+        parser.add_argument("--upload-programs", default="none", help="upload launch limits, comma-separated")
     return speed.per_model_main(argv, __doc__, "benchmarks/edit_wall.py times GPU runs", arguments,
                                 lambda arch, size, a: run(arch, size, a.fraction, a.steps, a.repeat,
-                                                          [x for x in a.landers.split(",") if x]))
+                                                          [x for x in a.landers.split(",") if x],
+                                                          [x for x in a.upload_programs.split(",") if x]))
 
 
 if __name__ == "__main__":

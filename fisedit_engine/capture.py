@@ -173,21 +173,21 @@ class RowLander:
             self._rows[slot].copy_(row)
             self._land_later(slot, None, into)
             return
-        filled = torch.cuda.Event()
-        filled.record(current)
-        self._pending = (row, into, slot, filled)
+        self._pending = (row, into, slot)
 
     def send(self) -> None:
         """Starts the copy of the row put last, if not started yet. The sampler's next model call sends it once it
         has queued its own small copies to host memory (the step's sigma and latent): those would wait behind this
-        one on the GPU's copy engine, and the step with them (0.8 ms at SD2.1@768, 5%: benchmarks/gpu_timeline.py)."""
+        one on the GPU's copy engine, and the step with them (0.8 ms at SD2.1@768, 5%: benchmarks/gpu_timeline.py).
+        The copy waits for what the main stream has queued so far, not only for the fill: a copy engine takes copies
+        in the order they become ready, and one waiting for the fill alone is ready before those small copies."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        row, into, slot, filled = pending
+        row, into, slot = pending
         if self._stream is None:
             self._stream = torch.cuda.Stream(row.device)
-        self._stream.wait_event(filled)
+        self._stream.wait_stream(torch.cuda.current_stream(row.device))
         with torch.cuda.stream(self._stream):
             self._rows[slot].copy_(row, non_blocking=True)
             self._read = landed = torch.cuda.Event()

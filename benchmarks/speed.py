@@ -57,17 +57,18 @@ def per_model_main(argv, doc: str, needs_cuda: str, add_arguments, run) -> int:
 
 
 class CallTimer:
-    """An APPLY_MODEL wrapper: wall time of every model call, the GPU synchronised around it."""
+    """An APPLY_MODEL wrapper: wall time of every model call, the GPU (if any) synchronised around it."""
 
     def __init__(self):
         self.seconds: list[float] = []
 
     def __call__(self, executor, *args, **kwargs):
         import torch
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         out = executor(*args, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         self.seconds.append(time.perf_counter() - t0)
         return out
 

@@ -1,0 +1,104 @@
+"""The host work an edit does once, outside its model calls, by function: on the CPU or a GPU.
+
+    python benchmarks/edit_overhead.py [--model sd21v@768] [--size 256] [--steps 3] [--repeat 3]
+
+`gpu_timeline.py` showed a warm SD2.1@768 edit on an H200 leaving the GPU idle for about 58 ms before its first
+replayed step and 10 ms after its last, of an edit of about 300 ms: the edit's checks, its recording's setup and its
+seal, which do not depend on the GPU. This times them on a full-size random-weight model (the size of the latent
+matters little to them, so on the CPU a small one keeps the eager sparse steps short), loaded in inference mode as
+ComfyUI loads checkpoints (its weights are inference tensors): after a capture and two warm edits, `--repeat` edits with the same prompt and mask, each function's wall time (median over the edits) and the edit's
+wall time outside its model calls.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def once_per_edit():
+    """(owner, name): what an edit runs once, outside its model calls (the owner is where its callers look it up)."""
+    import comfy.model_management
+    from fisedit_engine import cache, capture, edit, graphs, layout, warm
+    return [(edit, "check_model"), (edit, "model_fingerprint"), (layout.UNetLayout, "from_unet"),
+            (edit, "_kept_key"), (capture, "model_fingerprint"), (capture, "conditioning_fingerprint"),
+            (capture, "tensor_fingerprint"), (capture, "_install_hooks"), (comfy.model_management, "load_models_gpu"),
+            (graphs.StepGraph, "check_weights"), (warm, "weights_key"), (capture.Recording, "finish"),
+            (cache.StepTensors, "missing"), (capture.Recording, "seal"), (edit, "seal")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd21v@768", help="arch@size: the architecture (the size is --size's)")
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (the latent is 1/8)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--fraction", type=float, default=0.05)
+    a = parser.parse_args(argv)
+    import comfy_host
+    comfy_host.boot()
+    import torch
+    import comfy.sample
+    import speed
+    from step_phases import label_of, timed_methods
+    from fisedit_engine import api
+    from fisedit_engine.comfy_adapter import add_apply_model_wrapper
+    from fisedit_engine.edit import EditSpec, run_edit
+
+    arch = a.model.split("@")[0]
+    with torch.inference_mode():  # as ComfyUI's executor runs the checkpoint loader: the weights are inference tensors
+        model, _ = speed.load_model(arch)
+    lat = a.size // 8
+    latent = torch.zeros(1, 4, lat, lat)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode():
+        captured, handle = api.capture(model, f"overhead-{arch}")
+        out = comfy.sample.sample(captured, noise, a.steps, 7.0, "euler", "normal", speed.conditioning(arch, 1, a.size),
+                                  speed.conditioning(arch, 2, a.size), latent, seed=0, disable_pbar=True)
+        api.store(handle, {"samples": out})
+        timer = speed.CallTimer()
+        patched = model.clone()
+        add_apply_model_wrapper(patched, timer)
+        spec = EditSpec(handle, speed.conditioning(arch, 3, a.size), speed.region_mask(lat, a.fraction, "rect"))
+        for _ in range(2):
+            run_edit(patched, spec)
+        once = once_per_edit()
+        times: dict = {}
+        outside, walls = [], []
+        wrapped = timed_methods(times, [(owner, name, False) for owner, name in once])
+        try:
+            for _ in range(a.repeat):
+                timer.seconds.clear()
+                sync()
+                t0 = time.perf_counter()
+                _, result = run_edit(patched, spec)
+                sync()
+                walls.append(time.perf_counter() - t0)
+                outside.append(walls[-1] - sum(timer.seconds))
+        finally:
+            for cls, name, original in wrapped:
+                setattr(cls, name, original)
+        api.registry().remove(result.name)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{arch} at {a.size}x{a.size}, {a.steps} steps, mask {100 * a.fraction:.0f}% rectangle, {device}: edit "
+          f"{1000 * statistics.median(walls):.1f} ms, outside its model calls {1000 * statistics.median(outside):.1f} "
+          f"ms (medians of {a.repeat})")
+    print(f"  {result.edit_summary}")
+    for owner, name in once:
+        values = times.get(label_of(owner, name), [])
+        if values:
+            n = len(values) // a.repeat
+            per_edit = [sum(values[i * n:(i + 1) * n]) for i in range(a.repeat)]
+            print(f"  {label_of(owner, name):34s} {n} call(s) per edit, "
+                  f"{statistics.median(values):7.2f} ms each (median), {statistics.median(per_edit):7.2f} ms per edit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

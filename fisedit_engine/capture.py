@@ -659,6 +659,13 @@ class _CaptureWrapper:
 
 
 class CaptureOuterSample(_CaptureWrapper):
+    def __init__(self, handle: CacheHandle, model_fingerprint: str | None = None):
+        """`model_fingerprint`: the sampled model's, where the caller knows it (an edit samples a clone of the model
+        it checked against its source, plus FISEdit's own patches, which fingerprints leave out); fingerprinting an
+        SD2.1 UNet takes 6-7 ms of host time (benchmarks/edit_overhead.py)."""
+        super().__init__(handle)
+        self.model_fingerprint = model_fingerprint
+
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
         a = host.outer_sample_args(args, kwargs)
@@ -693,7 +700,7 @@ class CaptureOuterSample(_CaptureWrapper):
             sampler_inpaint_options=host.sampler_inpaint_options(a["sampler"]),
             seed=a.get("seed"), sigmas=tuple(float(s) for s in rec.sigmas), cfg=float(getattr(guider, "cfg", 1.0)),
             sparse_levels=tuple(sparse), min_sparse_positions=self.handle.min_sparse_positions,
-            model_fingerprint=model_fingerprint(guider.model_patcher),
+            model_fingerprint=self.model_fingerprint or model_fingerprint(guider.model_patcher),
             model_patches=tuple(v.patch.describe() for v in patches),
             negative_fingerprint=conditioning_fingerprint(rec.conds.get("negative")),
             positive_fingerprint=conditioning_fingerprint(rec.conds.get("positive")),

@@ -27,6 +27,8 @@ import weakref
 
 import torch
 
+from .fingerprint import tensor_version
+
 log = logging.getLogger("FISEdit")
 
 _lock = threading.Lock()
@@ -120,20 +122,13 @@ def weights_key(module: torch.nn.Module) -> tuple:
 
 def tensor_state(t: torch.Tensor) -> tuple:
     """(address, version counter): what changes when a tensor is replaced, moved or written in place."""
-    return t.data_ptr(), _version(t)
+    return t.data_ptr(), tensor_version(t)
 
 
 def conditioning_shapes(conditioning: list) -> tuple:
     """The shape and dtype of every tensor of a CONDITIONING: what a kept graph's static inputs were sized for."""
     return tuple((tuple(t.shape), t.dtype) for item in conditioning
                  for t in (item[0], *item[1].values()) if isinstance(t, torch.Tensor))
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version; it cannot be changed in place outside inference
-        return None
 
 
 def _difference(kept: tuple, wanted: tuple) -> str:

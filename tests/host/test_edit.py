@@ -146,6 +146,25 @@ def test_chained_edit(models, source):
     assert second_handle.get().store.written  # the chained result is a complete cache again
 
 
+def test_an_edits_result_records_the_fingerprint_of_the_clone_it_sampled(models, source, monkeypatch):
+    """An edit's result takes its source's model fingerprint instead of fingerprinting the clone it samples: the
+    clone is the checked model plus FISEdit's own patches and wrappers, which fingerprints leave out. That premise,
+    on the real host: the sampled clone fingerprints as the model does, and as the result records."""
+    from fisedit_engine import capture
+    from fisedit_engine.fingerprint import model_fingerprint
+    sampled = []
+    original_call = capture.CaptureOuterSample.__call__
+
+    def spy(self, executor, *args, **kwargs):
+        sampled.append((model_fingerprint(executor.class_obj.model_patcher), self.model_fingerprint))
+        return original_call(self, executor, *args, **kwargs)
+    monkeypatch.setattr(capture.CaptureOuterSample, "__call__", spy)
+    handle, _ = source("sd15", "euler", 1, 7.0, (16, 24))
+    _, result = run_edit(models["sd15"], handle, "sd15", 1, blob_mask(1, (16, 24)), EDITED_SEED)
+    clone, given = sampled[-1]
+    assert clone == given == model_fingerprint(models["sd15"]) == result.get().settings.model_fingerprint
+
+
 def test_zero_area_mask_returns_the_original(models, source):
     handle, original = source("sd15", "euler", 2, 7.0, (16, 24))
     edited, same = run_edit(models["sd15"], handle, "sd15", 2, torch.zeros(2, 16, 24, dtype=torch.bool), EDITED_SEED)

@@ -1,6 +1,7 @@
 """Whether an edit's sparse sampling waits on the GPU or on the host: the GPU's busy and idle time, unsynchronised.
 
     python benchmarks/gpu_timeline.py [--models sd21v@768] [--fraction 0.05] [--steps 20] [--gaps 12] [--keep DIR]
+    python benchmarks/gpu_timeline.py --from-traces DIR
 
 edit_wall.py gives the wall time of sparse sampling with nothing synchronised inside the run; this shows where that
 time goes on the GPU. Under torch's profiler (CUPTI), one warm run of stock sampling and one edit taking the sparse
@@ -9,7 +10,10 @@ copy ran on the GPU (the union over streams) and the rest, idle, and per stream 
 the edit: for each gap, what the main thread was doing at its middle, from a second profiled edit that records
 Python's call stacks (which slows the host, so only its attribution is used): gap time summed by the innermost Python
 function or torch op. A run whose GPU is idle most of its wall time is bound by the host, and the gaps say where.
-`--keep DIR` keeps the three chrome traces there, gzipped (chrome://tracing and Perfetto read them).
+`--keep DIR` keeps the three chrome traces there, gzipped (chrome://tracing and Perfetto read them), and
+`--from-traces DIR` prints the edit's report from them again, without a GPU. The report also times the replays (each
+one's GPU span, the time from one replay's end to the next one's start) and lists what the GPU ran between two of
+them outside the graphs: the row copies of the feed and the record, the copies to host memory, the sampler's math.
 """
 from __future__ import annotations
 
@@ -93,6 +97,53 @@ def phases_report(events: list[dict], gaps: list[tuple[float, float]]) -> str:
             f"{before / 1000:.1f} ms; between launches: {len(periods)} steps, median {statistics.median(periods) / 1000:.2f} ms "
             f"per step, idle median {statistics.median(per_step) / 1000:.2f} ms (sum {sum(per_step) / 1000:.1f} ms); "
             f"after the last launch: {(merged[-1][1] - last) / 1000:.1f} ms, idle {after / 1000:.1f} ms")
+
+
+def replays_report(events: list[dict]) -> str:
+    """Per replayed step (its kernels found by the correlation id of its cudaGraphLaunch): the replay's GPU span, the
+    GPU time from the previous replay's end to its start, and how far the host's launch ran ahead of it; then what
+    the GPU ran between the two middle replays, outside the graphs (runs of short kernels of one stream merged)."""
+    tid = main_thread(events)
+    launched = sorted((e for e in events if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"
+                       and e.get("tid") == tid), key=lambda e: e["ts"])
+    work = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_WORK]
+    per = collections.defaultdict(list)
+    for e in work:
+        per[e.get("args", {}).get("correlation")].append(e)
+    spans = []
+    for launch in launched:
+        kernels = per.get(launch["args"]["correlation"])
+        if kernels:
+            spans.append((launch["ts"], min(k["ts"] for k in kernels), max(k["ts"] + k["dur"] for k in kernels)))
+    if len(spans) < 3:
+        return "  fewer than three replays found"
+    between = [b[1] - a[2] for a, b in zip(spans, spans[1:])]
+    lines = [f"  {len(spans)} replays: GPU span median {statistics.median(e - s for _, s, e in spans) / 1000:.2f} ms, "
+             f"from one replay's end to the next one's start median {statistics.median(between) / 1000:.2f} ms, the "
+             f"launch ahead of the replay median {statistics.median(s - t for t, s, _ in spans) / 1000:.2f} ms"]
+    middle = len(spans) // 2
+    start, end = spans[middle - 1][2], spans[middle][1]
+    graphs = {launch["args"]["correlation"] for launch in launched}
+    outside = sorted((e for e in work if e["ts"] + e["dur"] > start - 100 and e["ts"] < end
+                      and e.get("args", {}).get("correlation") not in graphs), key=lambda e: e["ts"])
+    lines.append(f"  between replays {middle} and {middle + 1} ({(end - start) / 1000:.2f} ms; times from the first "
+                 f"one's end, ms):")
+    run: list[dict] = []
+
+    def flush_run():
+        if run:
+            lines.append(f"    {(run[0]['ts'] - start) / 1000:7.3f} {sum(e['dur'] for e in run) / 1000:6.3f}  stream "
+                         f"{run[0]['tid']}: {len(run)} kernels under 20 us ({run[0]['name'][:40]}, ...)")
+            run.clear()
+    for e in outside:
+        if e.get("cat") == "kernel" and e["dur"] < 20 and (not run or run[-1]["tid"] == e["tid"]):
+            run.append(e)
+            continue
+        flush_run()
+        lines.append(f"    {(e['ts'] - start) / 1000:7.3f} {e['dur'] / 1000:6.3f}  stream {e['tid']}: {e['cat']} "
+                     f"{e['name'][:70]}")
+    flush_run()
+    return "\n".join(lines)
 
 
 def sampling_gaps(events: list[dict], gaps: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -185,11 +236,19 @@ def run(arch: str, size: int, fraction: float, steps: int, top: int, tmp: Path) 
           f"({len(kept)} of {len(results)} edits took the kept steps)")
     print(busy_report("stock sampling", stock_events, stock_wall))
     print(busy_report("edit (the kept steps)", edit_events, edit_wall))
+    report_edit(edit_events, stack_events, stack_wall, top)
+    del model
+    torch.cuda.empty_cache()
+
+
+def report_edit(edit_events: list[dict], stack_events: list[dict], stack_wall: float | None, top: int) -> None:
     gaps = idle_gaps(edit_events, 20.0)
     print(f"  GPU idle gaps of at least 20 us: {len(gaps)}, {sum(e - s for s, e in gaps) / 1000:.1f} ms")
     print(phases_report(edit_events, gaps))
+    print(replays_report(edit_events))
     stack_gaps = idle_gaps(stack_events, 20.0)
-    print(f"the same edit again, recording Python's stacks (wall {1000 * stack_wall:.1f} ms):")
+    wall = "" if stack_wall is None else f" (wall {1000 * stack_wall:.1f} ms)"
+    print(f"the same edit again, recording Python's stacks{wall}:")
     print(phases_report(stack_events, stack_gaps))
     print("  all gaps:")
     print(attribute(stack_events, stack_gaps, top))
@@ -197,12 +256,28 @@ def run(arch: str, size: int, fraction: float, steps: int, top: int, tmp: Path) 
     print(attribute(stack_events, sampling_gaps(stack_events, stack_gaps), top))
     print("  without the stacks, the gaps between the first and the last replay's launch:")
     print(attribute(edit_events, sampling_gaps(edit_events, gaps), top), flush=True)
-    del model
-    torch.cuda.empty_cache()
+
+
+def from_traces(folder: Path, top: int) -> None:
+    """The edit's report from traces kept by --keep (no GPU needed)."""
+    for trace in sorted(folder.glob("*-edit.json.gz")):
+        prefix = trace.name.removesuffix("-edit.json.gz")
+        print(f"== {prefix}, from {trace.parent}")
+        events = json.loads(gzip.open(trace).read())["traceEvents"]
+        stack = json.loads(gzip.open(folder / f"{prefix}-edit-stack.json.gz").read())["traceEvents"]
+        report_edit(events, stack, None, top)
 
 
 def main(argv=None) -> int:
+    import argparse
     import speed
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-traces")
+    pre.add_argument("--gaps", type=int, default=12)
+    known, _ = pre.parse_known_args(argv)
+    if known.from_traces:
+        from_traces(Path(known.from_traces), known.gaps)
+        return 0
 
     def arguments(parser):
         parser.add_argument("--steps", type=int, default=20)

@@ -54,8 +54,9 @@ log = logging.getLogger("FISEdit")
 # Programs of one launch of a step's upload at most. The upload gathers from pinned host memory on its own stream
 # while the step before runs; with a program per 32 rows, its programs held every SM while they waited on the host
 # link, and the step's graph could not start until they were done (1.4 ms of 3.1 between replays at SD2.1@768, 5%,
-# on an H200: benchmarks/gpu_timeline.py). None: no limit.
-UPLOAD_PROGRAMS: int | None = 32
+# on an H200: benchmarks/gpu_timeline.py). Sparse sampling of that edit, 20 steps, by limit (edit_wall.py
+# --upload-programs, one H200 run): none 0.287 s, 8 0.361, 16 0.283, 32 0.280, 64 0.266. None: no limit.
+UPLOAD_PROGRAMS: int | None = 64
 
 
 @dataclass

@@ -111,11 +111,13 @@ _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextV
 
 
 SPARE_STAGING_BYTES = 256 << 20  # a staging row up to this size outlives its edit, for the next edit's lander
-# A row waits in its staging row until a landing thread has copied it into the store; the sampler's step after next
-# reused the row with two of them, which made the main thread wait for nearly a whole landing every step (the landing
-# of a 46 MiB row into fresh pageable memory takes about as long as a replayed step; benchmarks/edit_wall.py).
+# A row waits in its staging row until the landing threads have copied it into the store; with two rows the
+# sampler's step after next reused it. Landing a 46 MiB row into fresh pageable memory (3-6 ms, page faults) takes
+# about as long as a replayed step, so four rows, each landed in four parts at once, keep the main thread from
+# waiting for a landing. Measured: no change in sparse sampling's time against two rows and one thread
+# (benchmarks/edit_wall.py --landers 2x1, four H200 machines): the main thread's wait was not where its time went.
 STAGING_SLOTS = 4
-LANDING_THREADS = 4  # copy a row in this many parts at once: a copy into fresh pages is bound by the page faults
+LANDING_THREADS = 4
 _LANDING_ALIGN = 1 << 16
 _spare_rows: list[torch.Tensor] = []  # the last lander's staging rows (flat bytes)
 _spare_lock = threading.Lock()

@@ -1,0 +1,227 @@
+"""Whether the cross-attention maps of the words an edit changes locate the edit, on the toy world's model.
+
+    python benchmarks/mask_attention.py collect --pairs 60 --out out/mask_attention.pt   (CPU: about 25 s a pair)
+    python benchmarks/mask_attention.py score out/mask_attention.pt
+
+The auto mask's IoU misses 0.7 on shape changes and added objects (README, "Edit quality"), and the best threshold
+on the probe's difference map (an oracle) does not reach it either: another signal is needed. Prompt-to-prompt
+editing locates a word by its cross-attention map. `collect` runs the pairs of benchmarks/mask_signals.py (same
+pairs, seeds and settings) and records, besides the probe's latent difference, each caption token's cross-attention
+map averaged over heads, layers (carried up to the latent grid) and the first `--probe-steps` steps: of the edited
+caption in the probe (for the words the edit adds or replaces) and of the original caption in the captured run (for
+the words it removes or replaces). `score` prints, per edit kind, how much more attention the changed words give the
+true region than the rest (median ratio of means), and mask rules against the truth on the latent grid
+(benchmarks/mask_variants.py's table): the engine's rule, attention alone, their product, the engine's mask kept only
+near the attention's region, and oracle cuts.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def changed_words(before: str, after: str) -> tuple[list[int], list[int]]:
+    """Token positions (1 + word index: the start token comes first) of the words `after` replaced or dropped from
+    `before`, and of the words it replaced or added."""
+    old, new = before.replace(",", "").split(), after.replace(",", "").split()
+    removed, added = [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += [1 + i for i in range(i1, i2)]
+            added += [1 + j for j in range(j1, j2)]
+    return removed, added
+
+
+class AttentionMaps:
+    """Forward hooks on every cross-attention (`attn2`) of a UNet: while `active`, the positive branch's attention
+    probabilities per token, averaged over heads, carried up to `side` x `side` and summed over calls."""
+
+    def __init__(self, unet, side: int):
+        self.side, self.total, self.calls, self.active = side, None, 0, False
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for name, m in unet.named_modules()
+                        if name.endswith("attn2")]
+
+    def start(self):
+        self.total, self.calls, self.active = None, 0, True
+
+    def mean(self):
+        self.active = False
+        return self.total / max(self.calls, 1)
+
+    def _hook(self, m, args, kwargs, output):
+        import torch
+        import torch.nn.functional as F
+        if not self.active:
+            return
+        x = args[0]
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        chunks = list(kwargs.get("transformer_options", {}).get("cond_or_uncond", [0]))
+        rows = x.shape[0] // len(chunks)
+        first = chunks.index(0) * rows if 0 in chunks else 0  # ComfyUI's 0: the positive (cond) branch
+        q = F.linear(x[first:first + 1].float(), m.to_q.weight.float())
+        k = F.linear(context[first:first + 1].float(), m.to_k.weight.float())
+        d = q.shape[-1] // m.heads
+        q, k = (t.view(1, -1, m.heads, d).transpose(1, 2) for t in (q, k))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1).mean(1)[0]  # [positions, tokens]
+        level = int(round(probs.shape[0] ** 0.5))
+        maps = F.interpolate(probs.T.reshape(-1, 1, level, level), size=(self.side, self.side), mode="bilinear",
+                             align_corners=False)[:, 0]
+        self.total = maps if self.total is None else self.total + maps
+        self.calls += 1
+
+
+def collect(a) -> None:
+    import comfy_host
+    import torch
+    nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-attention-")))
+    import comfy.sample
+    from edit_quality import _on_latent_grid, all_edits_slice
+    from fisedit_engine import api, registry
+    from fisedit_engine.layout import LATENT_KEY
+    from fisedit_engine.probe import run_probe
+    from toyworld import comfy_models, models
+    from toyworld import edits as edits_mod
+    model, clip, vae, _ = comfy_models.load(models.weight_sets(ROOT / "toyworld" / "weights")["toyworld"])
+    encode = nodes.CLIPTextEncode()
+    unet = model.model.diffusion_model
+    lat = a.size // 8
+    maps = AttentionMaps(unet, lat)
+    calls = {"n": 0}
+
+    def count(module, args):  # the maps cover the first --probe-steps model calls (steps) of either run
+        calls["n"] += 1
+        if calls["n"] > a.probe_steps:
+            maps.active = False
+    counter = unet.register_forward_pre_hook(count)
+    edits = edits_mod.sample_edits(a.pairs, seed=a.seed)
+    records = []
+    for i in range(a.pairs):
+        edit = all_edits_slice(edits, i)
+        before, after = edit.captions()[0][0], edit.captions()[1][0]
+        seed = a.seed * 100_003 + i
+        latent = torch.zeros(1, 4, lat, lat)
+        with torch.inference_mode():
+            captured, handle = api.capture(model, f"mask-attention-{i}")
+            calls["n"] = 0
+            maps.start()
+            out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
+                                      "normal", encode.encode(clip, before)[0], encode.encode(clip, "")[0], latent,
+                                      seed=seed, disable_pbar=True)
+            before_maps = maps.mean()
+            api.store(handle, {"samples": out})
+            source = handle.get()
+            calls["n"] = 0
+            maps.start()
+            probe, _ = run_probe(model, source, encode.encode(clip, after)[0], a.probe_steps,
+                                 attention_control_on=True)
+            after_maps = maps.mean()
+        removed, added = changed_words(before, after)
+        records.append({
+            "pair": i, "kind": edits_mod.EDIT_KINDS[int(edit.kind[0])], "before": before, "after": after,
+            "latent_diff": torch.stack([probe.latents[k + 1][0].float() - source.read(LATENT_KEY, k + 1)[0].float()
+                                        for k in range(a.probe_steps)]),
+            "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
+            "before_maps": before_maps.half(), "after_maps": after_maps.half(), "removed": removed, "added": added,
+            "truth_grid": _on_latent_grid(edit.regions(a.size)[0][0])})
+        registry.registry().clear()
+        print(f"pair {i} {records[-1]['kind']}: removed {removed}, added {added}", flush=True)
+    counter.remove()
+    for h in maps.handles:
+        h.remove()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"settings": {k: str(v) for k, v in vars(a).items()}, "records": records}, a.out)
+
+
+def score(a) -> None:
+    import torch
+    from fisedit_engine import mask as M
+    from mask_variants import scores, table
+    from toyworld import world
+    content = set(world.SIZES + world.COLOURS + world.SHAPES)
+    records = [r for f in a.files for r in torch.load(f)["records"]]
+
+    def diff(r):
+        """The engine's difference map of the probe's steps (mask_variants.py's `diff`)."""
+        floor = M.NOISE_FLOOR * r["latent_scale"]
+        d = r["latent_diff"].abs().sum(1)
+        return M.smooth(M.normalised_sum([torch.where(x > floor, x, torch.zeros_like(x))[None] for x in d]))[0]
+
+    def attention(r, run):
+        """Summed maps of the changed object words (size, colour, shape) in `run` ("before" or "after")."""
+        caption = r[run].replace(",", "").split()
+        positions = [p for p in r["removed" if run == "before" else "added"] if caption[p - 1] in content]
+        return r[f"{run}_maps"].float()[positions].sum(0) if positions else None
+
+    def both(r):
+        parts = [m / m.max() for m in (attention(r, "after"), attention(r, "before")) if m is not None]
+        return sum(parts) if parts else None
+
+    print(f"{len(records)} pairs; mean attention of the changed object words inside the true region over outside it "
+          f"(median per kind and run; above 1: the words point at the region)")
+    for kind in ("colour", "shape", "size", "add", "remove"):
+        cells = []
+        for run in ("before", "after"):
+            ratios = [float(m[r["truth_grid"]].mean() / m[~r["truth_grid"]].mean()) for r in records
+                      if r["kind"] == kind and (m := attention(r, run)) is not None]
+            cells.append(f"{run} {statistics.median(ratios):.2f} ({len(ratios)})" if ratios else f"{run} -")
+        print(f"  {kind}: {', '.join(cells)}")
+
+    def engine(r):
+        return M.threshold_mask(diff(r)[None], dilate_px=0)[0]
+
+    def product(r, gamma):
+        d, m = diff(r), both(r)
+        return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma if m is not None else d)[None],
+                                dilate_px=0)[0]
+
+    def gated(r, grow):
+        m, base = both(r), engine(r)
+        if m is None:
+            return base
+        kept = base & M.dilate((m > M.otsu_threshold(m))[None], grow)[0]
+        return kept if kept.any() else base
+
+    def oracle(values):
+        cuts = torch.quantile(values.flatten(), torch.linspace(0.5, 0.995, 100))
+        return lambda r: max((values > c for c in cuts), key=lambda m: scores(m, r["truth_grid"])[0])
+
+    rules = {
+        "the engine's rule (Otsu on the difference)": engine,
+        "attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0] if (m := both(r)) is not None
+                                             else engine(r)),
+        "difference x attention": lambda r: product(r, 1.0),
+        "difference x attention^0.5": lambda r: product(r, 0.5),
+        "the engine's mask near the attention's Otsu region (grown by 2)": lambda r: gated(r, 2),
+        "oracle cut of the attention": lambda r: oracle(m)(r) if (m := both(r)) is not None else engine(r),
+        "oracle cut of the difference": lambda r: oracle(diff(r))(r),
+    }
+    print(table(records, rules))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--pairs", type=int, default=60)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--size", type=int, default=256)
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--cfg", type=float, default=5.0)
+    c.add_argument("--probe-steps", type=int, default=4)
+    c.add_argument("--out", type=Path, required=True)
+    s = sub.add_parser("score")
+    s.add_argument("files", type=Path, nargs="+")
+    a = p.parse_args(argv)
+    collect(a) if a.command == "collect" else score(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

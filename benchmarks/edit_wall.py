@@ -59,10 +59,7 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
             return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", edited, negative, latent, seed=0,
                                        disable_pbar=True)
         _, stock_s = timed(stock)
-        captured, handle = api.capture(model, f"wall-{arch}")
-        api.store(handle, {"samples": comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal",
-                                                          speed.conditioning(arch, 1, size), negative, latent,
-                                                          seed=0, disable_pbar=True)})
+        handle = speed.captured_generation(model, arch, size, steps, f"wall-{arch}", noise, negative, latent)
         spec = EditSpec(handle, edited, speed.region_mask(lat, fraction, "rect"))
         results = []
 

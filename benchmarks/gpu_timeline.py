@@ -215,10 +215,7 @@ def run(arch: str, size: int, fraction: float, steps: int, top: int, tmp: Path) 
                                 disable_pbar=True)
         stock()
         stock_events, stock_wall = profiled(stock, tmp / "stock.json")
-        captured, handle = api.capture(model, f"timeline-{arch}")
-        api.store(handle, {"samples": comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal",
-                                                          speed.conditioning(arch, 1, size), negative, latent,
-                                                          seed=0, disable_pbar=True)})
+        handle = speed.captured_generation(model, arch, size, steps, f"timeline-{arch}", noise, negative, latent)
         spec = EditSpec(handle, edited, speed.region_mask(lat, fraction, "rect"))
         results = []
 

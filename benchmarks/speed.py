@@ -94,6 +94,18 @@ def conditioning(arch: str, seed: int, size: int):
     return [[torch.randn(1, 77, CONTEXT[arch], generator=gen), extras]]
 
 
+def captured_generation(model, arch: str, size: int, steps: int, name: str, noise, negative, latent):
+    """The handle of a cache `name` holding a generation with prompt seed 1 (20-step euler, cfg 7, seed 0): the
+    source the GPU benchmarks edit."""
+    import comfy.sample
+    from fisedit_engine import api
+    captured, handle = api.capture(model, name)
+    api.store(handle, {"samples": comfy.sample.sample(captured, noise, steps, 7.0, "euler", "normal",
+                                                      conditioning(arch, 1, size), negative, latent, seed=0,
+                                                      disable_pbar=True)})
+    return handle
+
+
 def region_mask(lat: int, fraction: float, shape: str, shift: int = 0):
     """A latent mask of about `fraction` of the area: a centred rectangle (3:2), moved by `shift` latent pixels down
     and right (another mask of the same size: an edit cannot take the steps kept from the last edit, warm.py), or a

@@ -10,7 +10,8 @@ pairs, seeds and settings) and records, besides the probe's latent difference, e
 map averaged over heads, layers (carried up to the latent grid) and the first `--probe-steps` steps: of the edited
 caption in the probe (for the words the edit adds or replaces) and of the original caption in the captured run (for
 the words it removes or replaces). `score` prints, per edit kind, how much more attention the changed words give the
-true region than the rest (median ratio of means), and mask rules against the truth on the latent grid
+true region than the rest (median ratio of means; also for each changed word's phrase, the words after it up to
+the next object or the background, whose embeddings the causal text encoder changes with it), and mask rules against the truth on the latent grid
 (benchmarks/mask_variants.py's table): the engine's rule, attention alone, their product, the engine's mask kept only
 near the attention's region, and oracle cuts.
 """
@@ -25,6 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+def phrase_tokens(caption: str, positions: list[int]) -> list[int]:
+    """Token positions of each changed word and the words after it in its phrase (up to the next "and" or the
+    background's "on a"): the text encoder is causal, so those tokens' embeddings change with the word, and in the
+    toy grammar the phrase ends with where its object is ("... at the top left")."""
+    words = caption.replace(",", "").split()
+    out = set()
+    for p in positions:
+        i = p - 1
+        while i < len(words) and not (i > p - 1 and words[i] == "and") and not (
+                words[i] == "on" and i + 1 < len(words) and words[i + 1] == "a"):
+            out.add(i + 1)
+            i += 1
+    return sorted(out)
 
 
 def changed_words(before: str, after: str) -> tuple[list[int], list[int]]:
@@ -153,31 +169,36 @@ def score(a) -> None:
         d = r["latent_diff"].abs().sum(1)
         return M.smooth(M.normalised_sum([torch.where(x > floor, x, torch.zeros_like(x))[None] for x in d]))[0]
 
-    def attention(r, run):
-        """Summed maps of the changed object words (size, colour, shape) in `run` ("before" or "after")."""
+    def attention(r, run, phrase=False):
+        """Summed maps in `run` ("before" or "after") of the changed object words (size, colour, shape), or with
+        `phrase` of the changed words' phrases (phrase_tokens)."""
         caption = r[run].replace(",", "").split()
-        positions = [p for p in r["removed" if run == "before" else "added"] if caption[p - 1] in content]
+        changed = r["removed" if run == "before" else "added"]
+        positions = (phrase_tokens(r[run], changed) if phrase
+                     else [p for p in changed if caption[p - 1] in content])
         return r[f"{run}_maps"].float()[positions].sum(0) if positions else None
 
-    def both(r):
-        parts = [m / m.max() for m in (attention(r, "after"), attention(r, "before")) if m is not None]
+    def both(r, phrase=False):
+        parts = [m / m.max() for m in (attention(r, "after", phrase), attention(r, "before", phrase))
+                 if m is not None]
         return sum(parts) if parts else None
 
-    print(f"{len(records)} pairs; mean attention of the changed object words inside the true region over outside it "
-          f"(median per kind and run; above 1: the words point at the region)")
-    for kind in ("colour", "shape", "size", "add", "remove"):
-        cells = []
-        for run in ("before", "after"):
-            ratios = [float(m[r["truth_grid"]].mean() / m[~r["truth_grid"]].mean()) for r in records
-                      if r["kind"] == kind and (m := attention(r, run)) is not None]
-            cells.append(f"{run} {statistics.median(ratios):.2f} ({len(ratios)})" if ratios else f"{run} -")
-        print(f"  {kind}: {', '.join(cells)}")
+    for phrase, what in ((False, "the changed object words"), (True, "the changed words' phrases")):
+        print(f"{len(records)} pairs; mean attention of {what} inside the true region over outside it (median per "
+              f"kind and run; above 1: the tokens point at the region)")
+        for kind in ("colour", "shape", "size", "add", "remove"):
+            cells = []
+            for run in ("before", "after"):
+                ratios = [float(m[r["truth_grid"]].mean() / m[~r["truth_grid"]].mean()) for r in records
+                          if r["kind"] == kind and (m := attention(r, run, phrase)) is not None]
+                cells.append(f"{run} {statistics.median(ratios):.2f} ({len(ratios)})" if ratios else f"{run} -")
+            print(f"  {kind}: {', '.join(cells)}")
 
     def engine(r):
         return M.threshold_mask(diff(r)[None], dilate_px=0)[0]
 
-    def product(r, gamma):
-        d, m = diff(r), both(r)
+    def product(r, gamma, phrase=False):
+        d, m = diff(r), both(r, phrase)
         return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma if m is not None else d)[None],
                                 dilate_px=0)[0]
 
@@ -200,6 +221,10 @@ def score(a) -> None:
         "difference x attention^0.5": lambda r: product(r, 0.5),
         "the engine's mask near the attention's Otsu region (grown by 2)": lambda r: gated(r, 2),
         "oracle cut of the attention": lambda r: oracle(m)(r) if (m := both(r)) is not None else engine(r),
+        "phrases' attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0]
+                                                     if (m := both(r, True)) is not None else engine(r)),
+        "difference x phrases' attention": lambda r: product(r, 1.0, True),
+        "difference x phrases' attention^2": lambda r: product(r, 2.0, True),
         "oracle cut of the difference": lambda r: oracle(diff(r))(r),
     }
     print(table(records, rules))

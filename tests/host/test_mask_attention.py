@@ -19,6 +19,10 @@ def test_changed_words_are_the_token_positions_an_edit_replaces_adds_or_drops():
     assert removed == [] and [added.replace(",", "").split()[p - 1] for p in new] == \
         "and a large blue square at the top".split()
     assert changed_words(added, base) == (new, [])
+    from mask_attention import phrase_tokens
+    words = added.replace(",", "").split()
+    assert [words[p - 1] for p in phrase_tokens(added, [3])] == "red circle on the left".split()
+    assert [words[p - 1] for p in phrase_tokens(added, new)] == "and a large blue square at the top".split()
 
 
 def test_mask_attention_collects_and_scores_one_pair(host, tmp_path):
@@ -39,4 +43,4 @@ def test_mask_attention_collects_and_scores_one_pair(host, tmp_path):
                            capture_output=True, text=True, timeout=300, check=False)
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| rule |")]
-    assert len(rows) == 7 and "oracle cut of the attention" in table.stdout
+    assert len(rows) == 10 and "oracle cut of the attention" in table.stdout and "phrases" in table.stdout

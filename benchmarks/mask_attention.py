@@ -1,6 +1,6 @@
 """Whether the cross-attention maps of the words an edit changes locate the edit, on the toy world's model.
 
-    python benchmarks/mask_attention.py collect --pairs 60 --out out/mask_attention.pt   (CPU: about 25 s a pair)
+    python benchmarks/mask_attention.py collect --pairs 60 --out out/mask_attention.pt   (CPU: about 6 s a pair)
     python benchmarks/mask_attention.py score out/mask_attention.pt
 
 The auto mask's IoU misses 0.7 on shape changes and added objects (README, "Edit quality"), and the best threshold
@@ -10,10 +10,12 @@ pairs, seeds and settings) and records, besides the probe's latent difference, e
 map averaged over heads, layers (carried up to the latent grid) and the first `--probe-steps` steps: of the edited
 caption in the probe (for the words the edit adds or replaces) and of the original caption in the captured run (for
 the words it removes or replaces). `score` prints, per edit kind, how much more attention the changed words give the
-true region than the rest (median ratio of means; also for each changed word's phrase, the words after it up to
-the next object or the background, whose embeddings the causal text encoder changes with it), and mask rules against the truth on the latent grid
-(benchmarks/mask_variants.py's table): the engine's rule, attention alone, their product, the engine's mask kept only
-near the attention's region, and oracle cuts.
+true region than the rest (median ratio of means; also for each changed word's phrase, the words after it up to the
+next object or the background, whose embeddings the causal text encoder changes with it), and mask rules against the
+truth on the latent grid (benchmarks/mask_variants.py's table): the engine's rule, attention alone, their product,
+the engine's mask kept only near the attention's region, the phrases' attention, every token's attention weighted by
+how far its embedding moved between the captions (what the node could compute from two CONDITIONINGs, without the
+words), and oracle cuts.
 """
 from __future__ import annotations
 
@@ -124,18 +126,19 @@ def collect(a) -> None:
         seed = a.seed * 100_003 + i
         latent = torch.zeros(1, 4, lat, lat)
         with torch.inference_mode():
+            before_cond, after_cond = encode.encode(clip, before)[0], encode.encode(clip, after)[0]
             captured, handle = api.capture(model, f"mask-attention-{i}")
             calls["n"] = 0
             maps.start()
             out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
-                                      "normal", encode.encode(clip, before)[0], encode.encode(clip, "")[0], latent,
+                                      "normal", before_cond, encode.encode(clip, "")[0], latent,
                                       seed=seed, disable_pbar=True)
             before_maps = maps.mean()
             api.store(handle, {"samples": out})
             source = handle.get()
             calls["n"] = 0
             maps.start()
-            probe, _ = run_probe(model, source, encode.encode(clip, after)[0], a.probe_steps,
+            probe, _ = run_probe(model, source, after_cond, a.probe_steps,
                                  attention_control_on=True)
             after_maps = maps.mean()
         removed, added = changed_words(before, after)
@@ -145,6 +148,9 @@ def collect(a) -> None:
                                         for k in range(a.probe_steps)]),
             "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
             "before_maps": before_maps.half(), "after_maps": after_maps.half(), "removed": removed, "added": added,
+            # per token position, how far the edited caption's embedding moved: needs no words (the node gets only
+            # CONDITIONING), and the causal encoder moves the changed word's phrase with it
+            "token_change": (after_cond[0][0][0].float() - before_cond[0][0][0].float()).norm(dim=-1),
             "truth_grid": _on_latent_grid(edit.regions(a.size)[0][0])})
         registry.registry().clear()
         print(f"pair {i} {records[-1]['kind']}: removed {removed}, added {added}", flush=True)
@@ -194,6 +200,14 @@ def score(a) -> None:
                 cells.append(f"{run} {statistics.median(ratios):.2f} ({len(ratios)})" if ratios else f"{run} -")
             print(f"  {kind}: {', '.join(cells)}")
 
+    def moved(r, runs=("after",)):
+        """The runs' maps weighted by each token's embedding change (`token_change`), normalised, summed."""
+        parts = []
+        for run in runs:
+            m = (r[f"{run}_maps"].float() * r["token_change"][:, None, None]).sum(0)
+            parts.append(m / m.max())
+        return sum(parts)
+
     def engine(r):
         return M.threshold_mask(diff(r)[None], dilate_px=0)[0]
 
@@ -201,6 +215,10 @@ def score(a) -> None:
         d, m = diff(r), both(r, phrase)
         return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma if m is not None else d)[None],
                                 dilate_px=0)[0]
+
+    def weighted(r, runs, gamma):
+        d, m = diff(r), moved(r, runs)
+        return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma)[None], dilate_px=0)[0]
 
     def gated(r, grow):
         m, base = both(r), engine(r)
@@ -225,6 +243,9 @@ def score(a) -> None:
                                                      if (m := both(r, True)) is not None else engine(r)),
         "difference x phrases' attention": lambda r: product(r, 1.0, True),
         "difference x phrases' attention^2": lambda r: product(r, 2.0, True),
+        "difference x attention by embedding change, the probe's": lambda r: weighted(r, ("after",), 1.0),
+        "difference x attention by embedding change, both runs'": lambda r: weighted(r, ("after", "before"), 1.0),
+        "difference x (attention by embedding change, the probe's)^2": lambda r: weighted(r, ("after",), 2.0),
         "oracle cut of the difference": lambda r: oracle(diff(r))(r),
     }
     print(table(records, rules))

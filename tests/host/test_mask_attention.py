@@ -39,8 +39,11 @@ def test_mask_attention_collects_and_scores_one_pair(host, tmp_path):
         assert torch.allclose(maps.sum(0), torch.ones(16, 16), atol=1e-2)  # probabilities over the tokens
     assert record["latent_diff"].shape == (2, 4, 16, 16) and record["truth_grid"].any()
     assert record["removed"] or record["added"]
+    change = record["token_change"]
+    assert change.shape == (record["before_maps"].shape[0],) and change.max() > 0  # the changed word's token moved
+    assert float(change[0]) == 0.0  # the start token is the same in both captions
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_attention.py"), "score", str(out)],
                            capture_output=True, text=True, timeout=300, check=False)
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| rule |")]
-    assert len(rows) == 10 and "oracle cut of the attention" in table.stdout and "phrases" in table.stdout
+    assert len(rows) == 13 and "oracle cut of the attention" in table.stdout and "phrases" in table.stdout

@@ -6,8 +6,9 @@
 replayed step and 10 ms after its last, of an edit of about 300 ms: the edit's checks, its recording's setup and its
 seal, which do not depend on the GPU. This times them on a full-size random-weight model (the size of the latent
 matters little to them, so on the CPU a small one keeps the eager sparse steps short), loaded in inference mode as
-ComfyUI loads checkpoints (its weights are inference tensors): after a capture and two warm edits, `--repeat` edits with the same prompt and mask, each function's wall time (median over the edits) and the edit's
-wall time outside its model calls.
+ComfyUI loads checkpoints (its weights are inference tensors): after a capture and two warm edits, `--repeat` edits
+with the same prompt and mask, each function's wall time (median over the edits) and the edit's wall time outside
+its model calls.
 """
 from __future__ import annotations
 

@@ -94,8 +94,8 @@ def phases_report(events: list[dict], gaps: list[tuple[float, float]]) -> str:
     per_step = [sum(max(0.0, min(e, b) - max(s, a)) for s, e in gaps) for a, b in zip(starts, starts[1:])]
     periods = [b - a for a, b in zip(starts, starts[1:])]
     return (f"  before the first replay: {(first - merged[0][0]) / 1000:.1f} ms from the first GPU work, idle "
-            f"{before / 1000:.1f} ms; between launches: {len(periods)} steps, median {statistics.median(periods) / 1000:.2f} ms "
-            f"per step, idle median {statistics.median(per_step) / 1000:.2f} ms (sum {sum(per_step) / 1000:.1f} ms); "
+            f"{before / 1000:.1f} ms; between launches: {len(periods)} steps, median "
+            f"{statistics.median(periods) / 1000:.2f} ms per step, idle median {statistics.median(per_step) / 1000:.2f} ms (sum {sum(per_step) / 1000:.1f} ms); "
             f"after the last launch: {(merged[-1][1] - last) / 1000:.1f} ms, idle {after / 1000:.1f} ms")
 
 
@@ -287,7 +287,8 @@ def main(argv=None) -> int:
             if a.keep:
                 Path(a.keep).mkdir(parents=True, exist_ok=True)
                 for trace in Path(tmp).glob("*.json"):
-                    with trace.open("rb") as src, gzip.open(Path(a.keep) / f"{arch}-{size}-{trace.name}.gz", "wb") as dst:
+                    kept = Path(a.keep) / f"{arch}-{size}-{trace.name}.gz"
+                    with trace.open("rb") as src, gzip.open(kept, "wb") as dst:
                         shutil.copyfileobj(src, dst)
     return speed.per_model_main(argv, __doc__, "benchmarks/gpu_timeline.py profiles GPU runs", arguments,
                                 run_model)

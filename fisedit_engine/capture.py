@@ -143,8 +143,9 @@ class RowLander:
     """Replayed steps' packed rows on their way into the result store's pageable block (StepRows). A row is copied
     into one of STAGING_SLOTS pinned staging rows on a stream of its own, from the sampler's next model call on
     (`send`), so that the copy (about 46 MiB per step at SD2.1@768 with a 5% mask, a millisecond or more) overlaps the
-    sampler's next step instead of delaying it (the sampler waits on the main stream every step); landing threads then wait for that copy to land and copy the
-    staging row into the store in LANDING_THREADS parts, beside the main thread's next steps. A staging row is taken
+    sampler's next step instead of delaying it (the sampler waits on the main stream every step); landing threads
+    then wait for that copy to land and copy the staging row into the store in LANDING_THREADS parts, beside the
+    main thread's next steps. A staging row is taken
     again STAGING_SLOTS steps later, once its landing has finished; the row on the device is refilled (`fill`) once
     the previous copy has read it. The staging rows pass to the next edit's lander when this one shuts down (up to
     SPARE_STAGING_BYTES each). On the CPU (tests) the same path runs without the GPU's streams and waits."""
@@ -661,12 +662,12 @@ class _CaptureWrapper:
 
 
 class CaptureOuterSample(_CaptureWrapper):
-    def __init__(self, handle: CacheHandle, model_fingerprint: str | None = None):
-        """`model_fingerprint`: the sampled model's, where the caller knows it (an edit samples a clone of the model
+    def __init__(self, handle: CacheHandle, known_fingerprint: str | None = None):
+        """`known_fingerprint`: the sampled model's, where the caller knows it (an edit samples a clone of the model
         it checked against its source, plus FISEdit's own patches, which fingerprints leave out); fingerprinting an
         SD2.1 UNet takes 6-7 ms of host time (benchmarks/edit_overhead.py)."""
         super().__init__(handle)
-        self.model_fingerprint = model_fingerprint
+        self.known_fingerprint = known_fingerprint
 
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
@@ -702,7 +703,7 @@ class CaptureOuterSample(_CaptureWrapper):
             sampler_inpaint_options=host.sampler_inpaint_options(a["sampler"]),
             seed=a.get("seed"), sigmas=tuple(float(s) for s in rec.sigmas), cfg=float(getattr(guider, "cfg", 1.0)),
             sparse_levels=tuple(sparse), min_sparse_positions=self.handle.min_sparse_positions,
-            model_fingerprint=self.model_fingerprint or model_fingerprint(guider.model_patcher),
+            model_fingerprint=self.known_fingerprint or model_fingerprint(guider.model_patcher),
             model_patches=tuple(v.patch.describe() for v in patches),
             negative_fingerprint=conditioning_fingerprint(rec.conds.get("negative")),
             positive_fingerprint=conditioning_fingerprint(rec.conds.get("positive")),

@@ -226,7 +226,7 @@ def _gather_rows_kernel(
 def _copy_rows_kernel(
     jobs_ptr,                   # [jobs, JOB_FIELDS] int64: each copy's geometry (RowCopyLaunch.FIELDS)
     sources_ptr,                # [steps, jobs] int64: each copy's source address per step
-    job_of_ptr,                 # [programs] int32: the copy each program works on
+    job_of_ptr,                 # [n_work] int32: the copy each work item belongs to
     step, n_jobs, n_work,       # n_work: the work items (job, batch, row block, channel block) of every copy
     UNIT: tl.constexpr,         # the integer type of the elements' size: the copy is bitwise
     SRC_C1: tl.constexpr,       # every source's channel stride is 1 (vectorised loads)

@@ -156,7 +156,7 @@ def test_an_edits_result_records_the_fingerprint_of_the_clone_it_sampled(models,
     original_call = capture.CaptureOuterSample.__call__
 
     def spy(self, executor, *args, **kwargs):
-        sampled.append((model_fingerprint(executor.class_obj.model_patcher), self.model_fingerprint))
+        sampled.append((model_fingerprint(executor.class_obj.model_patcher), self.known_fingerprint))
         return original_call(self, executor, *args, **kwargs)
     monkeypatch.setattr(capture.CaptureOuterSample, "__call__", spy)
     handle, _ = source("sd15", "euler", 1, 7.0, (16, 24))

@@ -67,14 +67,14 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
             _, result = run_edit(model, spec)
             results.append(result)
         _, edit_s = timed(edit)
-        by_lander = {}
+        variants = {}
         for lander in landers:
             slots, threads = (int(n) for n in lander.split("x"))
             with mock.patch.multiple(capture, STAGING_SLOTS=slots, LANDING_THREADS=threads):
-                _, by_lander[f"{lander} landing"] = timed(edit)
+                _, variants[f"{lander} landing"] = timed(edit)
         for programs in upload_programs:
             with mock.patch.object(feed, "UPLOAD_PROGRAMS", None if programs == "none" else int(programs)):
-                _, by_lander[f"{programs} upload programs"] = timed(edit)
+                _, variants[f"{programs} upload programs"] = timed(edit)
         with mock.patch.dict(os.environ, {"FISEDIT_KEEP_GRAPHS": "0"}):
             _, fresh_s = timed(edit)
             with mock.patch.object(EditFeed, "_unplannable", lambda self, chunks, device: "edit_wall.py: key by key"):
@@ -89,7 +89,7 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
           f"({1000 * stock_s / steps:.1f} ms/step), sparse sampling {edit_s:.3f} s ({replays} steps replayed; "
           f"x{stock_s / edit_s:.2f}; rows landed by {capture.STAGING_SLOTS}x{capture.LANDING_THREADS}, "
           f"{feed.UPLOAD_PROGRAMS} upload programs), "
-          + "".join(f"with {k} {v:.3f} s (x{stock_s / v:.2f}), " for k, v in by_lander.items())
+          + "".join(f"with {k} {v:.3f} s (x{stock_s / v:.2f}), " for k, v in variants.items())
           + f"planned and captured per edit {fresh_s:.3f} s (x{stock_s / fresh_s:.2f}), "
           f"moved key by key {key_by_key_s:.3f} s (x{stock_s / key_by_key_s:.2f}); the result keeps "
           f"{kept / 2**20:.0f} MiB", flush=True)

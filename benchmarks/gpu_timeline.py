@@ -74,11 +74,19 @@ def idle_gaps(events: list[dict], min_us: float) -> list[tuple[float, float]]:
     return [(a[1], b[0]) for a, b in zip(merged, merged[1:]) if b[0] - a[1] >= min_us]
 
 
-def launches(events: list[dict]) -> list[float]:
-    """Start times (us) of the main thread's CUDA graph launches: one per replayed sparse step."""
+def graph_launches(events: list[dict]) -> list[dict]:
+    """The main thread's cudaGraphLaunch events, in order: one per replayed sparse step."""
     tid = main_thread(events)
-    return sorted(e["ts"] for e in events if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"
-                  and e.get("tid") == tid)
+    return sorted((e for e in events if _is_graph_launch(e) and e.get("tid") == tid), key=lambda e: e["ts"])
+
+
+def launches(events: list[dict]) -> list[float]:
+    """Start times (us) of the main thread's CUDA graph launches."""
+    return [e["ts"] for e in graph_launches(events)]
+
+
+def _is_graph_launch(e: dict) -> bool:
+    return e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"
 
 
 def phases_report(events: list[dict], gaps: list[tuple[float, float]]) -> str:
@@ -95,7 +103,8 @@ def phases_report(events: list[dict], gaps: list[tuple[float, float]]) -> str:
     periods = [b - a for a, b in zip(starts, starts[1:])]
     return (f"  before the first replay: {(first - merged[0][0]) / 1000:.1f} ms from the first GPU work, idle "
             f"{before / 1000:.1f} ms; between launches: {len(periods)} steps, median "
-            f"{statistics.median(periods) / 1000:.2f} ms per step, idle median {statistics.median(per_step) / 1000:.2f} ms (sum {sum(per_step) / 1000:.1f} ms); "
+            f"{statistics.median(periods) / 1000:.2f} ms per step, idle median "
+            f"{statistics.median(per_step) / 1000:.2f} ms (sum {sum(per_step) / 1000:.1f} ms); "
             f"after the last launch: {(merged[-1][1] - last) / 1000:.1f} ms, idle {after / 1000:.1f} ms")
 
 
@@ -103,9 +112,7 @@ def replays_report(events: list[dict]) -> str:
     """Per replayed step (its kernels found by the correlation id of its cudaGraphLaunch): the replay's GPU span, the
     GPU time from the previous replay's end to its start, and how far the host's launch ran ahead of it; then what
     the GPU ran between the two middle replays, outside the graphs (runs of short kernels of one stream merged)."""
-    tid = main_thread(events)
-    launched = sorted((e for e in events if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"
-                       and e.get("tid") == tid), key=lambda e: e["ts"])
+    launched = graph_launches(events)
     work = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_WORK]
     per = collections.defaultdict(list)
     for e in work:
@@ -153,9 +160,8 @@ def sampling_gaps(events: list[dict], gaps: list[tuple[float, float]]) -> list[t
 
 def main_thread(events: list[dict]):
     """The tid of the thread that launched the CUDA graphs (the sampler's)."""
-    launches = collections.Counter(e.get("tid") for e in events
-                                   if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch")
-    return launches.most_common(1)[0][0] if launches else None
+    by_thread = collections.Counter(e.get("tid") for e in events if _is_graph_launch(e))
+    return by_thread.most_common(1)[0][0] if by_thread else None
 
 
 def attribute(events: list[dict], gaps: list[tuple[float, float]], top: int) -> str:

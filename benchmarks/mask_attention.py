@@ -164,16 +164,13 @@ def collect(a) -> None:
 def score(a) -> None:
     import torch
     from fisedit_engine import mask as M
-    from mask_variants import scores, table
+    import mask_variants as variants
     from toyworld import world
     content = set(world.SIZES + world.COLOURS + world.SHAPES)
     records = [r for f in a.files for r in torch.load(f)["records"]]
 
     def diff(r):
-        """The engine's difference map of the probe's steps (mask_variants.py's `diff`)."""
-        floor = M.NOISE_FLOOR * r["latent_scale"]
-        d = r["latent_diff"].abs().sum(1)
-        return M.smooth(M.normalised_sum([torch.where(x > floor, x, torch.zeros_like(x))[None] for x in d]))[0]
+        return variants.diff(r, len(r["latent_diff"]))  # the engine's difference map of the probe's steps
 
     def attention(r, run, phrase=False):
         """Summed maps in `run` ("before" or "after") of the changed object words (size, colour, shape), or with
@@ -227,10 +224,6 @@ def score(a) -> None:
         kept = base & M.dilate((m > M.otsu_threshold(m))[None], grow)[0]
         return kept if kept.any() else base
 
-    def oracle(values):
-        cuts = torch.quantile(values.flatten(), torch.linspace(0.5, 0.995, 100))
-        return lambda r: max((values > c for c in cuts), key=lambda m: scores(m, r["truth_grid"])[0])
-
     rules = {
         "the engine's rule (Otsu on the difference)": engine,
         "attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0] if (m := both(r)) is not None
@@ -238,7 +231,8 @@ def score(a) -> None:
         "difference x attention": lambda r: product(r, 1.0),
         "difference x attention^0.5": lambda r: product(r, 0.5),
         "the engine's mask near the attention's Otsu region (grown by 2)": lambda r: gated(r, 2),
-        "oracle cut of the attention": lambda r: oracle(m)(r) if (m := both(r)) is not None else engine(r),
+        "oracle cut of the attention": lambda r: (variants.oracle_cut(m, r["truth_grid"])
+                                                  if (m := both(r)) is not None else engine(r)),
         "phrases' attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0]
                                                      if (m := both(r, True)) is not None else engine(r)),
         "difference x phrases' attention": lambda r: product(r, 1.0, True),
@@ -246,9 +240,9 @@ def score(a) -> None:
         "difference x attention by embedding change, the probe's": lambda r: weighted(r, ("after",), 1.0),
         "difference x attention by embedding change, both runs'": lambda r: weighted(r, ("after", "before"), 1.0),
         "difference x (attention by embedding change, the probe's)^2": lambda r: weighted(r, ("after",), 2.0),
-        "oracle cut of the difference": lambda r: oracle(diff(r))(r),
+        "oracle cut of the difference": lambda r: variants.oracle_cut(diff(r), r["truth_grid"]),
     }
-    print(table(records, rules))
+    print(variants.table(records, rules))
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,31 @@ def scores(mask: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return s["iou"], s["recall"]
 
 
+def signal(r: dict, kind: str) -> torch.Tensor:
+    """[K, H, W] channel-summed |edited - cached| per probe step: of the latent leaving the step, of the positive
+    model output, or of the predicted clean latent (x - sigma * eps) entering the step."""
+    if kind == "latent":
+        d = r["latent_diff"]
+    elif kind == "eps":
+        d = r["output_diff"]
+    else:
+        d = r["entering_diff"] - r["sigmas"][:len(r["output_diff"]), None, None, None] * r["output_diff"]
+    return d.abs().sum(1)
+
+
+def diff(r: dict, k: int, kind: str = "latent", smoothed: bool = True) -> torch.Tensor:
+    """The engine's difference_map of the first k probe steps (its noise floor from step 1's magnitude)."""
+    floor = M.NOISE_FLOOR * r["latent_scale"]
+    total = M.normalised_sum([torch.where(d > floor, d, torch.zeros_like(d))[None] for d in signal(r, kind)[:k]])
+    return (M.smooth(total) if smoothed else total)[0]
+
+
+def oracle_cut(values: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The best of 100 quantile cuts of `values`, chosen with the truth: a bound on any threshold rule."""
+    cuts = torch.quantile(values.flatten(), torch.linspace(0.5, 0.995, 100))
+    return max((values > c for c in cuts), key=lambda m: scores(m, truth)[0])
+
+
 def table(records: list[dict], rules: dict) -> str:
     kinds = sorted({r["kind"] for r in records}, key=["colour", "shape", "size", "add", "remove"].index)
     lines = ["| rule | IoU | recall | precision | IoU dilated 1 | recall dilated 1 | empty | "
@@ -67,23 +92,6 @@ def main(argv=None) -> int:
     settings = [(d["settings"]["seed"], d["settings"]["pairs"]) for d in files]
     print(f"{len(records)} pairs (seed, pairs: {settings}), probe of "
           f"{min(d['settings']['probe_steps'] for d in files)} steps")
-
-    def signal(r, kind):
-        """[K, H, W] channel-summed |edited - cached| per probe step: of the latent leaving the step, of the
-        positive model output, or of the predicted clean latent (x - sigma * eps) entering the step."""
-        if kind == "latent":
-            d = r["latent_diff"]
-        elif kind == "eps":
-            d = r["output_diff"]
-        else:
-            d = r["entering_diff"] - r["sigmas"][:len(r["output_diff"]), None, None, None] * r["output_diff"]
-        return d.abs().sum(1)
-
-    def diff(r, k, kind="latent", smoothed=True):
-        """The engine's difference_map of the first k probe steps (its noise floor from step 1's magnitude)."""
-        floor = M.NOISE_FLOOR * r["latent_scale"]
-        total = M.normalised_sum([torch.where(d > floor, d, torch.zeros_like(d))[None] for d in signal(r, kind)[:k]])
-        return (M.smooth(total) if smoothed else total)[0]
 
     def opening(m):
         """The earlier rule's cleaning: a centred 3x3 opening, outside the map counting as set."""
@@ -120,14 +128,9 @@ def main(argv=None) -> int:
                   f"connected)"] = lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=M.edge_guide(
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
-    def oracle(r, k):
-        """The best of 100 quantile cuts of the map, chosen with the truth: a bound on any threshold rule."""
-        d = diff(r, k)
-        cuts = torch.quantile(d.flatten(), torch.linspace(0.5, 0.995, 100))
-        return max((d > c for c in cuts), key=lambda m: scores(m, r["truth_grid"])[0])
-
     for k in (2, 4, 6):
-        rules[f"{k} steps: oracle cut (chosen with the truth, an upper bound)"] = lambda r, k=k: oracle(r, k)
+        rules[f"{k} steps: oracle cut (chosen with the truth, an upper bound)"] = (
+            lambda r, k=k: oracle_cut(diff(r, k), r["truth_grid"]))
     for kind in ("x0", "eps"):
         rules[f"4 steps, {kind} difference: the engine's rule"] = (
             lambda r, kind=kind: M.threshold_mask(diff(r, 4, kind)[None], dilate_px=0)[0])

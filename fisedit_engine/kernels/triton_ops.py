@@ -455,7 +455,7 @@ _UNITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 class RowCopyLaunches:
     """`kernels.row_copies.RowCopies` as launches of _copy_rows_kernel: its copies grouped by element size and by
     whether the sources' and the outputs' channels are contiguous, one launch per group; each group's tables (per copy
-    its geometry and output address, per step and copy the source address, per program its copy) are built here once
+    its geometry and output address, per step and copy the source address, per work item its copy) are built here once
     and kept on the device with the tensors they address. They are never built while a CUDA graph captures: the
     graph's own memory pool hands out blocks that the graph's earlier kernels use as scratch on every replay, which
     would overwrite tables filled once, and a capture cannot contain a copy from pageable memory.
@@ -470,7 +470,7 @@ class RowCopyLaunches:
             turn: an upload from host memory that runs beside a step, whose programs would otherwise hold every SM
             while they wait on the host link and keep the step's kernels from starting.
     """
-    FIELDS = 16  # first program, rows, channels, blocks along rows and channels, source and output index addresses,
+    FIELDS = 16  # first work item, rows, channels, blocks along rows and channels, source and output index addresses,
     # source strides (batch, row), output address and strides (batch, row, channel), source channel stride; padded
 
     def __init__(self, copies, device: torch.device, steps: int, blocks=None, max_programs: int | None = None):
@@ -489,7 +489,7 @@ class RowCopyLaunches:
                 groups.setdefault((c.out.element_size(), src_c1, c.out.stride(2) == 1), []).append(c)
         for (size, src_c1, out_c1), group in groups.items():
             bc = min(block_c, triton.next_power_of_2(max(c.out.shape[2] for c in group)))
-            jobs, sources, programs = [], [], []
+            jobs, sources, items = [], [], []
             first = 0
             for c in group:
                 batch, channels, src = c.out.shape[0], c.out.shape[2], c.sources[0]
@@ -503,20 +503,20 @@ class RowCopyLaunches:
                 else:
                     per_step = c.sources if len(c.sources) == steps else c.sources * steps
                     sources.append(torch.tensor([t.data_ptr() for t in per_step], dtype=torch.int64))
-                programs.append(batch * blocks_p * blocks_c)
-                first += programs[-1]
-            job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(programs))
+                items.append(batch * blocks_p * blocks_c)
+                first += items[-1]
+            job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(items))
             host = (torch.tensor(jobs, dtype=torch.int64), torch.stack(sources, dim=1), job_of)
             self.launches.append(dict(
                 tables=tuple(h.to(device) for h in host),
-                n_jobs=len(jobs), programs=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))
+                n_jobs=len(jobs), work=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))
         self.copies = copies  # the tables address their tensors: kept alive with them
 
     def __call__(self, step: int) -> None:
         with _on(self.device):
             for la in self.launches:
-                grid = la["programs"] if self.max_programs is None else min(la["programs"], self.max_programs)
-                _copy_rows_kernel[(grid,)](*la["tables"], step, la["n_jobs"], la["programs"], UNIT=la["UNIT"],
+                grid = la["work"] if self.max_programs is None else min(la["work"], self.max_programs)
+                _copy_rows_kernel[(grid,)](*la["tables"], step, la["n_jobs"], la["work"], UNIT=la["UNIT"],
                                            SRC_C1=la["SRC_C1"], OUT_C1=la["OUT_C1"], JOB_FIELDS=self.FIELDS,
                                            BLOCK_P=self.block_p, BLOCK_C=la["BLOCK_C"])
 

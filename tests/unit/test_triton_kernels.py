@@ -265,7 +265,7 @@ def test_row_copies_with_fewer_programs_than_work_items_copy_every_row(T, max_pr
         c.add_whole(list(stats), whole)
     launches = T.RowCopyLaunches(copies.copies, copies.device, copies.steps, blocks=(64, 4),
                                  max_programs=copies.max_programs)
-    assert max(la["programs"] for la in launches.launches) > max_programs  # more work items than programs
+    assert max(la["work"] for la in launches.launches) > max_programs  # more work items than programs
     launches(1)
     R.copy_rows(reference.copies, 1)
     for g, w in zip(got, want):

@@ -1,6 +1,6 @@
 """The host work an edit does once, outside its model calls, by function: on the CPU or a GPU.
 
-    python benchmarks/edit_overhead.py [--model sd21v@768] [--size 256] [--steps 3] [--repeat 3]
+    python benchmarks/edit_overhead.py [--model sd21v@768] [--size 256] [--steps 3] [--repeat 3] [--profile [LINES]]
 
 `gpu_timeline.py` showed a warm SD2.1@768 edit on an H200 leaving the GPU idle for about 58 ms before its first
 replayed step and 10 ms after its last, of an edit of about 300 ms: the edit's checks, its recording's setup and its
@@ -8,11 +8,14 @@ seal, which do not depend on the GPU. This times them on a full-size random-weig
 matters little to them, so on the CPU a small one keeps the eager sparse steps short), loaded in inference mode as
 ComfyUI loads checkpoints (its weights are inference tensors): after a capture and two warm edits, `--repeat` edits
 with the same prompt and mask, each function's wall time (median over the edits) and the edit's wall time outside
-its model calls.
+its model calls. `--profile` adds cProfile's table of the repeated edits by own time, model calls included (they
+are the UNet's modules and torch ops; the rest is the host work this script is about).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--profile", type=int, nargs="?", const=40, default=0, metavar="LINES",
+                        help="also print cProfile's top LINES functions by own time over the repeated edits")
     a = parser.parse_args(argv)
     import comfy_host
     comfy_host.boot()
@@ -73,13 +78,18 @@ def main(argv=None) -> int:
         times: dict = {}
         outside, walls = [], []
         wrapped = timed_methods(times, [(owner, name, False) for owner, name in once])
+        profiler = cProfile.Profile() if a.profile else None
         try:
             for _ in range(a.repeat):
                 timer.seconds.clear()
                 sync()
                 t0 = time.perf_counter()
+                if profiler is not None:
+                    profiler.enable()
                 _, result = run_edit(patched, spec)
                 sync()
+                if profiler is not None:
+                    profiler.disable()
                 walls.append(time.perf_counter() - t0)
                 outside.append(walls[-1] - sum(timer.seconds))
         finally:
@@ -98,6 +108,9 @@ def main(argv=None) -> int:
             per_edit = [sum(values[i * n:(i + 1) * n]) for i in range(a.repeat)]
             print(f"  {label_of(owner, name):34s} {n} call(s) per edit, "
                   f"{statistics.median(values):7.2f} ms each (median), {statistics.median(per_edit):7.2f} ms per edit")
+    if profiler is not None:
+        print(f"cProfile over the {a.repeat} edits (times are sums; profiling slows Python calls):")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(a.profile)
     return 0
 
 

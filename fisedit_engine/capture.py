@@ -662,12 +662,14 @@ class _CaptureWrapper:
 
 
 class CaptureOuterSample(_CaptureWrapper):
-    def __init__(self, handle: CacheHandle, known_fingerprint: str | None = None):
+    def __init__(self, handle: CacheHandle, known_fingerprint: str | None = None, known_layout=None):
         """`known_fingerprint`: the sampled model's, where the caller knows it (an edit samples a clone of the model
         it checked against its source, plus FISEdit's own patches, which fingerprints leave out); fingerprinting an
-        SD2.1 UNet takes 6-7 ms of host time (benchmarks/edit_overhead.py)."""
+        SD2.1 UNet takes 6-7 ms of host time (benchmarks/edit_overhead.py). `known_layout`: (UNet, its UNetLayout),
+        where the caller built it (1.5 ms), used when the sampled UNet is that one."""
         super().__init__(handle)
         self.known_fingerprint = known_fingerprint
+        self.known_layout = known_layout
 
     def __call__(self, executor, *args, **kwargs):
         guider = executor.class_obj
@@ -681,7 +683,9 @@ class CaptureOuterSample(_CaptureWrapper):
                              "SetLatentNoiseMask, or sample without FISEditCacheCapture")
         unet = host.diffusion_model_of_guider(guider)
         try:
-            layout = UNetLayout.from_unet(unet)
+            known_unet, layout = self.known_layout or (None, None)
+            if known_unet is not unet:
+                layout = UNetLayout.from_unet(unet)
         except UnsupportedUNet as e:
             raise CacheError(f"FISEdit supports SD1.x/SD2.x/SDXL UNets; this model is not one ({e}): capture a "
                              f"generation of an SD1.x, SD2.x or SDXL checkpoint") from e

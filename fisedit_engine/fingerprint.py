@@ -27,10 +27,10 @@ def _update_with_tensors(h, items: list[tuple[bytes, torch.Tensor]], full: bool 
     """Hashes (prefix, tensor) pairs in order: the prefix, the tensor's shape and dtype, and its values (a strided
     sample unless `full`) as float32. The values reach the host in one copy per device: a copy per tensor, each a
     device sync, cost 0.13 s per fingerprint of an SD2.1 UNet on an H100, several times per edit. `remember`: reuse
-    the samples of tensors seen before (`_SampleMemo`)."""
+    the records of tensors seen before (`_SampleMemo`); the hash then reads them in one piece."""
     memo = _MEMO if remember and not full else None
-    on_host = [memo.get(t) if memo is not None else None for _, t in items]
-    missing = [i for i, values in enumerate(on_host) if values is None]
+    records = [memo.get(t) if memo is not None else None for _, t in items]
+    missing = [i for i, record in enumerate(records) if record is None]
     samples = {i: _sample(items[i][1], full) for i in missing}
     by_device: dict = {}
     for i in missing:
@@ -38,13 +38,11 @@ def _update_with_tensors(h, items: list[tuple[bytes, torch.Tensor]], full: bool 
     for members in by_device.values():
         joined = torch.cat([samples[i].to(torch.float32) for i in members]).to("cpu")
         for i, values in zip(members, joined.split([samples[i].numel() for i in members]), strict=True):
-            on_host[i] = values
+            t = items[i][1]
+            records[i] = f"{tuple(t.shape)}{t.dtype}".encode() + values.contiguous().numpy().tobytes()
             if memo is not None:
-                memo.put(items[i][1], values)
-    for (prefix, t), values in zip(items, on_host, strict=True):
-        h.update(prefix)
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(values.contiguous().numpy().tobytes())
+                memo.put(t, records[i])
+    h.update(b"".join(part for (prefix, _), record in zip(items, records, strict=True) for part in (prefix, record)))
 
 
 def _sample(t: torch.Tensor, full: bool) -> torch.Tensor:
@@ -56,6 +54,27 @@ def _sample(t: torch.Tensor, full: bool) -> torch.Tensor:
     return flat
 
 
+def state_items(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of `module.state_dict(keep_vars=True)`, read from the modules' own tables: the
+    state dict's bookkeeping (an ordered dict and a hook check per module) took a third of an SD2.1 UNet's
+    fingerprint on a CPU (benchmarks/edit_overhead.py). A module with state-dict hooks or extra state could add or
+    change entries; such a model gets its real state dict."""
+    items: list[tuple[str, torch.Tensor]] = []
+    stack = [("", module)]
+    while stack:
+        prefix, m = stack.pop()
+        if m._state_dict_hooks or m._state_dict_pre_hooks or type(m).get_extra_state is not _PLAIN_EXTRA_STATE:
+            return list(module.state_dict(keep_vars=True).items())
+        items.extend((prefix + name, p) for name, p in m._parameters.items() if p is not None)
+        items.extend((prefix + name, b) for name, b in m._buffers.items()
+                     if b is not None and name not in m._non_persistent_buffers_set)
+        stack.extend((f"{prefix}{name}.", child) for name, child in m._modules.items() if child is not None)
+    return items
+
+
+_PLAIN_EXTRA_STATE = torch.nn.Module.get_extra_state
+
+
 def tensor_version(t: torch.Tensor) -> int | None:
     """The tensor's version counter (bumped by in-place writes through autograd), or None for an inference tensor,
     which keeps none. Asked first, not caught: ComfyUI loads weights in inference mode, and an exception per weight
@@ -64,7 +83,7 @@ def tensor_version(t: torch.Tensor) -> int | None:
 
 
 class _SampleMemo:
-    """The host samples of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for the
+    """The records (shape, dtype and host sample) of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for the
     ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or three times
     (benchmarks/e2e_phases.py). A sample is reused while its tensor lives with the same storage, shape, strides and
     version counter; in-place writes through autograd bump that counter. Writes through `.data` do not, and
@@ -76,21 +95,21 @@ class _SampleMemo:
     node does, since patches are how ComfyUI changes weights."""
 
     def __init__(self):
-        self._entries: dict[int, tuple] = {}  # id(tensor) -> (weak reference, state, host sample)
+        self._entries: dict[int, tuple] = {}  # id(tensor) -> (weak reference, state, record)
 
     @staticmethod
     def _state(t: torch.Tensor):
         return tensor_version(t), t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride()
 
-    def get(self, t: torch.Tensor) -> torch.Tensor | None:
+    def get(self, t: torch.Tensor) -> bytes | None:
         entry = self._entries.get(id(t))
         if entry is None or entry[0]() is not t or entry[1] != self._state(t):
             return None
         return entry[2]
 
-    def put(self, t: torch.Tensor, values: torch.Tensor) -> None:
+    def put(self, t: torch.Tensor, record: bytes) -> None:
         key = id(t)
-        self._entries[key] = (weakref.ref(t, lambda _, key=key: self._forget(key)), self._state(t), values)
+        self._entries[key] = (weakref.ref(t, lambda _, key=key: self._forget(key)), self._state(t), record)
 
     def _forget(self, key: int) -> None:
         entry = self._entries.get(key)
@@ -155,7 +174,7 @@ def model_fingerprint(patcher) -> str:
                 _update_with_tensor(h, getattr(sampling, name))
     backup = getattr(patcher, "backup", {})
     weights = []
-    for name, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
+    for name, tensor in sorted(state_items(model.diffusion_model)):
         full_name = f"diffusion_model.{name}"
         weights.append((full_name.encode(), backup[full_name].weight if full_name in backup else tensor))
     _update_with_tensors(h, weights, remember=not getattr(patcher, "hook_backup", None))
@@ -224,6 +243,6 @@ def _is_plain_setting(value, nested: bool = False) -> bool:
 def vae_fingerprint(vae) -> str:
     """Which VAE decoded an image: a strided sample of its weights."""
     h = hashlib.sha256()
-    weights = sorted(vae.first_stage_model.state_dict(keep_vars=True).items())
+    weights = sorted(state_items(vae.first_stage_model))
     _update_with_tensors(h, [(name.encode(), t) for name, t in weights], remember=True)
     return h.hexdigest()[:16]

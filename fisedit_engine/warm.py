@@ -116,8 +116,10 @@ def release(source) -> None:
 def weights_key(module: torch.nn.Module) -> tuple:
     """The address and version of every parameter and buffer of `module`: a CUDA graph reads them where they were
     at its capture, and ComfyUI moves weights when it unloads and reloads a model, or replaces them with patched
-    copies (LoRA)."""
-    return tuple(tensor_state(t) for t in (*module.parameters(), *module.buffers()))
+    copies (LoRA). Read from each module's own tables (a weight two modules share counts twice): the walk of
+    `parameters()` took twice as long (3.3 ms for an SD2.1 UNet on a CPU), once per edit."""
+    return tuple(tensor_state(t) for m in module.modules()
+                 for table in (m._parameters, m._buffers) for t in table.values() if t is not None)
 
 
 def tensor_state(t: torch.Tensor) -> tuple:

@@ -146,23 +146,29 @@ def test_chained_edit(models, source):
     assert second_handle.get().store.written  # the chained result is a complete cache again
 
 
-def test_an_edits_result_records_the_fingerprint_of_the_clone_it_sampled(models, source, monkeypatch):
+def test_an_edits_result_records_the_fingerprint_and_layout_of_the_clone_it_sampled(models, source, monkeypatch):
     """An edit's result takes its source's model fingerprint instead of fingerprinting the clone it samples: the
     clone is the checked model plus FISEdit's own patches and wrappers, which fingerprints leave out. That premise,
-    on the real host: the sampled clone fingerprints as the model does, and as the result records."""
+    on the real host: the sampled clone fingerprints as the model does, and as the result records. The same for the
+    UNet's layout, which the edit built before sampling: the clone's UNet is that UNet, and lays out the same."""
     from fisedit_engine import capture
+    from fisedit_engine import comfy_adapter as host
     from fisedit_engine.fingerprint import model_fingerprint
+    from fisedit_engine.layout import UNetLayout
     sampled = []
     original_call = capture.CaptureOuterSample.__call__
 
     def spy(self, executor, *args, **kwargs):
-        sampled.append((model_fingerprint(executor.class_obj.model_patcher), self.known_fingerprint))
+        unet = host.diffusion_model_of_guider(executor.class_obj)
+        sampled.append((model_fingerprint(executor.class_obj.model_patcher), self.known_fingerprint,
+                        unet, UNetLayout.from_unet(unet), self.known_layout))
         return original_call(self, executor, *args, **kwargs)
     monkeypatch.setattr(capture.CaptureOuterSample, "__call__", spy)
     handle, _ = source("sd15", "euler", 1, 7.0, (16, 24))
     _, result = run_edit(models["sd15"], handle, "sd15", 1, blob_mask(1, (16, 24)), EDITED_SEED)
-    clone, given = sampled[-1]
+    clone, given, unet, layout, (known_unet, known_layout) = sampled[-1]
     assert clone == given == model_fingerprint(models["sd15"]) == result.get().settings.model_fingerprint
+    assert known_unet is unet and known_layout == layout
 
 
 def test_zero_area_mask_returns_the_original(models, source):

@@ -116,3 +116,30 @@ def test_the_memo_forgets_tensors_that_die():
     assert len(_MEMO) == held + 1
     del t
     assert len(_MEMO) == held
+
+
+def test_state_items_are_the_state_dict_and_a_module_with_state_dict_hooks_gets_its_real_one():
+    from fisedit_engine.fingerprint import state_items
+
+    class Block(torch.nn.Module):
+        def __init__(self, shared=None):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.GroupNorm(2, 4)
+            self.shared = shared if shared is not None else torch.nn.Linear(4, 4, bias=False)
+            self.register_buffer("kept", torch.ones(3))
+            self.register_buffer("scratch", torch.zeros(3), persistent=False)
+            self.register_buffer("unset", None)
+            self.register_parameter("absent", None)
+
+    root = Block()
+    root.inner = torch.nn.Sequential(Block(shared=root.shared), torch.nn.SiLU(), None)
+    expected = sorted(root.state_dict(keep_vars=True).items())
+    items = sorted(state_items(root))
+    assert [n for n, _ in items] == [n for n, _ in expected] and all(a is b for (_, a), (_, b) in zip(items, expected))
+    assert "scratch" not in dict(items) and "inner.0.shared.weight" in dict(items)  # a shared weight under both names
+
+    root.inner[0].register_state_dict_post_hook(lambda module, state, prefix, local: state.update(
+        {prefix + "extra": torch.zeros(1)}))
+    assert sorted(n for n, _ in state_items(root)) == sorted(root.state_dict(keep_vars=True))
+    assert "inner.0.extra" in dict(state_items(root))

@@ -191,3 +191,17 @@ def test_the_next_lander_takes_the_last_landers_staging_rows(monkeypatch):
     monkeypatch.setattr(capture, "SPARE_STAGING_BYTES", 64)
     RowLander((128,)).shutdown()  # takes the 128-byte rows, and does not keep them
     assert capture._spare_rows == []
+
+
+def test_missing_names_every_unwritten_step_of_planned_and_unplanned_keys():
+    store = StepTensors(steps=3, batch=1)
+    store.plan_rows([("a", 0, (1, 2), torch.float16), ("b", 1, (1, 4), torch.float32)])
+    for key, chunk, shape, dtype in (("a", 0, (2,), torch.float16), ("b", 1, (4,), torch.float32),
+                                     ("c", 0, (5,), torch.float32)):  # "c" is not planned: its own tensor
+        store.slot(key, chunk, (1, *shape), dtype)
+        store.written[(key, chunk)][:] = True
+    assert store.missing() == []
+    store.written[("a", 0)][1] = False
+    store.written[("c", 0)][0] = False
+    store.written[("c", 0)][2] = False
+    assert sorted(store.missing()) == [("a", 0, 1), ("c", 0, 0), ("c", 0, 2)]

@@ -4,21 +4,12 @@ The budget defaults to half of the RAM available when the registry is created; `
 with a K/M/G/T suffix, or a percentage of available RAM such as "30%") overrides it. Recordings in progress
 reserve their bytes up front, so that a capture fails in its first step, not after a full sampling run.
 The registry is the only process-wide state of the engine.
-
-A cache that leaves the registry (replaced by a newer one of its name, evicted or removed) is freed by a thread of
-its own (`Release`): an edit's result is about 1 GiB of host memory at SD2.1@768, and giving that back to the
-system took 43 ms on an H200's host (benchmarks/edit_overhead.py --profile), in the edit that replaced it (the same
-prompt and mask again) or evicted it (a new edit once the budget is full). Freeing does not hold the GIL, so the
-edit goes on meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import sys
 import threading
-import time
 from collections import OrderedDict, deque
 
 from . import warm
@@ -54,39 +45,6 @@ def default_budget() -> int:
     return parse_budget(env, available) if env else int(available * DEFAULT_BUDGET_FRACTION)
 
 
-class Release:
-    """Drops the last references to caches that left the registry, in a daemon thread. A cache is let go once this
-    thread holds the only reference left (whoever dropped it has returned), so that its memory is freed here, not in
-    the caller; one still referenced elsewhere after `PATIENCE` seconds (a node output, a test) is let go anyway and
-    freed by its last holder, as it would have been without this thread."""
-    PATIENCE = 0.5
-
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def later(self, cache: FisEditCache) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="FISEdit release", daemon=True)
-                self._thread.start()
-        self._queue.put(cache)
-
-    def wait(self) -> None:
-        """Returns once every cache handed over so far is let go."""
-        self._queue.join()
-
-    def _run(self) -> None:
-        while True:
-            cache = self._queue.get()
-            deadline = time.monotonic() + self.PATIENCE
-            while sys.getrefcount(cache) > 2 and time.monotonic() < deadline:  # 2: `cache` and the argument
-                time.sleep(0.001)
-            del cache
-            self._queue.task_done()
-
-
 class CacheRegistry:
     def __init__(self, budget_bytes: int | None = None):
         self._caches: OrderedDict[str, FisEditCache] = OrderedDict()
@@ -96,7 +54,6 @@ class CacheRegistry:
         self._reserved = 0
         self._released_later: deque[int] = deque()
         self._lock = threading.RLock()
-        self.release_thread = Release()
         self.budget = default_budget() if budget_bytes is None else int(budget_bytes)
 
     # --- sealed caches ---------------------------------------------------------------------------------
@@ -119,8 +76,6 @@ class CacheRegistry:
                 raise
             self._caches[cache.name] = cache
             self._sizes[cache.name] = cache.nbytes
-        if old is not None:
-            self.release_thread.later(old)
 
     def get(self, name: str) -> FisEditCache:
         with self._lock:
@@ -143,9 +98,7 @@ class CacheRegistry:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            dropped = self._drop(name)
-        if dropped is not None:
-            self.release_thread.later(dropped)
+            self._drop(name)
 
     def clear(self) -> None:
         with self._lock:
@@ -224,7 +177,6 @@ class CacheRegistry:
             evicted = self._drop(victim)
             log.info("FISEdit: evicted cache '%s' (%.1f MiB, least recently used) to stay within the %.1f GiB budget",
                      victim, evicted.nbytes / 2**20, self.budget / 2**30)
-            self.release_thread.later(evicted)
 
 
 _registry: CacheRegistry | None = None

@@ -82,7 +82,6 @@ def test_lru_eviction_of_real_caches_is_logged_frees_the_memory_and_an_edit_says
     # ComfyUI still holds the capture's handle (in its output cache), but the evicted bytes must be gone
     assert first_handle.recording is not None
     gc.collect()
-    small_budget.release_thread.wait()
     assert watched() is None, "an evicted cache's tensors are still referenced"
     for attempt in (lambda: api.difference_mask(model, store_output, tiny_models.conditioning("sd15", 98), "user",
                                                 box(1)),
@@ -113,36 +112,7 @@ def test_evicting_the_source_of_a_registered_edit_makes_the_edit_whole_and_frees
     assert "made whole before it left memory" in caplog.text
     assert edited.store.base is None and reliability.cache_digest(result.get()) == before
     gc.collect()
-    small_budget.release_thread.wait()
     assert watched() is None, "the evicted source is still held by its edit"
-    reliability.assert_registry_consistent()
-
-
-def test_a_result_replaced_by_the_next_edit_is_freed_by_the_release_thread_not_by_the_edit(model):
-    """An edit with the last one's prompt and mask seals its result under the same name (as a cache evicted for a new
-    one leaves too): the old result's memory (about 1 GiB at SD2.1@768) is given back by the registry's release
-    thread while the edit goes on."""
-    import threading
-    from fisedit_engine.registry import registry
-    handle, _ = capture(model, "memory-replaced")
-    _, _, first = edit(model, handle, 99, box(0))
-    freed_in = []
-    tensor = next(iter(first.get().store.tensors.values()))
-    watched = weakref.ref(tensor, lambda _: freed_in.append(threading.current_thread().name))
-    del tensor
-    _, _, second = edit(model, handle, 99, box(0))
-    assert second.name == first.name  # the second result replaced the first
-    registry().release_thread.wait()
-    assert watched() is None and freed_in == ["FISEdit release"]
-    # a cache still held elsewhere is let go after the thread's patience, and freed by its last holder
-    held = second.get()
-    registry().remove(second.name)
-    registry().release_thread.wait()
-    watched = weakref.ref(next(iter(held.store.tensors.values())), lambda _: freed_in.append("here"))
-    del held
-    gc.collect()
-    assert watched() is None and freed_in[-1] == "here"
-    registry().remove(handle.name)
     reliability.assert_registry_consistent()
 
 
@@ -202,7 +172,6 @@ def test_host_rss_is_flat_over_50_chained_edits(model, small_budget):
         assert registry().used <= registry().budget
         if i in (9, 49):
             gc.collect()
-            registry().release_thread.wait()
             rss[i] = process.memory_info().rss
     print(f"\nRSS {rss[9] / 2**20:.1f} MiB after 10 edits, {rss[49] / 2**20:.1f} MiB after 50; cache "
           f"{cache.nbytes / 2**20:.2f} MiB, budget {registry().budget / 2**20:.2f} MiB")

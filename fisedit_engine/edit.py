@@ -306,7 +306,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     handle = CacheHandle(name, registry(), s.min_sparse_positions, delta=delta)
     patched = model.clone()
     # the model passed check_model: the result records the source's fingerprint, not another of the same model
-    host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle, source.settings.model_fingerprint, (unet, layout)))
+    host.add_outer_sample_wrapper(patched, CaptureOuterSample(handle, source.settings.model_fingerprint,
+                                                              known_layout=(unet, layout)))
     host.add_apply_model_wrapper(patched, CaptureApplyModel(handle, edit=state))
     host.add_conditioning_on_device(patched)
     if graph is not None:

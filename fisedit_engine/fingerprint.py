@@ -83,11 +83,11 @@ def tensor_version(t: torch.Tensor) -> int | None:
 
 
 class _SampleMemo:
-    """The records (shape, dtype and host sample) of weights fingerprinted before. Sampling is a few device kernels per tensor: 0.18 s for the
-    ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or three times
-    (benchmarks/e2e_phases.py). A sample is reused while its tensor lives with the same storage, shape, strides and
-    version counter; in-place writes through autograd bump that counter. Writes through `.data` do not, and
-    inference tensors (made in inference mode, where ComfyUI runs its nodes) have no counter at all. That leaves
+    """The records (shape, dtype and host sample) of weights fingerprinted before. Sampling is a few device kernels
+    per tensor: 0.18 s for the ~2,500 tensors of an SDXL UNet on an H200, and an edit fingerprints its model two or
+    three times (benchmarks/e2e_phases.py). A sample is reused while its tensor lives with the same storage, shape,
+    strides and version counter; in-place writes through autograd bump that counter. Writes through `.data` do not,
+    and inference tensors (made in inference mode, where ComfyUI runs its nodes) have no counter at all. That leaves
     in-place writes that keep the storage; ComfyUI makes them when it patches weights in place, but it backs the
     original up first (the fingerprint reads the backup, `model_fingerprint`) and restores it when it unpatches;
     hook patches have no such backup in `patcher.backup`, so `model_fingerprint` remembers nothing while any are

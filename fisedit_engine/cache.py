@@ -364,8 +364,8 @@ class StepTensors:
 
     def missing(self) -> list[tuple[str, int, int]]:
         """(key, chunk, step) never written."""
-        flags = list(self.written.values())
-        if not flags or bool(torch.cat(flags).all()):  # one check, not one per key (1.4 ms per SD2.1 edit)
+        every_flag = list(self.written.values())
+        if not every_flag or bool(torch.cat(every_flag).all()):  # one check, not one per key (1.4 ms per SD2.1 edit)
             return []
         out = []
         for (key, chunk), flags in self.written.items():

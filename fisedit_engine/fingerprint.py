@@ -54,6 +54,9 @@ def _sample(t: torch.Tensor, full: bool) -> torch.Tensor:
     return flat
 
 
+_PLAIN_EXTRA_STATE = torch.nn.Module.get_extra_state
+
+
 def state_items(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The (name, tensor) pairs of `module.state_dict(keep_vars=True)`, read from the modules' own tables: the
     state dict's bookkeeping (an ordered dict and a hook check per module) took a third of an SD2.1 UNet's
@@ -70,9 +73,6 @@ def state_items(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
                      if b is not None and name not in m._non_persistent_buffers_set)
         stack.extend((f"{prefix}{name}.", child) for name, child in m._modules.items() if child is not None)
     return items
-
-
-_PLAIN_EXTRA_STATE = torch.nn.Module.get_extra_state
 
 
 def tensor_version(t: torch.Tensor) -> int | None:

@@ -198,8 +198,11 @@ def test_missing_names_every_unwritten_step_of_planned_and_unplanned_keys():
     store.plan_rows([("a", 0, (1, 2), torch.float16), ("b", 1, (1, 4), torch.float32)])
     for key, chunk, shape, dtype in (("a", 0, (2,), torch.float16), ("b", 1, (4,), torch.float32),
                                      ("c", 0, (5,), torch.float32)):  # "c" is not planned: its own tensor
-        store.slot(key, chunk, (1, *shape), dtype)
+        store.slot(key, chunk, shape, dtype)
         store.written[(key, chunk)][:] = True
+    in_rows = {k for k, flags in store.written.items()
+               if flags.untyped_storage().data_ptr() == store.rows.written.untyped_storage().data_ptr()}
+    assert in_rows == {("a", 0), ("b", 1)}
     assert store.missing() == []
     store.written[("a", 0)][1] = False
     store.written[("c", 0)][0] = False

@@ -1,11 +1,12 @@
 """The kernels of one replayed sparse step against those of the dense UNet replayed as a CUDA graph.
 
-    python benchmarks/graph_kernels.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--top 25]
+    python benchmarks/graph_kernels.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--top 25] [--dump DIR]
 
 Per graph: the number of kernels one replay runs, the sum of their GPU times, the replay's span on the GPU (first
 kernel start to last kernel end: the rest of the span is the GPU idle between kernels), a histogram of kernel
 durations, the time per kind of kernel (convolution, GEMM, attention, Triton, copies, the rest) and the kernels with
-the most time. Kernels are assigned to a replay through the CUDA runtime's correlation id of its cudaGraphLaunch
+the most time; with `--dump`, the median replay's kernels in order (name, start, duration) as JSON in DIR, to read
+against the code that launched them. Kernels are assigned to a replay through the CUDA runtime's correlation id of its cudaGraphLaunch
 (torch's profiler, with CUPTI, reports each kernel of a graph).
 """
 from __future__ import annotations
@@ -94,7 +95,7 @@ def profiled(fn, tmp: Path, label: str) -> list[list[dict]]:
     return replays(path)
 
 
-def run(arch: str, size: int, fraction: float, top: int, tmp: Path) -> None:
+def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path | None = None) -> None:
     import torch
     import comfy.model_management as mm
     import comfy.sample
@@ -145,7 +146,12 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path) -> None:
         print(f"sparse step, CUDA-graph replays: {len(runs)}; kernels per replay "
               f"{sorted({len(r) for r in runs})}; the median replay by span:")
         spans = sorted(runs, key=lambda r: max(k['ts'] + k['dur'] for k in r) - r[0]['ts'])
-        print(anatomy(spans[len(spans) // 2], top))
+        median = spans[len(spans) // 2]
+        print(anatomy(median, top))
+        if dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / f"sparse-{arch}-{size}.json").write_text(json.dumps(
+                [{"name": k["name"], "ts": k["ts"] - median[0]["ts"], "dur": k["dur"]} for k in median], indent=0))
         api.registry().remove(results[0].name)
         api.registry().remove(handle.name)
     del model
@@ -157,9 +163,13 @@ def main(argv=None) -> int:
 
     def run_model(arch, size, a):
         with tempfile.TemporaryDirectory() as tmp:
-            run(arch, size, a.fraction, a.top, Path(tmp))
+            run(arch, size, a.fraction, a.top, Path(tmp), a.dump)
+
+    def add_arguments(parser):
+        parser.add_argument("--top", type=int, default=25)
+        parser.add_argument("--dump", type=Path, help="a folder for the median replay's kernels in order (JSON)")
     return speed.per_model_main(argv, __doc__, "benchmarks/graph_kernels.py profiles CUDA graph replays",
-                                lambda parser: parser.add_argument("--top", type=int, default=25), run_model)
+                                add_arguments, run_model)
 
 
 if __name__ == "__main__":

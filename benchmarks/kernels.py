@@ -12,9 +12,13 @@
    - scatter_bias: ResBlock's `h + emb` into the cached h; scatter_residual: `skip + out` into the output;
    - tokens_norm: SpatialTransformer's GroupNorm at the active tokens; tokens_scatter: `t + x` at the tokens;
    - resblock: a ResBlock's sparse sequence (gather_norm_conv, scatter_bias, gather_norm_conv, scatter_residual).
+   The maps (input, canvases) channels-first or channels-last (`--maps`; the feed's canvases are channels-last).
+3. With `--sweep`: the Triton gather and scatters under other block shapes (channels x positions per program),
+   channels-last maps, replayed from a CUDA graph: what `triton_ops.GPU_BLOCKS` is chosen from.
 Prints tables and writes benchmarks/results/kernels-<gpu>.json.
 
     python3 benchmarks/kernels.py [--dtypes fp16,bf16] [--fractions 0.05,0.15,0.3] [--iters 200] [--quick]
+                                  [--maps contiguous,channels_last] [--sweep]
 """
 from __future__ import annotations
 
@@ -152,15 +156,15 @@ def time_graph(fn, iters: int, warmup: int) -> float | None:
 class LevelCase:
     """Inputs of one (level, fraction, dtype) case, shaped as the sparse ResBlock / transformer sees them."""
 
-    def __init__(self, c, side, fraction, dtype):
+    def __init__(self, c, side, fraction, dtype, maps="contiguous"):
         self.c, self.side, self.dtype = c, side, dtype
         self.lp = lp = level_plan(side, fraction)
         self.rows, self.cols = lp.patch_index("conv3", DEV)
         self.positions, self.sources = lp.tile_scatter(DEV)
         self.tokens = lp.tokens(DEV)
-        self.x = KC.make_map(N, c, (side, side), dtype, DEV, seed=1)
-        self.h_canvas = KC.make_map(N, c, (side, side), dtype, DEV, seed=2)
-        self.out_canvas = KC.make_map(N, c, (side, side), dtype, DEV, seed=3)
+        self.x = KC.make_map(N, c, (side, side), dtype, DEV, seed=1, layout=maps)
+        self.h_canvas = KC.make_map(N, c, (side, side), dtype, DEV, seed=2, layout=maps)
+        self.out_canvas = KC.make_map(N, c, (side, side), dtype, DEV, seed=3, layout=maps)
         self.stats, self.w, self.b = KC.norm_params(N, c, GROUPS, dtype, DEV, seed=4)
         self.stats2 = self.stats.clone()
         self.conv_w = (KC.rand(c, c, 3, 3, seed=5) / math.sqrt(9 * c)).to(DEV, dtype)
@@ -172,15 +176,17 @@ class LevelCase:
         self.t_tokens = KC.rand(N, len(self.tokens), c, seed=8).to(DEV, dtype).transpose(1, 2)  # as proj_out gives
 
     # each op: (reference, triton[, triton_nhwc])
-    def ops(self, T):
+    def ops(self, T, blocks=None):
         s = self
         K = T
+        gather_blocks, scatter_blocks = blocks or (None, None)
 
         def ref_gn():
             return R.gather_norm_patches(s.x, s.rows, s.cols, s.stats, s.w, s.b, EPS, True)
 
         def tri_gn(cl=False):
-            return K.gather_norm_patches(s.x, s.rows, s.cols, s.stats, s.w, s.b, EPS, True, channels_last=cl)
+            return K.gather_norm_patches(s.x, s.rows, s.cols, s.stats, s.w, s.b, EPS, True, channels_last=cl,
+                                         blocks=gather_blocks)
 
         def conv(p, nhwc=False):
             return R.conv_patches(p, s.conv_w_nhwc if nhwc else s.conv_w, s.conv_b)
@@ -190,14 +196,15 @@ class LevelCase:
                                         s.sources)  # the unfused ops: an add, then the scatter
 
         def tri_scatter_bias():
-            return K.scatter_tiles_(s.h_canvas, s.tiles_out, s.positions, s.sources, bias=s.emb)
+            return K.scatter_tiles_(s.h_canvas, s.tiles_out, s.positions, s.sources, bias=s.emb, blocks=scatter_blocks)
 
         def ref_scatter_res():
             skip = R.tiles_of(s.x, s.lp.tiles_on(DEV), TILE)
             return R.scatter_tiles_(s.out_canvas, skip + s.tiles_out, s.positions, s.sources)
 
         def tri_scatter_res():
-            return K.scatter_tiles_(s.out_canvas, s.tiles_out, s.positions, s.sources, residual_map=s.x)
+            return K.scatter_tiles_(s.out_canvas, s.tiles_out, s.positions, s.sources, residual_map=s.x,
+                                    blocks=scatter_blocks)
 
         def ref_tokens_norm():
             return R.group_norm_tokens(s.x, s.tokens, s.stats, s.w, s.b, EPS)
@@ -237,17 +244,18 @@ class LevelCase:
         }
 
 
-def timing(T, dtypes, fractions, iters, warmup, models) -> list[dict]:
+def timing(T, dtypes, fractions, iters, warmup, models, maps=("contiguous",)) -> list[dict]:
     results = []
     for model in models:
         for level, (c, side) in enumerate(LEVELS[model]):
             for fraction in fractions:
-                for dname in dtypes:
-                    case = LevelCase(c, side, fraction, DTYPES[dname])
+                for dname, layout in ((d, m) for d in dtypes for m in maps):
+                    case = LevelCase(c, side, fraction, DTYPES[dname], layout)
                     head = {"model": model, "level": level, "channels": c, "side": side, "fraction": fraction,
-                            "active": round(case.lp.fraction, 4), "tiles": case.lp.n_tiles, "dtype": dname}
+                            "active": round(case.lp.fraction, 4), "tiles": case.lp.n_tiles, "dtype": dname,
+                            "maps": layout}
                     print(f"  {model} level {level} ({side}x{side}x{c}) {fraction:.0%} ({case.lp.n_tiles} tiles) "
-                          f"{dname}", flush=True)
+                          f"{dname} {layout}", flush=True)
                     for op, fns in case.ops(T).items():
                         row = {**head, "op": op}
                         for name, fn in zip(("reference", "triton", "triton_nhwc"), fns):
@@ -255,6 +263,39 @@ def timing(T, dtypes, fractions, iters, warmup, models) -> list[dict]:
                             row[f"{name}_graph_us"] = time_graph(fn, iters, warmup)
                         results.append(row)
     return results
+
+
+SWEEP_OPS = ("gather_norm", "scatter_bias", "scatter_residual", "tokens_scatter")
+SWEEP_BLOCKS = ((32, 64), (64, 32), (128, 16), (64, 64), (128, 32))
+
+
+def sweep(T, fractions, iters, warmup, models) -> list[dict]:
+    """Graph-replay microseconds of the gather and scatters per block shape, fp16, channels-last maps."""
+    results = []
+    for model in models:
+        for level, (c, side) in enumerate(LEVELS[model]):
+            for fraction in fractions:
+                case = LevelCase(c, side, fraction, torch.float16, "channels_last")
+                row = {"model": model, "level": level, "channels": c, "side": side, "tiles": case.lp.n_tiles,
+                       "fraction": fraction}
+                for blocks in SWEEP_BLOCKS:
+                    ops = case.ops(T, (blocks, blocks))
+                    for op in SWEEP_OPS:
+                        fn = ops[op][2] if op == "gather_norm" else ops[op][1]
+                        row[f"{op} {blocks[0]}x{blocks[1]}"] = time_graph(fn, iters, warmup)
+                results.append(row)
+    return results
+
+
+def sweep_table(rows) -> str:
+    lines = ["## Block sweep (graph replay, median us; fp16, channels-last maps; blocks = channels x positions)", "",
+             "| model | level | tiles | op | " + " | ".join(f"{a}x{b}" for a, b in SWEEP_BLOCKS) + " |",
+             "|---|---|---|---|" + "---|" * len(SWEEP_BLOCKS)]
+    for r in rows:
+        for op in SWEEP_OPS:
+            lines.append(f"| {r['model']} | {r['level']} ({r['side']}x{r['side']}x{r['channels']}) | {r['tiles']} | "
+                         f"{op} | " + " | ".join(_fmt(r[f'{op} {a}x{b}']) for a, b in SWEEP_BLOCKS) + " |")
+    return "\n".join(lines)
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -274,12 +315,13 @@ def tables(correct, timed) -> str:
         lines.append(f"| {r['model']} | {r['fraction']} | {r['dtype']} | {r['op']} | {'yes' if r['ok'] else 'NO'} | "
                      f"{r.get('kernel_err', 0):.3g} | {r.get('reference_err', 0):.3g} |")
     lines += ["", "## Timing (median us per call; x = reference / triton)", "",
-              "| model | level | active | dtype | op | ref eager | triton eager | x | ref graph | triton graph | x | "
-              "nhwc eager | nhwc graph |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | level | active | dtype | maps | op | ref eager | triton eager | x | ref graph | triton graph | x | "
+              "nhwc eager | nhwc graph |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in timed:
         lines.append(
             f"| {r['model']} | {r['level']} ({r['side']}x{r['side']}x{r['channels']}) | {r['active']:.0%} "
-            f"({r['tiles']}) | {r['dtype']} | {r['op']} | {_fmt(r['reference_eager_us'])} | "
+            f"({r['tiles']}) | {r['dtype']} | {r.get('maps', 'contiguous')} | {r['op']} | "
+            f"{_fmt(r['reference_eager_us'])} | "
             f"{_fmt(r['triton_eager_us'])} | {_ratio(r['reference_eager_us'], r['triton_eager_us'])} | "
             f"{_fmt(r['reference_graph_us'])} | {_fmt(r['triton_graph_us'])} | "
             f"{_ratio(r['reference_graph_us'], r['triton_graph_us'])} | {_fmt(r.get('triton_nhwc_eager_us'))} | "
@@ -296,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="level 0 only, 50 iterations (a smoke run)")
+    ap.add_argument("--maps", default="contiguous,channels_last", help="memory formats of the maps, comma-separated")
+    ap.add_argument("--sweep", action="store_true", help="also time the gather and scatters per block shape")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself on tiny shapes, under "
                                                       "TRITON_INTERPRET=1 (tests/unit/test_triton_kernels.py)")
@@ -329,8 +373,10 @@ def main(argv=None) -> int:
     print("correctness ...", flush=True)
     correct = correctness(T, dtypes, models)
     print("timing ...", flush=True)
-    timed = timing(T, dtypes if a.time_all_dtypes else dtypes[:1], fractions, a.iters, a.warmup, models)
-    report = tables(correct, timed)
+    maps = [m.strip() for m in a.maps.split(",") if m.strip()]
+    timed = timing(T, dtypes if a.time_all_dtypes else dtypes[:1], fractions, a.iters, a.warmup, models, maps)
+    swept = sweep(T, fractions, a.iters, a.warmup, models) if a.sweep else []
+    report = tables(correct, timed) + ("\n\n" + sweep_table(swept) if swept else "")
     print(report)
     failed = [r for r in correct if not r["ok"]]
     print(f"\ncorrectness: {len(correct) - len(failed)} of {len(correct)} ok; {time.perf_counter() - t0:.0f} s")
@@ -341,7 +387,7 @@ def main(argv=None) -> int:
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "date": time.strftime("%Y-%m-%d %H:%M"),
         "tile": TILE, "batch_rows": N, "groups": GROUPS, "iters": a.iters, "warmup": a.warmup,
-        "blocks": T.GPU_BLOCKS, "correctness": correct, "timing": timed}, indent=1))
+        "blocks": T.GPU_BLOCKS, "correctness": correct, "timing": timed, "sweep": swept}, indent=1))
     (a.out / f"kernels-{stem}.md").write_text(report + "\n")
     print(f"wrote {path}")
     return 1 if failed else 0

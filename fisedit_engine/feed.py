@@ -99,6 +99,13 @@ class _DeviceGather:
         return self.rows.shape[0] * self.positions * self.rows.shape[2] * self.rows.element_size()
 
 
+def _canvas(shape, device, dtype) -> torch.Tensor:
+    """A map's canvas [rows, C, H, W]: NaN, and channels-last in memory. Every access to a canvas is at positions
+    (a tile's few columns, the active tokens, the rows of a copy), so with channels innermost each position's values
+    are one contiguous run; channels-first, the copies and scatters wrote one element per memory sector."""
+    return torch.empty(shape, device=device, dtype=dtype, memory_format=torch.channels_last).fill_(float("nan"))
+
+
 def _nbytes(part) -> int:
     return part.nbytes if isinstance(part, _DeviceGather) else part.numel() * part.element_size()
 
@@ -293,7 +300,7 @@ class EditFeed:
                 lp = self.plan.levels[e.level]
                 shape = (landing.shape[0], landing.shape[2], lp.height, lp.width)
                 if target is None or target.shape != shape:
-                    target = self._device[key] = torch.full(shape, float("nan"), device=device, dtype=landing.dtype)
+                    target = self._device[key] = _canvas(shape, device, landing.dtype)
                 target.view(*shape[:2], -1).index_copy_(2, lp.read_positions(device), landing.transpose(1, 2))
                 staged = self._staged.get(key)  # a copy: the next upload may land while this step still runs
                 if staged is None or staged.shape != landing.shape:
@@ -419,8 +426,7 @@ class EditFeed:
                     activate.add_whole([landing], target)
             else:
                 lp = self.plan.levels[e.level]
-                canvas = out.device[key] = torch.full((rows, sample[-1], lp.height, lp.width), float("nan"),
-                                                      device=device, dtype=landing.dtype)
+                canvas = out.device[key] = _canvas((rows, sample[-1], lp.height, lp.width), device, landing.dtype)
                 activate.add([landing], as_rows(canvas), out_index=positions)
                 out.staged[key] = torch.empty_like(landing)  # a copy: the next upload lands while this step runs
                 activate.add_whole([landing], out.staged[key])

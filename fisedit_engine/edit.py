@@ -32,6 +32,7 @@ from .capture import CacheHandle, CaptureApplyModel, CaptureOuterSample, Delta, 
 from .feed import EditFeed
 from .fingerprint import conditioning_fingerprint, model_fingerprint
 from .graphs import SparseStepGraph, outside_capture
+from .joined import JoinedLinears
 from .kernels import fused as K
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
@@ -71,6 +72,9 @@ class EditState:
     graph: SparseStepGraph | None = None    # None: every step runs eagerly
     regions: list = field(default_factory=list)  # the result's delta regions (their device copies are dropped)
     convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
+    attention: tuple = ()   # per sparse transformer block: its self-attention's (to_q, to_k, to_v), joined
+    cross_kv: tuple = ()    # every sparse transformer block's cross-attention to_k and to_v, joined
+    linears: JoinedLinears = field(default_factory=JoinedLinears)
     _mask_rows: dict = field(default_factory=dict)
     _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (weight, its state, channels-last copy)
 
@@ -90,6 +94,7 @@ class EditState:
             torch.cuda.synchronize()  # the last replay's copies to host memory have landed
             self.graph.close()
         self._conv_weights.clear()
+        self.linears.clear()
         self.feed.close()
 
     def conv_weight(self, conv, weight: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -123,6 +128,17 @@ class EditState:
         for conv in self.convs:
             with host.cast_weights(conv, x) as (w, _):
                 self.channels_last_weight(conv, w)
+        for modules in (*self.attention, self.cross_kv):
+            self.linears.weight(modules, x)
+
+    def cross_attention_kv(self, ctx: StepContext, attn2, context: torch.Tensor):
+        """attn2's keys and values of the text `context`, computed for every sparse block of the model call at its
+        first block (joined.py), as long as the blocks share the context tensor."""
+        kv = ctx.shared.setdefault(("cross_kv", id(context)), {})  # the call holds its context: its id stays its own
+        if attn2.to_k not in kv:
+            modules = self.cross_kv if attn2.to_k in self.cross_kv else (attn2.to_k, attn2.to_v)
+            kv.update(zip(modules, self.linears(modules, context)))
+        return kv[attn2.to_k], kv[attn2.to_v]
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
@@ -260,6 +276,19 @@ def check_model(model, source: FisEditCache) -> None:
                      f"same strengths), or re-capture")
 
 
+def module_forwards(unet, layout: UNetLayout, sparse_levels, convs: dict) -> dict:
+    """The forwards an edit substitutes, by module path in the UNet: the sparse forward of every block at a sparse
+    level, the output head's, and for the other conv modules in `convs` (on a GPU) WholeConv. conv_in is both a conv
+    and a sparse block: it takes its sparse forward."""
+    modules = dict(unet.named_modules())
+    forwards = {path: WholeConv(module) for path, module in convs.items()}
+    for block in layout.blocks:
+        if block.level in sparse_levels:
+            forwards[block.path] = SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path)
+    forwards["out"] = SparseOutput.for_unet(unet, layout)
+    return forwards
+
+
 def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "exact",
              tile_size: int | dict[int, int] | None = None, callback=None,
              cuda_graph: bool = True) -> tuple[torch.Tensor, CacheHandle]:
@@ -312,13 +341,8 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     host.add_conditioning_on_device(patched)
     if graph is not None:
         host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
-    for block in layout.blocks:
-        if block.level in plan.levels:
-            patched.add_object_patch(f"diffusion_model.{block.path}.forward",
-                                     SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path))
-    patched.add_object_patch("diffusion_model.out.forward", SparseOutput.for_unet(unet, layout))
-    for path, module in convs.items():
-        patched.add_object_patch(f"diffusion_model.{path}.forward", WholeConv(module))
+    for path, forward in module_forwards(unet, layout, plan.levels, convs).items():
+        patched.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
     t0 = time.perf_counter()
@@ -380,8 +404,13 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
+    modules = dict(unet.named_modules())
+    blocks = [tb for b in layout.blocks if b.kind == "transformer" and b.level in plan.levels
+              for tb in modules[b.path].transformer_blocks]
     state = EditState(plan, source, dense_from, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs)
+                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs,
+                      attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
+                      cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)))
     regions = _result_regions(plan, layout, s)
     state.regions = list(regions.values())
     return KeptEdit(state, regions, costs, tile_note)

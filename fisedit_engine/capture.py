@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,7 @@ class StepContext:
     chunks: list[int]     # cond_or_uncond of this model call: rows [i*batch:(i+1)*batch] belong to chunks[i]
     batch: int
     edit: object = None   # edit.EditState while an edit runs: the sparse forwards read it
+    shared: dict = field(default_factory=dict)  # what the sparse forwards of this model call compute once for all
 
 
 @dataclass

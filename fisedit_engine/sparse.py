@@ -9,7 +9,7 @@ The input is likewise the cached input outside the active tiles (see plan.py). I
   time embedding; assemble h with the cached h; the same for the second half; skip connection; scatter.
 - SpatialTransformer: GroupNorm, proj_in, transformer blocks and proj_out on the active tokens only; the self-
   attention keys and values of the inactive tokens come from the cache (exact context); cross-attention and
-  feed-forward are token-wise.
+  feed-forward are token-wise. Projections of the same input run as one GEMM (joined.py).
 - conv_in, Downsample, Upsample and the output head: gather (with each op's geometry), conv, scatter. The output
   head also composites with the edit mask itself, so the model output outside the mask is exactly the cached one.
 GroupNorm statistics are exact (over the assembled map: cached values outside, fresh inside) unless the edit asks
@@ -211,14 +211,13 @@ class SparseSpatialTransformer(SparseForward):
                                  f"generations of SD1.x, SD2.x or SDXL checkpoints")
         attn1 = block.attn1
         n = block.norm1(x)
-        q = attn1.to_q(n)
+        # not the modules: the recording hooks on to_k / to_v expect every token; the full K/V is recorded below
+        q, k_active, v_active = ctx.edit.linears((attn1.to_q, attn1.to_k, attn1.to_v), n)
         tokens_idx = lp.tokens(x.device)
         k = ctx.edit.cached(ctx, f"{path}.attn1:k", n)  # the step's own copy: the active tokens are written in
         v = ctx.edit.cached(ctx, f"{path}.attn1:v", n)
-        # not attn1.to_k(n): the recording hooks on to_k / to_v expect every token; the full K/V is recorded below
-        for full, proj in ((k, attn1.to_k), (v, attn1.to_v)):
-            with host.cast_weights(proj, n) as (w, b):
-                full[:, tokens_idx] = torch.nn.functional.linear(n, w, b).to(full.dtype)
+        k[:, tokens_idx] = k_active.to(k.dtype)
+        v[:, tokens_idx] = v_active.to(v.dtype)
         ctx.recording.record(f"{path}.attn1:k", ctx, k)
         ctx.recording.record(f"{path}.attn1:v", ctx, v)
         a = host.attention()(q, k, v, attn1.heads, attn_precision=attn1.attn_precision,
@@ -228,7 +227,7 @@ class SparseSpatialTransformer(SparseForward):
         with host.cast_weights(attn2.to_q, n) as (w, b):  # not attn2.to_q(n): its recording hook wants every token
             q = torch.nn.functional.linear(n, w, b)
         ctx.edit.record_probe_query(ctx, f"{path}.attn2:q", q, lp)
-        a = host.attention()(q, attn2.to_k(context), attn2.to_v(context), attn2.heads,
+        a = host.attention()(q, *ctx.edit.cross_attention_kv(ctx, attn2, context), attn2.heads,
                              attn_precision=attn2.attn_precision, transformer_options=transformer_options)
         x = attn2.to_out(a) + x
         x_skip = x

@@ -286,6 +286,16 @@ class cast_weights:
         return False
 
 
+def geglu_feed_forward(ff) -> bool:
+    """Whether `ff` is ComfyUI's FeedForward with a GEGLU input projection (SD1.x, SD2.x, SDXL): net = (GEGLU,
+    Dropout, Linear)."""
+    import torch
+    from comfy.ldm.modules.attention import GEGLU, FeedForward
+    net = getattr(ff, "net", ())
+    return (type(ff) is FeedForward and len(net) == 3 and type(net[0]) is GEGLU
+            and type(net[1]) is torch.nn.Dropout and hasattr(net[2], "weight"))
+
+
 def attention():
     """ComfyUI's attention function, the same one its CrossAttention layers call."""
     from comfy.ldm.modules.attention import optimized_attention

@@ -74,6 +74,7 @@ class EditState:
     convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
     attention: tuple = ()   # per sparse transformer block: its self-attention's (to_q, to_k, to_v), joined
     cross_kv: tuple = ()    # every sparse transformer block's cross-attention to_k and to_v, joined
+    emb_linears: tuple = ()  # every sparse ResBlock's projection of the time embedding, joined
     linears: JoinedLinears = field(default_factory=JoinedLinears)
     _mask_rows: dict = field(default_factory=dict)
     _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (weight, its state, channels-last copy)
@@ -128,17 +129,28 @@ class EditState:
         for conv in self.convs:
             with host.cast_weights(conv, x) as (w, _):
                 self.channels_last_weight(conv, w)
-        for modules in (*self.attention, self.cross_kv):
+        for modules in (*self.attention, self.cross_kv, self.emb_linears):
             self.linears.weight(modules, x)
 
-    def cross_attention_kv(self, ctx: StepContext, attn2, context: torch.Tensor):
-        """attn2's keys and values of the text `context`, computed for every sparse block of the model call at its
-        first block (joined.py), as long as the blocks share the context tensor."""
-        kv = ctx.shared.setdefault(("cross_kv", id(context)), {})  # the call holds its context: its id stays its own
-        if attn2.to_k not in kv:
-            modules = self.cross_kv if attn2.to_k in self.cross_kv else (attn2.to_k, attn2.to_v)
-            kv.update(zip(modules, self.linears(modules, context)))
-        return kv[attn2.to_k], kv[attn2.to_v]
+    def shared_linear(self, ctx: StepContext, group: tuple, module, x: torch.Tensor) -> torch.Tensor:
+        """`module`'s output for x. The Linear layers of `group` all read x in this model call (the text context, the
+        time embedding): at the first of them, one GEMM computes them all (joined.py)."""
+        outs = ctx.shared.setdefault(id(x), (x, {}))[1]  # holding x: its id stays its own for the call
+        if module not in outs:
+            modules = group if module in group else (module,)
+            outs.update(zip(modules, self.linears(modules, x)))
+        return outs[module]
+
+    def time_embedding(self, ctx: StepContext, resblock, emb: torch.Tensor) -> torch.Tensor:
+        """resblock.emb_layers(emb): the SiLU once per model call, and the projections of every sparse ResBlock in
+        one GEMM (`emb_linears`)."""
+        layers = resblock.emb_layers
+        if len(layers) != 2 or type(layers[0]) is not torch.nn.SiLU or layers[1] not in self.emb_linears:
+            return layers(emb)
+        act = ctx.shared.get(("silu", id(emb)))
+        if act is None:
+            act = ctx.shared[("silu", id(emb))] = (emb, layers[0](emb))
+        return self.shared_linear(ctx, self.emb_linears, layers[1], act[1])
 
     def is_dense(self, step: int) -> bool:
         return step >= self.dense_from
@@ -405,12 +417,14 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
     modules = dict(unet.named_modules())
-    blocks = [tb for b in layout.blocks if b.kind == "transformer" and b.level in plan.levels
-              for tb in modules[b.path].transformer_blocks]
+    sparse = [modules[b.path] for b in layout.blocks if b.level in plan.levels]
+    blocks = [tb for m in sparse if hasattr(m, "transformer_blocks") for tb in m.transformer_blocks]
+    emb_layers = [m.emb_layers for m in sparse if hasattr(m, "emb_layers")]
     state = EditState(plan, source, dense_from, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs,
                       attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
-                      cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)))
+                      cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)),
+                      emb_linears=tuple(e[1] for e in emb_layers if len(e) == 2 and type(e[0]) is torch.nn.SiLU))
     regions = _result_regions(plan, layout, s)
     state.regions = list(regions.values())
     return KeptEdit(state, regions, costs, tile_note)

@@ -107,7 +107,8 @@ class SparseResBlock(SparseForward):
         out_norm, out_conv = m.out_layers[0], m.out_layers[3]
         stats = ctx.edit.group_stats(ctx, f"{self.path}.in_layers.0", x, in_norm.num_groups, self.block.inputs)
         h = _sparse_conv(ctx, x, in_conv, lp, "conv3", in_norm, stats)
-        h_full = _scatter(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp, bias=m.emb_layers(emb).type(h.dtype))
+        h_full = _scatter(ctx.edit.cached(ctx, f"{self.path}:h", x), h, lp,
+                          bias=ctx.edit.time_embedding(ctx, m, emb).type(h.dtype))
         ctx.recording.record(f"{self.path}:h", ctx, h_full)
         stats = ctx.edit.group_stats(ctx, f"{self.path}.out_layers.0", h_full, out_norm.num_groups,
                                      (f"{self.path}:h",))
@@ -227,12 +228,23 @@ class SparseSpatialTransformer(SparseForward):
         with host.cast_weights(attn2.to_q, n) as (w, b):  # not attn2.to_q(n): its recording hook wants every token
             q = torch.nn.functional.linear(n, w, b)
         ctx.edit.record_probe_query(ctx, f"{path}.attn2:q", q, lp)
-        a = host.attention()(q, *ctx.edit.cross_attention_kv(ctx, attn2, context), attn2.heads,
-                             attn_precision=attn2.attn_precision, transformer_options=transformer_options)
+        k, v = (ctx.edit.shared_linear(ctx, ctx.edit.cross_kv, proj, context) for proj in (attn2.to_k, attn2.to_v))
+        a = host.attention()(q, k, v, attn2.heads, attn_precision=attn2.attn_precision,
+                             transformer_options=transformer_options)
         x = attn2.to_out(a) + x
         x_skip = x
-        x = block.ff(block.norm3(x))
+        x = _feed_forward(block.ff, block.norm3(x))
         return x_skip + x if block.is_res else x
+
+
+def _feed_forward(ff, x):
+    """ff(x); with ComfyUI's GEGLU feed-forward, its GELU and product as one kernel (kernels/fused.py)."""
+    if not host.geglu_feed_forward(ff):
+        return ff(x)
+    geglu, _, out = ff.net
+    with host.cast_weights(geglu.proj, x) as (w, b):
+        h = torch.nn.functional.linear(x, w, b)
+    return out(K.geglu(h))
 
 
 def _attention_patched(transformer_options: dict) -> bool:

@@ -214,3 +214,8 @@ def exact_group_stats(cached: torch.Tensor, cached_active: list[R.AtPositions], 
     return _run("exact_stats", cached.device,
                 lambda: _module.exact_group_stats(cached, cached_active, fresh_active, positions),
                 lambda: R.exact_group_stats(cached, R.gathered(cached_active), fresh_active.gather(), positions))
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU's activation of its projection h [..., 2 * D]: [..., D], one kernel instead of a GELU and a product."""
+    return _run("geglu", h.device, lambda: _module.geglu(h), lambda: R.geglu(h))

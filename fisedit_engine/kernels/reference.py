@@ -178,3 +178,10 @@ def copy_rows(copies, step: int) -> None:
             c.out[:, :c.rows].copy_(rows)
         else:
             c.out.index_copy_(1, c.out_index, rows)
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU's activation of its projection h [..., 2 * D]: the first half times the GELU (erf) of the second, as
+    ComfyUI's GEGLU computes it."""
+    x, gate = h.chunk(2, dim=-1)
+    return x * F.gelu(gate)

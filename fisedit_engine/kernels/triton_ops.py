@@ -9,6 +9,7 @@
   host memory, which the GPU then reads in place (zero-copy), so only the gathered rows cross the bus.
 - `RowCopyLaunches`: `reference.copy_rows` for many copies at once (an edit's per-step upload and activation), rows
   gathered from and/or scattered to positions, bitwise, one launch per element size.
+- `geglu`: `reference.geglu`, the feed-forward's GELU of one half times the other, in one pass.
 - `exact_group_stats`: `reference.exact_group_stats`, a GroupNorm's statistics over a map of cached values with fresh
   ones at the active positions, from the cached statistics (one program per batch row and group), each read at its
   positions where it lies (no gathered copies).
@@ -222,6 +223,22 @@ def _gather_rows_kernel(
     tl.store(out_ptr + b * so_b + p.to(tl.int64)[:, None] * so_p + c64[None, :] * so_c, values, mask=ok)
 
 
+@triton.jit
+def _geglu_kernel(
+    h_ptr,                      # [R, 2 * D], row stride sh_r, channels contiguous: the projection's output
+    out_ptr,                    # [R, D], row stride so_r, channels contiguous
+    R, D, sh_r, so_r,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (r < R)[:, None] & (d < D)[None, :]
+    x = tl.load(h_ptr + r[:, None] * sh_r + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(h_ptr + r[:, None] * sh_r + (d + D)[None, :], mask=ok, other=0.0).to(tl.float32)
+    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    tl.store(out_ptr + r[:, None] * so_r + d[None, :], (x * gelu).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["step", "n_jobs", "n_work"])  # one compiled variant for every step
 def _copy_rows_kernel(
     jobs_ptr,                   # [jobs, JOB_FIELDS] int64: each copy's geometry (RowCopyLaunch.FIELDS)
@@ -261,8 +278,9 @@ def _copy_rows_kernel(
 # "stats": elements per loop iteration of a program (one group's channels by as many positions as fit).
 # "rows": (channels, positions) per program of gather_rows: 128 channels are 256 contiguous bytes of one row in half
 # precision, whole transactions on the host link.
-GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096, "rows": (128, 32)}
-INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 1 << 14, "rows": (256, 256)}
+GPU_BLOCKS = {"gather": (32, 64), "scatter": (32, 64), "stats": 4096, "rows": (128, 32), "geglu": (256, 8)}
+INTERPRETER_BLOCKS = {"gather": (64, 256), "scatter": (64, 256), "stats": 1 << 14, "rows": (256, 256),
+                      "geglu": (256, 256)}
 
 
 def _blocks(op: str, channels: int, blocks):
@@ -447,6 +465,23 @@ def gather_rows(src: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, b
         _gather_rows_kernel[grid](src, positions, out, p, c, *src.stride(), *out.stride(),
                                   BLOCK_P=block_p, BLOCK_C=block_c)
     return out
+
+
+def geglu(h: torch.Tensor, blocks=None) -> torch.Tensor:
+    """`reference.geglu`: h [..., 2 * D] -> [..., D] in h's dtype, the GELU and the product in one pass."""
+    _check(h.shape[-1] % 2 == 0, lambda: f"GEGLU halves the last dimension, which is {h.shape[-1]}")
+    _check(h.stride(-1) == 1, lambda: "GEGLU reads contiguous channels")
+    d = h.shape[-1] // 2
+    rows = h.reshape(-1, 2 * d)  # a view for a projection's output
+    out = torch.empty((rows.shape[0], d), device=h.device, dtype=h.dtype)
+    if out.numel() == 0:
+        return out.view(*h.shape[:-1], d)
+    block_d, block_r = _blocks("geglu", d, blocks)
+    grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(d, block_d))
+    with _on(h.device):
+        _geglu_kernel[grid](rows, out, rows.shape[0], d, rows.stride(0), out.stride(0), BLOCK_R=block_r,
+                            BLOCK_D=block_d)
+    return out.view(*h.shape[:-1], d)
 
 
 _UNITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}

@@ -304,3 +304,16 @@ def test_every_block_of_a_sparse_level_takes_its_sparse_forward(models, arch):
     assert whole == convs.keys() - {b.path for b in sparse}
     assert any(b.level != 0 for b in layout.blocks)  # the dense levels' blocks keep their own forwards
     assert not {b.path for b in layout.blocks if b.level != 0} & forwards.keys()
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
+def test_feed_forward_with_one_geglu_kernel_equals_the_module(models, arch):
+    """SD1.x, SD2.x and SDXL feed-forwards are GEGLU ones: the sparse block runs them with the fused GEGLU op."""
+    from fisedit_engine import comfy_adapter as host
+    from fisedit_engine.sparse import _feed_forward
+    blocks = [m for m in models[arch].model.diffusion_model.modules() if hasattr(m, "ff") and hasattr(m, "attn2")]
+    assert blocks and all(host.geglu_feed_forward(b.ff) for b in blocks)
+    x = rand(2, 5, blocks[0].ff.net[0].proj.in_features, seed=41)
+    with torch.no_grad():
+        torch.testing.assert_close(_feed_forward(blocks[0].ff, x), blocks[0].ff(x), rtol=1e-6, atol=1e-6)
+    assert not host.geglu_feed_forward(torch.nn.Sequential(blocks[0].ff.net[0]))

@@ -132,6 +132,17 @@ def test_group_norm_tokens(T, plan, dtype):
     assert out.transpose(1, 2).is_contiguous()  # token-major, as proj_in reads it
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_geglu(T, dtype):
+    torch.manual_seed(0)
+    h = (torch.randn(3, 37, 2 * 80, dtype=torch.float64) * 3).to(dtype)  # rows and channels past a block's end
+    out = T.geglu(h)
+    assert out.shape == (3, 37, 80) and out.dtype == dtype
+    KC.check_bound(out, R.geglu(h), R.geglu(h.double()), k_of(dtype))
+    strided = h.reshape(-1, 160)[:, :120]  # rows strided, as a view of a wider GEMM's output
+    KC.check_bound(T.geglu(strided), R.geglu(strided), R.geglu(strided.double()), k_of(dtype))
+
+
 SCATTER_ADDS = ["none", "bias", "residual_tiles", "residual_map", "bias+residual_map", "bias+residual_tiles"]
 
 
@@ -369,6 +380,8 @@ def test_kernels_compile_for_the_h100():
                 "out_ptr": "*fp32", "old0_idx": "*i64", "old1_idx": "*i64", "new_idx": "*i64"}
         sig_consts = dict(BLOCK_C=16, BLOCK_P=T.GPU_BLOCKS["stats"] // 16)
         assert "cubin" in compile_(T._exact_stats_kernel, ptrs, sig_consts).asm
+        consts = dict(BLOCK_D=T.GPU_BLOCKS["geglu"][0], BLOCK_R=T.GPU_BLOCKS["geglu"][1])
+        assert "cubin" in compile_(T._geglu_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}"}, consts).asm
     ptrs = {"jobs_ptr": "*i64", "sources_ptr": "*i64", "job_of_ptr": "*i32"}  # bitwise: no float type
     for unit, src_c1, out_c1 in ((triton.language.int16, True, True), (triton.language.int32, True, False),
                                  (triton.language.int16, False, True)):

@@ -116,6 +116,16 @@ def test_scatter_add(T, border_plan, adds, dtype):
     KC.check_bound(out, ref, KC.oracle_scatter(base, tiles_out, positions, sources, **kw), 2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_geglu(T, dtype):
+    """SD2.1@768 level 0's feed-forward: 5% of 96x96 tokens, 2 rows, 2 x 1280 channels; and a strided view."""
+    torch.manual_seed(0)
+    h = (torch.randn(2, 461, 2 * 1280, device=DEV, dtype=torch.float64) * 3).to(dtype)
+    KC.check_bound(T.geglu(h), R.geglu(h), R.geglu(h.double()), 2.0)
+    strided = h.reshape(-1, 2560)[:, :2 * 600]
+    KC.check_bound(T.geglu(strided), R.geglu(strided), R.geglu(strided.double()), 2.0)
+
+
 def test_graph_replay_equals_eager(T, plan):
     """The kernels inside a captured CUDA graph (as the sparse step runs) give the eager launch's result."""
     dtype = torch.float16

@@ -77,7 +77,8 @@ class EditState:
     emb_linears: tuple = ()  # every sparse ResBlock's projection of the time embedding, joined
     linears: JoinedLinears = field(default_factory=JoinedLinears)
     _mask_rows: dict = field(default_factory=dict)
-    _conv_weights: dict = field(default_factory=dict)  # id(conv module) -> (weight, its state, channels-last copy)
+    sparse_convs: list = field(default_factory=list)  # the 3x3 convs of the sparse forwards (im2col weights)
+    _conv_weights: dict = field(default_factory=dict)  # (id(conv module), form) -> (weight, its state, its copy)
 
     def end_run(self) -> None:
         """After a run that went through: lets go of what only that run reads, before the state is kept for the next
@@ -106,17 +107,28 @@ class EditState:
     def channels_last_weight(self, conv, weight: torch.Tensor) -> torch.Tensor:
         """A channels-last copy of the module's weight, made once per edit: cuDNN's tensor-core convs are
         channels-last and would otherwise transpose a channels-first weight on every call (on an H100, the kernel with
-        the most GPU time in a sparse SD2.1@768 step). A cast copy (offloaded or dtype-converted weights) is a
-        temporary and passes through. The copy is made again if the weight was replaced, moved or written since
-        (an edit kept for the next one, warm.py, outlives ComfyUI's reloads and patches)."""
-        if weight is not conv.weight or weight.dim() != 4:
+        the most GPU time in a sparse SD2.1@768 step). A cast copy passes through: cuDNN transposes it as it would."""
+        if weight.dim() != 4 or weight is not conv.weight:
             return weight
-        kept = self._conv_weights.get(id(conv))
+        return self._weight_copy(conv, weight, "channels-last", lambda w: w.contiguous(memory_format=torch.channels_last))
+
+    def im2col_weight(self, conv, weight: torch.Tensor) -> torch.Tensor:
+        """A 3x3 conv's weight [C', C, 3, 3] as the matrix [C', 9 * C] (taps before channels) that multiplies the
+        im2col rows of kernels.fused.gather_norm_im2col; made once per edit, like `channels_last_weight`."""
+        return self._weight_copy(conv, weight, "im2col", lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
+
+    def _weight_copy(self, conv, weight: torch.Tensor, form: str, make) -> torch.Tensor:
+        """`make(weight)`, kept for the edit; made again if the weight was replaced, moved or written since (an edit
+        kept for the next one, warm.py, outlives ComfyUI's reloads and patches). A cast copy (offloaded or
+        dtype-converted weights) is a temporary: converted on each call, not kept."""
+        if weight is not conv.weight:
+            return make(weight)
+        kept = self._conv_weights.get((id(conv), form))
         state = warm.tensor_state(weight)
         if kept is None or kept[0] is not weight or kept[1] != state:
-            outside_capture(weight.device, f"a channels-last copy of a conv weight {tuple(weight.shape)}")
-            kept = self._conv_weights[id(conv)] = (weight, state,
-                                                   weight.contiguous(memory_format=torch.channels_last))
+            outside_capture(weight.device, f"the {form} copy of a conv weight {tuple(weight.shape)}")
+            with torch.no_grad():
+                kept = self._conv_weights[(id(conv), form)] = (weight, state, make(weight))
         return kept[2]
 
     def prepare_capture(self, ctx: StepContext, x: torch.Tensor) -> None:
@@ -129,6 +141,9 @@ class EditState:
         for conv in self.convs:
             with host.cast_weights(conv, x) as (w, _):
                 self.channels_last_weight(conv, w)
+        for conv in self.sparse_convs if K.patch_layout() == "im2col" else ():
+            with host.cast_weights(conv, x) as (w, _):
+                self.im2col_weight(conv, w)
         for modules in (*self.attention, self.cross_kv, self.emb_linears):
             self.linears.weight(modules, x)
 
@@ -418,10 +433,12 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
     modules = dict(unet.named_modules())
     sparse = [modules[b.path] for b in layout.blocks if b.level in plan.levels]
+    sparse_convs = [m for block in (*sparse, unet.out) for m in block.modules()
+                    if isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (3, 3)]
     blocks = [tb for m in sparse if hasattr(m, "transformer_blocks") for tb in m.transformer_blocks]
     emb_layers = [m.emb_layers for m in sparse if hasattr(m, "emb_layers")]
     state = EditState(plan, source, dense_from, stats_mode, probe=spec.probe,
-                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs,
+                      feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs, sparse_convs=sparse_convs,
                       attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
                       cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)),
                       emb_linears=tuple(e[1] for e in emb_layers if len(e) == 2 and type(e[0]) is torch.nn.SiLU))

@@ -7,9 +7,12 @@
   for CPU tensors when TRITON_INTERPRET=1 was set before the kernels were first used (Triton's interpreter: how CI runs
   the real kernels without a GPU); the reference otherwise. Every reason for taking the reference is logged once.
 
-`FISEDIT_PATCH_LAYOUT=nhwc` (default) or `nchw`: how the Triton gather stores the patches for the conv that reads
-them (cuDNN on the stacked tiles): channels-last (NHWC, cuDNN's native layout for tensor-core convs), or per tile
-channels-first. Both give the same values. On the H100 NHWC spares cuDNN a layout conversion per conv: the ResBlock
+`FISEDIT_PATCH_LAYOUT=nhwc` (default), `nchw` or `im2col`: how the Triton gather stores the patches for the conv that
+reads them (cuDNN on the stacked tiles): channels-last (NHWC, cuDNN's native layout for tensor-core convs), or per
+tile channels-first; or, with `im2col`, as the 3x3 convs' im2col rows, which one GEMM (cuBLAS) multiplies with the
+weight instead of cuDNN's conv: on an H200 that GEMM beat cuDNN's implicit GEMM on the sparse levels' shapes by
+1.15-2.4x (benchmarks/conv_gemm.py); the whole step with it has yet to be timed, hence not the default. All give the
+same values up to the convs' own summation order. On the H100 NHWC spares cuDNN a layout conversion per conv: the ResBlock
 at SD2.1@768's level 0 (5% of the tiles) replays in 64 us instead of 121 (benchmarks/kernels.py), and the sparse step
 as a CUDA graph took 20.6 ms instead of 23.3 (benchmarks/speed.py, one run each).
 
@@ -31,7 +34,7 @@ log = logging.getLogger("FISEdit")
 ENV = "FISEDIT_KERNELS"
 MODES = ("auto", "triton", "reference")
 LAYOUT_ENV = "FISEDIT_PATCH_LAYOUT"
-LAYOUTS = ("nchw", "nhwc")
+LAYOUTS = ("nchw", "nhwc", "im2col")
 
 _module = None          # triton_ops once imported
 _import_error = None    # why it could not be imported
@@ -163,6 +166,16 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu,
                                                     channels_last=patch_layout() == "nhwc"),
                 lambda: R.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu))
+
+
+def gather_norm_im2col(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+                       silu: bool = True) -> torch.Tensor:
+    """The im2col rows [N, tiles, O, O, 9 * C] of a 3x3 conv from the plan's `im2col_index` (rows, cols), normed like
+    `gather_norm_patches`."""
+    return _run("gather_norm", x.device,
+                lambda: _module.gather_norm_im2col(x, rows, cols, stats, weight, bias, eps, silu),
+                lambda: R.gather_norm_im2col(x, rows, cols, stats, weight, bias, eps, silu))
 
 
 def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, weight, bias,

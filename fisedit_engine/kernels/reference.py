@@ -132,6 +132,17 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     return group_norm_silu_patches(patches, stats, weight, bias, eps, valid_patch_mask(rows, cols), silu)
 
 
+def gather_norm_im2col(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
+                       weight=None, bias=None, eps: float = 1e-5, silu: bool = True) -> torch.Tensor:
+    """The im2col rows of a 3x3 conv over x's tiles, GroupNorm'ed and SiLU'd like `gather_norm_patches`:
+    [N, tiles, O, O, 9 * C] from the plan's `im2col_index` (rows, cols) [tiles, 3 * O], the 9 * C ordered (ki, kj, c),
+    as a channels-last weight [C', 3, 3, C] flattens."""
+    patches = gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu)  # [N, C, tiles, 3 O, 3 O]
+    n, c, t, p, _ = patches.shape
+    o = p // 3
+    return patches.view(n, c, t, o, 3, o, 3).permute(0, 2, 3, 5, 4, 6, 1).reshape(n, t, o, o, 9 * c)
+
+
 def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, weight, bias,
                       eps: float) -> torch.Tensor:
     """GroupNorm (no SiLU) of x [N, C, H, W] at the flat positions `tokens` [P]: [N, C, P]."""

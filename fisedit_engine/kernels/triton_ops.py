@@ -2,6 +2,8 @@
 
 - `gather_norm_patches`: gather with halo (`reference.gather_patches`) + GroupNorm with given statistics + optional
   SiLU + zero outside the input (`reference.group_norm_silu_patches`), in one pass over the input.
+- `gather_norm_im2col`: the same, stored as a 3x3 conv's im2col rows (each output's nine taps side by side), which
+  one GEMM turns into the conv's output.
 - `group_norm_tokens`: the same at a list of positions (SpatialTransformer's active tokens), channels innermost.
 - `scatter_tiles_`: `reference.scatter_add_tiles_`, the in-place scatter of tiles into a map with an added per-(row,
   channel) bias and/or residual (from tiles, or read from a map at the scattered positions).
@@ -44,7 +46,7 @@ def _gather_norm_kernel(
     so_n, so_t, so_c, so_pq,
     eps,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, FLAT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    IM2COL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # One program: one batch row, BLOCK_C channels, BLOCK_S of the T * P * Q patch positions (tiles flattened, so
     # short patches of many tiles fill a block as well as long ones).
@@ -86,6 +88,10 @@ def _gather_norm_kernel(
         # The conv pads its post-activation input with zeros. A product, not a select, as the reference does: NaN
         # statistics stay visible outside the input too.
         v = v * valid.to(tl.float32)[None, :]
+    if IM2COL:  # patch (3 oi + ki, 3 oj + kj) is im2col row (oi, oj), column block 3 ki + kj (so_pq: one block)
+        pr = pq // Q
+        pc = pq % Q
+        pq = ((pr // 3) * (Q // 3) + pc // 3) * 9 + (pr % 3) * 3 + pc % 3
     dst = n.to(tl.int64) * so_n + (t * so_t + pq * so_pq)[None, :].to(tl.int64) + c[:, None].to(tl.int64) * so_c
     tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & s_ok[None, :])
 
@@ -341,6 +347,24 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     return out
 
 
+def gather_norm_im2col(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
+                       silu: bool = True, blocks=None) -> torch.Tensor:
+    """`reference.gather_norm_im2col`: [N, tiles, O, O, 9 * C] im2col rows of a 3x3 conv from the plan's
+    `im2col_index` (rows, cols) [tiles, 3 * O], contiguous (one GEMM reads them as [N * tiles * O * O, 9 * C])."""
+    n, c, h, w = x.shape
+    t, p = rows.shape
+    _check(cols.shape == rows.shape and p % 3 == 0,
+           lambda: f"im2col rows {tuple(rows.shape)} and cols {tuple(cols.shape)}: [tiles, 3 * O] each expected")
+    _check_index("rows", rows, x.device)
+    _check_index("cols", cols, x.device)
+    o = p // 3
+    storage = torch.empty((n, t, o, o, 9 * c), device=x.device, dtype=x.dtype)
+    _launch_gather(x, rows, cols, False, stats, weight, bias, eps, silu, storage,
+                   (storage.stride(0), storage.stride(1), 1, c), p, p, t * p * p, blocks, im2col=True)
+    return storage
+
+
 def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor | None,
                       bias: torch.Tensor | None, eps: float, blocks=None) -> torch.Tensor:
     """GroupNorm (no SiLU) of x [N, C, H, W] at the flat positions `tokens` [P] -> [N, C, P] in x's dtype
@@ -355,7 +379,7 @@ def group_norm_tokens(x: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor
     return storage.transpose(1, 2)
 
 
-def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage, so, p, q, s, blocks):
+def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage, so, p, q, s, blocks, im2col=False):
     n, c, h, w = x.shape
     norm = stats is not None
     groups = 1
@@ -383,7 +407,7 @@ def _launch_gather(x, rows, cols, flat, stats, weight, bias, eps, silu, storage,
             c, w, p, q, s, c // groups, groups,
             *x.stride(), *so, float(eps),
             NORM=norm, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu and norm), FLAT=flat,
-            BLOCK_C=block_c, BLOCK_S=block_s,
+            IM2COL=im2col, BLOCK_C=block_c, BLOCK_S=block_s,
         )
 
 

@@ -119,6 +119,13 @@ def assert_matches(actual, expected, active, read):
 CASES = [("sd15", (16, 24), 4, 0), ("sd21v", (16, 16), 3, 1), ("sdxl", (20, 16), 5, 2), ("sd15", (16, 16), 1, 3)]
 
 
+@pytest.fixture(params=["nhwc", "im2col"])
+def patch_layout(request, monkeypatch):
+    """The convs' two paths: cuDNN on stacked patches, and one GEMM over im2col rows (kernels/fused.py)."""
+    monkeypatch.setenv("FISEDIT_PATCH_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def models(host):
     return {arch: tiny_models.build(arch, seed=4) for arch in tiny_models.ARCHS}
@@ -141,7 +148,7 @@ def setup_case(models, arch, hw, tile, seed):
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_resblock(models, arch, hw, tile, seed):
+def test_resblock(models, arch, hw, tile, seed, patch_layout):
     from fisedit_engine.kernels import reference as R
     from fisedit_engine.sparse import SparseResBlock
     unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
@@ -211,7 +218,7 @@ def test_spatial_transformer(models, arch, hw, tile, seed):
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_conv_in_downsample_upsample(models, arch, hw, tile, seed):
+def test_conv_in_downsample_upsample(models, arch, hw, tile, seed, patch_layout):
     from fisedit_engine.sparse import SparseConv, SparseDownsample, SparseUpsample
     unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
     modules = dict(unet.named_modules())
@@ -240,7 +247,7 @@ def test_conv_in_downsample_upsample(models, arch, hw, tile, seed):
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_output_head(models, arch, hw, tile, seed):
+def test_output_head(models, arch, hw, tile, seed, patch_layout):
     from fisedit_engine.sparse import SparseOutput
     unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
     lp = plan.levels[0]

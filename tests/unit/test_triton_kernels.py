@@ -81,6 +81,48 @@ def test_gather_norm_silu(T, plan, kind, dtype):
     assert out.abs().sum() > 0
 
 
+def im2col_geometry(plan, kind):
+    lp, _, _, in_hw = KC.geometry(plan, kind, "cpu")
+    rows, cols = lp.im2col_index(kind, "cpu", in_hw if kind in ("down", "up") else None)
+    return lp, rows, cols, in_hw
+
+
+def as_im2col(patches):
+    """[N, C, tiles, 3 O, 3 O] gathered by the im2col index -> [N, tiles, O, O, 9 C], (ki, kj, c) innermost."""
+    n, c, t, p, _ = patches.shape
+    return patches.reshape(n, c, t, p // 3, 3, p // 3, 3).permute(0, 2, 3, 5, 4, 6, 1).reshape(n, t, p // 3,
+                                                                                                 p // 3, 9 * c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["conv3", "down", "up"])
+def test_gather_norm_im2col(T, plan, kind, dtype):
+    lp, rows, cols, in_hw = im2col_geometry(plan, kind)
+    assert (rows < 0).any() or (cols < 0).any()  # some tap leaves the map
+    x = KC.make_map(N, C, in_hw, dtype, "cpu", seed=1, nan_outside=KC.patch_read_region(rows, cols, in_hw),
+                    layout="channels_last")
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, "cpu", seed=2)
+    out = T.gather_norm_im2col(x, rows, cols, stats, w, b, 1e-5, True)
+    assert out.shape == (N, lp.n_tiles, lp.tile, lp.tile, 9 * C) and out.is_contiguous()
+    ref = R.gather_norm_im2col(x, rows, cols, stats, w, b, 1e-5, True)
+    KC.check_bound(out, ref, as_im2col(KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True)), k_of(dtype))
+    assert torch.equal(T.gather_norm_im2col(x, rows, cols), R.gather_norm_im2col(x, rows, cols))  # gather only
+
+
+@pytest.mark.parametrize("kind", ["conv3", "down", "up"])
+def test_im2col_rows_times_the_weight_are_the_conv(plan, kind):
+    """The im2col path's GEMM (sparse._im2col_conv, EditState.im2col_weight's matrix) equals the conv on the
+    patches, in fp64."""
+    lp, rows, cols, in_hw = KC.geometry(plan, kind, "cpu")
+    _, r2, c2, _ = im2col_geometry(plan, kind)
+    x = KC.make_map(N, C, in_hw, torch.float64, "cpu", seed=3)
+    weight, bias = KC.rand(7, C, 3, 3, seed=4).double(), KC.rand(7, seed=5).double()
+    conv = R.conv_patches(R.gather_patches(x, rows, cols), weight, bias, stride=2 if kind == "down" else 1)
+    gemm = torch.nn.functional.linear(R.gather_norm_im2col(x, r2, c2), weight.permute(0, 2, 3, 1).reshape(7, -1),
+                                      bias).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "slice"])
 @pytest.mark.parametrize("out_channels_last", [False, True])
 def test_gather_norm_memory_formats(T, plan, layout, out_channels_last):
@@ -363,8 +405,9 @@ def test_kernels_compile_for_the_h100():
     for dt in ("fp16", "bf16", "fp32"):
         ptrs = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
         ptrs.update(rows_ptr="*i64", cols_ptr="*i64", stats_ptr="*fp32")
-        for norm, flat in ((True, False), (True, True), (False, False)):
-            consts = dict(NORM=norm, HAS_W=norm, HAS_B=norm, SILU=norm and not flat, FLAT=flat,
+        for norm, flat, im2col in ((True, False, False), (True, True, False), (False, False, False),
+                                   (True, False, True), (False, False, True)):
+            consts = dict(NORM=norm, HAS_W=norm, HAS_B=norm, SILU=norm and not flat, FLAT=flat, IM2COL=im2col,
                           BLOCK_C=T.GPU_BLOCKS["gather"][0], BLOCK_S=T.GPU_BLOCKS["gather"][1])
             assert "cubin" in compile_(T._gather_norm_kernel, ptrs, consts).asm
         ptrs = {n: f"*{dt}" for n in ("base_ptr", "tiles_ptr", "bias_ptr", "res_ptr")}

@@ -117,6 +117,24 @@ def test_scatter_add(T, border_plan, adds, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["conv3", "down", "up"])
+def test_gather_norm_im2col(T, border_plan, kind, dtype):
+    """The im2col rows (FISEDIT_PATCH_LAYOUT=im2col) against the reference (their GEMM against the conv: the unit
+    tests, in fp64)."""
+    lp, _, _, in_hw = KC.geometry(border_plan, kind, DEV)
+    rows, cols = lp.im2col_index(kind, DEV, in_hw if kind in ("down", "up") else None)
+    x = KC.make_map(N, C, in_hw, dtype, DEV, seed=1, nan_outside=KC.patch_read_region(rows, cols, in_hw),
+                    layout="channels_last")
+    stats, w, b = KC.norm_params(N, C, GROUPS, dtype, DEV, seed=2)
+    out = T.gather_norm_im2col(x, rows, cols, stats, w, b, 1e-5, True)
+    ref = R.gather_norm_im2col(x, rows, cols, stats, w, b, 1e-5, True)
+    patches = KC.oracle_gather_norm(x, rows, cols, stats, w, b, 1e-5, True)  # [N, C, tiles, 3 O, 3 O]
+    n, c, t, p, _ = patches.shape
+    exact = patches.reshape(n, c, t, p // 3, 3, p // 3, 3).permute(0, 2, 3, 5, 4, 6, 1).reshape(out.shape)
+    KC.check_bound(out, ref, exact, 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_geglu(T, dtype):
     """SD2.1@768 level 0's feed-forward: 5% of 96x96 tokens, 2 rows, 2 x 1280 channels; and a strided view."""
     torch.manual_seed(0)

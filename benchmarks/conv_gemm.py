@@ -16,37 +16,18 @@ Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import time_graph  # noqa: E402
+
 CASES = (("level 0 (96x96x320), tile 2, 140 tiles", 320, 2, 140), ("level 1 (48x48x640), tile 16, 1 tile", 640, 16, 1),
          ("level 2 (24x24x1280), tile 8, 1 tile", 1280, 8, 1), ("level 0, tile 4, 48 tiles", 320, 4, 48))
 ROWS = 2
-
-
-def per_call_us(fn, repeat: int, iters: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / repeat)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -69,10 +50,10 @@ def main(argv=None) -> int:
         w2 = weight.reshape(c, c * 9).t().contiguous()
         torch.testing.assert_close((cols @ w2).view(n, tile, tile, c).permute(0, 3, 1, 2).float(),
                                    F.conv2d(patches, weight).float(), rtol=2e-2, atol=2e-2)
-        t_cudnn = per_call_us(lambda: F.conv2d(patches, weight), a.repeat, a.iters)
-        t_gemm = per_call_us(lambda: cols @ w2, a.repeat, a.iters)
-        t_unfold = per_call_us(lambda: F.unfold(patches, 3).transpose(1, 2).reshape(-1, c * 9) @ w2, a.repeat,
-                               a.iters)
+        t_cudnn = time_graph(lambda: F.conv2d(patches, weight), a.iters, 5, a.repeat)
+        t_gemm = time_graph(lambda: cols @ w2, a.iters, 5, a.repeat)
+        t_unfold = time_graph(lambda: F.unfold(patches, 3).transpose(1, 2).reshape(-1, c * 9) @ w2, a.iters, 5,
+                              a.repeat)
         print(f"| {name} | {t_cudnn:.1f} | {t_gemm:.1f} | {t_unfold:.1f} | {t_cudnn / t_gemm:.2f} |", flush=True)
     return 0
 

@@ -133,8 +133,9 @@ def time_eager(fn, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def time_graph(fn, iters: int, warmup: int) -> float | None:
-    """Median microseconds per replay of `fn` captured as a CUDA graph (None if it cannot be captured)."""
+def time_graph(fn, iters: int, warmup: int, repeat: int = 1) -> float | None:
+    """Median microseconds per call of `fn`, captured `repeat` times in one CUDA graph (which spreads the replay's own
+    launch over them; None if it cannot be captured)."""
     if DEV == "cpu":
         return None
     try:
@@ -146,11 +147,12 @@ def time_graph(fn, iters: int, warmup: int) -> float | None:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            for _ in range(repeat):
+                fn()
     except Exception as e:  # reported in the table as n/a, with the reason in the JSON
         print(f"    (graph capture failed: {type(e).__name__}: {e})", flush=True)
         return None
-    return time_eager(graph.replay, iters, warmup)
+    return time_eager(graph.replay, iters, warmup) / repeat
 
 
 class LevelCase:

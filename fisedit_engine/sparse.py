@@ -89,30 +89,25 @@ def _scatter(base, tiles_out, lp, bias=None, residual_tiles=None, residual_map=N
 
 
 def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, stride=1):
-    """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T]."""
+    """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T].
+    With FISEDIT_PATCH_LAYOUT=im2col (kernels/fused.py) the gather writes the conv's im2col rows and one GEMM
+    multiplies them with the weight."""
     if K.patch_layout() == "im2col":
-        return _im2col_conv(ctx, x, conv, lp, kind, norm, stats, in_size)
-    rows, cols = lp.patch_index(kind, x.device, in_size)
-    if norm is None:
-        patches = K.gather_norm_patches(x, rows, cols)
-    else:
-        with host.cast_weights(norm, x) as (gw, gb):
-            patches = K.gather_norm_patches(x, rows, cols, stats, gw, gb, norm.eps, silu=True)
+        taps = _gathered(K.gather_norm_im2col, x, lp.im2col_index(kind, x.device, in_size), norm, stats)
+        with host.cast_weights(conv, taps) as (w, b):
+            out = torch.nn.functional.linear(taps, ctx.edit.im2col_weight(conv, w), b)  # [N, tiles, O, O, C']
+        return out.permute(0, 4, 1, 2, 3)
+    patches = _gathered(K.gather_norm_patches, x, lp.patch_index(kind, x.device, in_size), norm, stats)
     with host.cast_weights(conv, patches) as (w, b):
         return R.conv_patches(patches, ctx.edit.conv_weight(conv, w, patches), b, stride)
 
 
-def _im2col_conv(ctx, x, conv, lp, kind, norm, stats, in_size):
-    """_sparse_conv as one GEMM over the gathered im2col rows (FISEDIT_PATCH_LAYOUT=im2col, kernels/fused.py)."""
-    rows, cols = lp.im2col_index(kind, x.device, in_size)
+def _gathered(gather, x, index, norm, stats):
+    """gather(x, rows, cols), GroupNorm'ed with `stats` and SiLU'd where `norm` is given."""
     if norm is None:
-        taps = K.gather_norm_im2col(x, rows, cols)
-    else:
-        with host.cast_weights(norm, x) as (gw, gb):
-            taps = K.gather_norm_im2col(x, rows, cols, stats, gw, gb, norm.eps, silu=True)
-    with host.cast_weights(conv, taps) as (w, b):
-        out = torch.nn.functional.linear(taps, ctx.edit.im2col_weight(conv, w), b)  # [N, tiles, O, O, C']
-    return out.permute(0, 4, 1, 2, 3)
+        return gather(x, *index)
+    with host.cast_weights(norm, x) as (gw, gb):
+        return gather(x, *index, stats, gw, gb, norm.eps, silu=True)
 
 
 class SparseResBlock(SparseForward):

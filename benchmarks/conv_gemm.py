@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         print("conv_gemm.py needs a CUDA GPU")
         return 2
     dev, dtype = "cuda", torch.float16
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn.benchmark {torch.backends.cudnn.benchmark}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"cudnn.benchmark {torch.backends.cudnn.benchmark}")
     print("| case | cudnn us | gemm us | unfold+gemm us | cudnn / gemm |\n|---|---|---|---|---|")
     for name, c, tile, tiles in CASES:
         n, p = ROWS * tiles, tile + 2

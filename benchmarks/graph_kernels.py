@@ -6,8 +6,8 @@ Per graph: the number of kernels one replay runs, the sum of their GPU times, th
 kernel start to last kernel end: the rest of the span is the GPU idle between kernels), a histogram of kernel
 durations, the time per kind of kernel (convolution, GEMM, attention, Triton, copies, the rest) and the kernels with
 the most time; with `--dump`, the median replay's kernels in order (name, start, duration) as JSON in DIR, to read
-against the code that launched them. Kernels are assigned to a replay through the CUDA runtime's correlation id of its cudaGraphLaunch
-(torch's profiler, with CUPTI, reports each kernel of a graph).
+against the code that launched them. Kernels are assigned to a replay through the CUDA runtime's correlation id of
+its cudaGraphLaunch (torch's profiler, with CUPTI, reports each kernel of a graph).
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class EditState:
     graph: SparseStepGraph | None = None    # None: every step runs eagerly
     regions: list = field(default_factory=list)  # the result's delta regions (their device copies are dropped)
     convs: list = field(default_factory=list)    # the UNet's conv modules, which take channels-last weights
-    attention: tuple = ()   # per sparse transformer block: its self-attention's (to_q, to_k, to_v), joined
+    self_attention: tuple = ()  # per sparse transformer block: its self-attention's (to_q, to_k, to_v), joined
     cross_kv: tuple = ()    # every sparse transformer block's cross-attention to_k and to_v, joined
     emb_linears: tuple = ()  # every sparse ResBlock's projection of the time embedding, joined
     linears: JoinedLinears = field(default_factory=JoinedLinears)
@@ -110,7 +110,8 @@ class EditState:
         the most GPU time in a sparse SD2.1@768 step). A cast copy passes through: cuDNN transposes it as it would."""
         if weight.dim() != 4 or weight is not conv.weight:
             return weight
-        return self._weight_copy(conv, weight, "channels-last", lambda w: w.contiguous(memory_format=torch.channels_last))
+        return self._weight_copy(conv, weight, "channels-last",
+                                 lambda w: w.contiguous(memory_format=torch.channels_last))
 
     def im2col_weight(self, conv, weight: torch.Tensor) -> torch.Tensor:
         """A 3x3 conv's weight [C', C, 3, 3] as the matrix [C', 9 * C] (taps before channels) that multiplies the
@@ -144,7 +145,7 @@ class EditState:
         for conv in self.sparse_convs if K.patch_layout() == "im2col" else ():
             with host.cast_weights(conv, x) as (w, _):
                 self.im2col_weight(conv, w)
-        for modules in (*self.attention, self.cross_kv, self.emb_linears):
+        for modules in (*self.self_attention, self.cross_kv, self.emb_linears):
             self.linears.weight(modules, x)
 
     def shared_linear(self, ctx: StepContext, group: tuple, module, x: torch.Tensor) -> torch.Tensor:
@@ -439,7 +440,7 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
     emb_layers = [m.emb_layers for m in sparse if hasattr(m, "emb_layers")]
     state = EditState(plan, source, dense_from, stats_mode, probe=spec.probe,
                       feed=EditFeed.build(plan, source, layout), graph=graph, convs=convs, sparse_convs=sparse_convs,
-                      attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
+                      self_attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
                       cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)),
                       emb_linears=tuple(e[1] for e in emb_layers if len(e) == 2 and type(e[0]) is torch.nn.SiLU))
     regions = _result_regions(plan, layout, s)

@@ -118,7 +118,8 @@ class LevelPlan:
         """(rows, cols), each [tiles, 3 * O] for a 3x3 conv of `kind` ("conv3", "down", "up") with O x O outputs per
         tile: entry 3 * o + k is the patch_index entry that output o's tap k reads (patch position o * stride + k).
         Gathered by these, a tile's [3 O, 3 O] "patch" holds, at (3 * oi + ki, 3 * oj + kj), what the conv's
-        output (oi, oj) multiplies with its weight's tap (ki, kj): the im2col rows (kernels.fused.gather_norm_im2col)."""
+        output (oi, oj) multiplies with its weight's tap (ki, kj): the im2col rows
+        (kernels.fused.gather_norm_im2col)."""
         def make():
             rows, cols = self._patch_index(kind, in_size)
             stride = 2 if kind == "down" else 1

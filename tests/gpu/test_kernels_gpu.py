@@ -269,10 +269,13 @@ def test_row_copies_after_a_replay_gather_what_the_graph_computed(T, plan, dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
+@pytest.mark.parametrize("layout", ["nhwc", "im2col"])
+def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype, layout):
     """A whole edit of a tiny SD1.5-structured model: the kernels (auto mode picks them on CUDA) against the
-    reference ops. Outside the mask both are the original exactly (I4); inside they differ by rounding, which random
-    weights amplify over the steps, within the I3 bounds of tests/gpu/test_edit_gpu.py."""
+    reference ops, the convs on stacked patches or as im2col GEMMs (FISEDIT_PATCH_LAYOUT). Outside the mask both are
+    the original exactly (I4); inside they differ by rounding, which random weights amplify over the steps, within the
+    I3 bounds of tests/gpu/test_edit_gpu.py."""
+    monkeypatch.setenv(fused.LAYOUT_ENV, layout)
     import tiny_models
     from tiny_models import sample
 
@@ -280,7 +283,7 @@ def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype):
     from fisedit_engine.edit import EditSpec, run_edit
     arch, size = "sd15", 64
     model = tiny_models.build(arch, seed=2, dtype=dtype)
-    captured, handle = api.capture(model, f"gpu-kernels-{dtype}")
+    captured, handle = api.capture(model, f"gpu-kernels-{dtype}-{layout}")
     original = sample(captured, arch, batch=2, cfg=6.0, sampler="dpmpp_2m", size=size)
     api.store(handle, {"samples": original})
     mask = torch.zeros(2, size, size, dtype=torch.bool)

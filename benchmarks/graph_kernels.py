@@ -1,18 +1,22 @@
 """The kernels of one replayed sparse step against those of the dense UNet replayed as a CUDA graph.
 
     python benchmarks/graph_kernels.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--top 25] [--dump DIR]
+                                       [--layouts nhwc,im2col]
 
 Per graph: the number of kernels one replay runs, the sum of their GPU times, the replay's span on the GPU (first
 kernel start to last kernel end: the rest of the span is the GPU idle between kernels), a histogram of kernel
 durations, the time per kind of kernel (convolution, GEMM, attention, Triton, copies, the rest) and the kernels with
 the most time; with `--dump`, the median replay's kernels in order (name, start, duration) as JSON in DIR, to read
-against the code that launched them. Kernels are assigned to a replay through the CUDA runtime's correlation id of
-its cudaGraphLaunch (torch's profiler, with CUPTI, reports each kernel of a graph).
+against the code that launched them; with `--layouts`, the sparse step once per patch layout (FISEDIT_PATCH_LAYOUT,
+kernels/fused.py: the convs on stacked patches or as im2col GEMMs), side by side. Kernels are assigned to a replay
+through the CUDA runtime's correlation id of its cudaGraphLaunch (torch's profiler, with CUPTI, reports each kernel of
+a graph).
 """
 from __future__ import annotations
 
 import collections
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -95,13 +99,15 @@ def profiled(fn, tmp: Path, label: str) -> list[list[dict]]:
     return replays(path)
 
 
-def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path | None = None) -> None:
+def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path | None = None,
+        layouts: tuple = ()) -> None:
     import torch
     import comfy.model_management as mm
     import comfy.sample
     import speed
     from fisedit_engine import api
-    from fisedit_engine.edit import EditSpec, run_edit
+    from fisedit_engine.edit import EditSpec
+    from fisedit_engine.kernels import fused
 
     model, _ = speed.load_model(arch)
     lat = size // 8
@@ -138,24 +144,36 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path |
                                   speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
         api.store(handle, {"samples": out})
         spec = EditSpec(handle, speed.conditioning(arch, 3, size), speed.region_mask(lat, fraction, "rect"))
-        _, warm = run_edit(model, spec)  # compiles the kernels, plans cuDNN
-        api.registry().remove(warm.name)
-        results = []
-        runs = profiled(lambda: results.append(run_edit(model, spec)[1]), tmp, f"sparse-{arch}")
-        print(results[0].edit_summary)
-        print(f"sparse step, CUDA-graph replays: {len(runs)}; kernels per replay "
-              f"{sorted({len(r) for r in runs})}; the median replay by span:")
-        spans = sorted(runs, key=lambda r: max(k['ts'] + k['dur'] for k in r) - r[0]['ts'])
-        median = spans[len(spans) // 2]
-        print(anatomy(median, top))
-        if dump is not None:
-            dump.mkdir(parents=True, exist_ok=True)
-            (dump / f"sparse-{arch}-{size}.json").write_text(json.dumps(
-                [{"name": k["name"], "ts": k["ts"] - median[0]["ts"], "dur": k["dur"]} for k in median], indent=0))
-        api.registry().remove(results[0].name)
+        for layout in layouts or (None,):
+            if layout is not None:
+                os.environ[fused.LAYOUT_ENV] = layout
+                print(f"-- {fused.LAYOUT_ENV}={layout}")
+            sparse_step(model, spec, f"{arch}-{size}" + (f"-{layout}" if layout else ""), top, tmp, dump)
         api.registry().remove(handle.name)
     del model
     torch.cuda.empty_cache()
+
+
+def sparse_step(model, spec, label: str, top: int, tmp: Path, dump: Path | None) -> None:
+    """The kernels of the edit's replayed sparse step (after a warm-up edit that compiles the kernels and plans
+    cuDNN)."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import run_edit
+    _, warm = run_edit(model, spec)
+    api.registry().remove(warm.name)
+    results = []
+    runs = profiled(lambda: results.append(run_edit(model, spec)[1]), tmp, f"sparse-{label}")
+    print(results[0].edit_summary)
+    print(f"sparse step, CUDA-graph replays: {len(runs)}; kernels per replay "
+          f"{sorted({len(r) for r in runs})}; the median replay by span:")
+    spans = sorted(runs, key=lambda r: max(k['ts'] + k['dur'] for k in r) - r[0]['ts'])
+    median = spans[len(spans) // 2]
+    print(anatomy(median, top))
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"sparse-{label}.json").write_text(json.dumps(
+            [{"name": k["name"], "ts": k["ts"] - median[0]["ts"], "dur": k["dur"]} for k in median], indent=0))
+    api.registry().remove(results[0].name)
 
 
 def main(argv=None) -> int:
@@ -163,11 +181,13 @@ def main(argv=None) -> int:
 
     def run_model(arch, size, a):
         with tempfile.TemporaryDirectory() as tmp:
-            run(arch, size, a.fraction, a.top, Path(tmp), a.dump)
+            run(arch, size, a.fraction, a.top, Path(tmp), a.dump,
+                tuple(v.strip() for v in a.layouts.split(",") if v.strip()) if a.layouts else ())
 
     def add_arguments(parser):
         parser.add_argument("--top", type=int, default=25)
         parser.add_argument("--dump", type=Path, help="a folder for the median replay's kernels in order (JSON)")
+        parser.add_argument("--layouts", help="patch layouts to profile side by side, e.g. nhwc,im2col")
     return speed.per_model_main(argv, __doc__, "benchmarks/graph_kernels.py profiles CUDA graph replays",
                                 add_arguments, run_model)
 

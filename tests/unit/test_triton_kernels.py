@@ -111,8 +111,8 @@ def test_gather_norm_im2col(T, plan, kind, dtype):
 
 @pytest.mark.parametrize("kind", ["conv3", "down", "up"])
 def test_im2col_rows_times_the_weight_are_the_conv(plan, kind):
-    """The im2col path's GEMM (sparse._im2col_conv, EditState.im2col_weight's matrix) equals the conv on the
-    patches, in fp64."""
+    """The im2col path's GEMM (sparse._sparse_conv under FISEDIT_PATCH_LAYOUT=im2col, with EditState.im2col_weight's
+    matrix) equals the conv on the patches, in fp64."""
     lp, rows, cols, in_hw = KC.geometry(plan, kind, "cpu")
     _, r2, c2, _ = im2col_geometry(plan, kind)
     x = KC.make_map(N, C, in_hw, torch.float64, "cpu", seed=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -270,18 +271,24 @@ class StepTensors:
             self.tensors[(key, chunk)] = t
         return t
 
-    def plan_rows(self, entries: list[tuple[str, int, tuple, torch.dtype]]) -> None:
+    def plan_rows(self, entries: list[tuple[str, int, tuple, torch.dtype]], blocks=None) -> None:
         """Plans the storage of `entries` (key, chunk, one step's stored shape with the batch, dtype) as the
         columns of one [steps, bytes] block (pageable, see StepRows): what a step records of all of them is one row,
-        which a replayed CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out."""
+        which a replayed CUDA graph moves to host memory in one copy (graphs.py). slot() gives the columns out.
+        `blocks` (the registry, see CacheRegistry.take_block) may hand over the block of a result that left memory,
+        and gets this one back when this store is dropped."""
         entries = sorted(entries, key=lambda e: -e[3].itemsize)  # largest elements first: offsets stay aligned
         layout, offset = {}, 0
         for row, (key, chunk, shape, dtype) in enumerate(entries):
             layout[(key, chunk)] = (offset, tuple(shape), dtype, row)
             offset += math.prod(shape) * dtype.itemsize
         offset += -offset % StepRows.ALIGN
-        self.rows = StepRows(layout, torch.empty((self.steps, offset), dtype=torch.uint8),
+        block = blocks.take_block(self.steps * offset) if blocks is not None else None
+        block = torch.empty(self.steps * offset, dtype=torch.uint8) if block is None else block
+        self.rows = StepRows(layout, block.view(self.steps, offset),
                              torch.zeros(len(layout), self.steps, dtype=torch.bool))
+        if blocks is not None:
+            weakref.finalize(self.rows, blocks.give_block, block).atexit = False
 
     def step_shape(self, key: str, chunk: int) -> tuple:
         """One step's stored shape of `key` [batch, ...], whole (through a delta's base)."""

@@ -249,7 +249,7 @@ class Recording:
         self.keys = {t.key for t in targets} | {LATENT_KEY}
         if delta is not None:
             self.store.base = delta.base
-            self.store.plan_rows(_planned(delta, self.keys))
+            self.store.plan_rows(_planned(delta, self.keys), blocks=registry)
         self.deferred: list | None = None  # recorded by a step that packs its record: (key, chunk, value, positions)
         self.resident: resident.ResidentContext | None = None  # the attention context kept on the GPU
         self.probe_steps = probe_record_steps(steps)

@@ -4,6 +4,11 @@ The budget defaults to half of the RAM available when the registry is created; `
 with a K/M/G/T suffix, or a percentage of available RAM such as "30%") overrides it. Recordings in progress
 reserve their bytes up front, so that a capture fails in its first step, not after a full sampling run.
 The registry is the only process-wide state of the engine.
+
+It also keeps one spare block: the planned storage of an edit's result (cache.StepRows, about 1 GiB at SD2.1@768 with
+a 5% mask) that left memory, for the next result of the same size (the same mask). Freeing such a block cost the seal
+30-45 ms on an H200's host (benchmarks/edit_overhead.py --profile), and a new one is first touched while its rows
+land; reused, neither happens. The spare counts against the budget and is the first thing let go for room.
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ class CacheRegistry:
         self._sizes: dict[str, int] = {}
         self._reserved = 0
         self._released_later: deque[int] = deque()
+        self._given_blocks: deque = deque()   # dropped stores' blocks, from their finalizers (give_block)
+        self._spare = None                    # one of them, kept for the next store of its size (take_block)
         self._lock = threading.RLock()
         self.budget = default_budget() if budget_bytes is None else int(budget_bytes)
 
@@ -107,13 +114,15 @@ class CacheRegistry:
             self._caches.clear()
             self._sizes.clear()
             self._released_later.clear()
+            self._given_blocks.clear()
+            self._spare = None
             self._reserved = 0
 
     @property
     def used(self) -> int:
         with self._lock:
             self._settle()
-            return sum(self._sizes.values()) + self._reserved
+            return sum(self._sizes.values()) + self._reserved + (0 if self._spare is None else self._spare.numel())
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:
@@ -131,9 +140,28 @@ class CacheRegistry:
         or a logging lock its holder waits for, so they must not take the lock. Settled by the next locked call."""
         self._released_later.append(nbytes)
 
+    # --- the spare block ---------------------------------------------------------------------------------
+    def take_block(self, nbytes: int):
+        """The spare block if it has exactly `nbytes` bytes (uint8, its old contents), else None."""
+        with self._lock:
+            self._settle()
+            if self._spare is None or self._spare.numel() != nbytes:
+                return None
+            block, self._spare = self._spare, None
+            return block
+
+    def give_block(self, block) -> None:
+        """For the finalizer of a store's planned block (cache.StepTensors.plan_rows): kept as the spare if, once
+        settled, nothing else holds it. Must not take the lock, as release_later."""
+        self._given_blocks.append(block)
+
     def _settle(self) -> None:
         while self._released_later:
             self._reserved = max(0, self._reserved - self._released_later.popleft())
+        while self._given_blocks:
+            block = self._given_blocks.popleft()
+            if _only_reference(block):
+                self._spare = block  # the newest: the likeliest size of the next result (an older spare is freed)
 
     def _drop(self, name: str) -> FisEditCache | None:
         """Takes a cache out of the registry. An edit's result is a delta over its source's store and keeps that store
@@ -171,12 +199,25 @@ class CacheRegistry:
                 f"{self.budget / 2**30:.2f} GiB ({self._reserved / 2**30:.2f} GiB reserved by captures in progress): "
                 f"set FISEDIT_CACHE_BUDGET higher (for example 80%), or capture fewer steps or a smaller image")
         while self.used + nbytes > self.budget:
+            if self._spare is not None:
+                self._spare = None
+                continue
             victim = next((n for n in self._caches if n != protect), None)
             if victim is None:
                 break
             evicted = self._drop(victim)
             log.info("FISEdit: evicted cache '%s' (%.1f MiB, least recently used) to stay within the %.1f GiB budget",
                      victim, evicted.nbytes / 2**20, self.budget / 2**30)
+
+
+def _only_reference(block) -> bool:
+    """Whether `block` is the only tensor on its storage (no view of it lives elsewhere, which a reuse would
+    overwrite). Torch counts a storage's users only through a private call; without it nothing is reused."""
+    import torch
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    return use_count(block.untyped_storage()._cdata) <= 2  # `block`, and the storage object asked here
 
 
 _registry: CacheRegistry | None = None

@@ -357,6 +357,42 @@ def test_an_edit_with_the_last_edits_mask_reuses_its_steps_and_equals_a_fresh_ed
         registry().put(cache)  # the module's other tests read this source
 
 
+def test_a_replaced_results_store_is_reused_by_the_next_and_changes_nothing(models, source, monkeypatch):
+    """registry.py's spare block: the same edit three times. The second result replaces the first at its seal, whose
+    planned block the third result's store takes over (the second recorded while the first was still registered).
+    Every edit gives the same latent and the same result cache, bit for bit."""
+    import gc
+
+    from fisedit_engine.registry import registry
+    handed = []  # per edit, the address of the spare it took, or None (the allocator may give a freed one back too)
+    take = registry().take_block
+
+    def spy(nbytes):
+        block = take(nbytes)
+        handed.append(None if block is None else block.data_ptr())
+        return block
+    monkeypatch.setattr(registry(), "take_block", spy)
+    handle, _ = source("sd15", "dpmpp_2m", 2, 7.0, (16, 24))
+    mask = blob_mask(2, (16, 24))
+
+    def edit():
+        latent, result = run_edit(models["sd15"], handle, "sd15", 2, mask, EDITED_SEED + 7)
+        cache = result.get()
+        values = {(k, c, s): cache.read(k, s, c).clone() for k in cache.keys() for c in cache.settings.chunks
+                  for s in range(cache.cached_steps(k, c))}
+        return latent, values, cache.store.rows.block.data_ptr()
+
+    first, first_values, first_block = edit()
+    second, second_values, second_block = edit()
+    gc.collect()
+    third, third_values, third_block = edit()
+    assert len(handed) == 3 and handed[1:] == [None, first_block] and third_block == first_block != second_block
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert first_values.keys() == third_values.keys()
+    assert all(torch.equal(first_values[k], second_values[k]) and torch.equal(first_values[k], third_values[k])
+               for k in first_values)
+
+
 def test_a_diffusion_model_wrapper_sees_the_unet_whose_weights_a_kept_graph_checks(models):
     """graphs.StepGraph.check_weights takes `executor.class_obj` in the DIFFUSION_MODEL wrappers of the sparse steps
     and the probe (edit.SparseStepWrapper, probe.ProbeStepWrapper, GPU only): on the real host that is the UNet,

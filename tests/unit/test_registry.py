@@ -125,3 +125,54 @@ def test_threads_putting_getting_and_reserving_keep_the_registry_within_budget()
         t.join()
     assert errors == [] and over == []
     assert reg.used == sum(1 * MiB for _ in reg.names()) <= reg.budget
+
+
+def planned_store(reg, mib: int) -> StepTensors:
+    """A store whose recorded keys are planned into one block (as an edit's result is), handed out by `reg`."""
+    store = StepTensors(steps=4, batch=1)
+    store.plan_rows([("h", 0, (1, mib * MiB // 8), torch.float16)], blocks=reg)
+    return store
+
+
+def test_a_dropped_stores_block_is_reused_by_the_next_store_of_its_size():
+    import gc
+    reg = CacheRegistry(budget_bytes=100 * MiB)
+    store = planned_store(reg, 8)
+    address = store.rows.block.data_ptr()
+    written = store.slot("h", 0, (MiB,), torch.float16)
+    assert written.untyped_storage().data_ptr() == address  # a column of the block
+    written[2].fill_(3.0)
+    del written
+    del store
+    gc.collect()
+    assert reg.used == 8 * MiB  # the spare counts against the budget
+    other = planned_store(reg, 4)  # another size: a new block, and the spare stays
+    assert other.rows.block.data_ptr() != address and reg.used == 8 * MiB
+    again = planned_store(reg, 8)
+    assert again.rows.block.data_ptr() == address and reg.used == 0  # taken: the store's slots reserve it anew
+    assert not again.rows.written.any()  # its old rows are not this store's: nothing counts as written
+
+
+def test_a_block_that_is_still_viewed_elsewhere_is_not_reused():
+    import gc
+    reg = CacheRegistry(budget_bytes=100 * MiB)
+    store = planned_store(reg, 8)
+    address = store.rows.block.data_ptr()
+    view = store.slot("h", 0, (MiB,), torch.float16)  # e.g. a copy still landing into it
+    assert view.untyped_storage().data_ptr() == address
+    del store
+    gc.collect()
+    assert planned_store(reg, 8).rows.block.data_ptr() != address and reg.used == 0
+    assert view.shape == (4, 1, MiB)  # still there
+
+
+def test_the_spare_goes_first_when_the_budget_needs_room():
+    import gc
+    reg = CacheRegistry(budget_bytes=20 * MiB)
+    reg.put(fake_cache("keep", 6))
+    store = planned_store(reg, 8)
+    del store
+    gc.collect()
+    assert reg.used == 14 * MiB
+    reg.put(fake_cache("new", 10))  # room for it: the spare is let go, no cache is evicted
+    assert reg.names() == ["keep", "new"] and reg.used == 16 * MiB

@@ -122,7 +122,14 @@ class CacheRegistry:
     def used(self) -> int:
         with self._lock:
             self._settle()
-            return sum(self._sizes.values()) + self._reserved + (0 if self._spare is None else self._spare.numel())
+            return sum(self._sizes.values()) + self._reserved + self.spare_bytes
+
+    @property
+    def spare_bytes(self) -> int:
+        """The spare block's bytes (see the module docstring)."""
+        with self._lock:
+            self._settle()
+            return 0 if self._spare is None else self._spare.numel()
 
     # --- recordings in progress ------------------------------------------------------------------------
     def reserve(self, nbytes: int, what: str) -> None:

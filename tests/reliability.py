@@ -26,7 +26,7 @@ def assert_registry_consistent() -> None:
     # an edit's result is a delta over its source's store: that store must be one the registry counts
     assert all(s.base is None or any(s.base is other for other in stores) for s in stores)
     assert reserved >= 0 and reg.used <= reg.budget
-    assert reg.used == sum(c.nbytes for c in caches.values()) + reserved
+    assert reg.used == sum(c.nbytes for c in caches.values()) + reserved + reg.spare_bytes
 
 
 def assert_registry_unchanged(before: tuple[dict, int]) -> None:

@@ -304,16 +304,15 @@ def check_model(model, source: FisEditCache) -> None:
                      f"same strengths), or re-capture")
 
 
-def module_forwards(unet, layout: UNetLayout, sparse_levels, convs: dict) -> dict:
-    """The forwards an edit substitutes, by module path in the UNet: the sparse forward of every block at a sparse
-    level, the output head's, and for the other conv modules in `convs` (on a GPU) WholeConv. conv_in is both a conv
-    and a sparse block: it takes its sparse forward."""
-    modules = dict(unet.named_modules())
+def module_forwards(modules: dict, layout: UNetLayout, sparse_levels, convs: dict) -> dict:
+    """The forwards an edit substitutes, by module path in the UNet (`modules`: its named modules, "" the UNet): the
+    sparse forward of every block at a sparse level, the output head's, and for the other conv modules in `convs` (on
+    a GPU) WholeConv. conv_in is both a conv and a sparse block: it takes its sparse forward."""
     forwards = {path: WholeConv(module) for path, module in convs.items()}
     for block in layout.blocks:
         if block.level in sparse_levels:
             forwards[block.path] = SPARSE_FORWARDS[block.kind](modules[block.path], block, block.path)
-    forwards["out"] = SparseOutput.for_unet(unet, layout)
+    forwards["out"] = SparseOutput.for_unet(modules[""], layout)
     return forwards
 
 
@@ -355,7 +354,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
         kept.restart(spec.probe)
     else:
         kept = _build(model, source, spec, layout, tile_size, stats_mode, s.steps - dense_steps,
-                      cuda_graph and on_gpu, list(convs.values()))
+                      cuda_graph and on_gpu, modules, list(convs.values()))
     state, plan, graph = kept.state, kept.state.plan, kept.state.graph
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
@@ -369,7 +368,7 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     host.add_conditioning_on_device(patched)
     if graph is not None:
         host.add_diffusion_model_wrapper(patched, SparseStepWrapper(state))
-    for path, forward in module_forwards(unet, layout, plan.levels, convs).items():
+    for path, forward in module_forwards(modules, layout, plan.levels, convs).items():
         patched.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
     sampler = host.make_sampler(s.sampler, s.sampler_extra_options, s.sampler_inpaint_options)
@@ -417,8 +416,9 @@ class KeptEdit:
 
 
 def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile_size, stats_mode: str,
-           dense_from: int, cuda_graph: bool, convs: list) -> KeptEdit:
-    """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state."""
+           dense_from: int, cuda_graph: bool, modules: dict, convs: list) -> KeptEdit:
+    """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state.
+    `modules`: the UNet's named modules."""
     s, unet = source.settings, model.model.diffusion_model
     level_sizes = layout.level_sizes(*s.latent_shape[-2:])
     context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
@@ -432,7 +432,6 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
-    modules = dict(unet.named_modules())
     sparse = [modules[b.path] for b in layout.blocks if b.level in plan.levels]
     sparse_convs = [m for block in (*sparse, unet.out) for m in block.modules()
                     if isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (3, 3)]

@@ -300,7 +300,7 @@ def test_every_block_of_a_sparse_level_takes_its_sparse_forward(models, arch):
     layout = UNetLayout.from_unet(unet)
     modules = dict(unet.named_modules())
     convs = {path: m for path, m in modules.items() if isinstance(m, torch.nn.Conv2d)}
-    forwards = module_forwards(unet, layout, {0}, convs)
+    forwards = module_forwards(modules, layout, {0}, convs)
     sparse = [b for b in layout.blocks if b.level == 0]
     assert any(b.kind == "conv_in" for b in sparse)
     for block in sparse:

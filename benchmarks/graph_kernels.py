@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -28,16 +29,19 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
 KINDS = (  # first match wins; names as cuDNN, cuBLAS, PyTorch and Triton report them
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("convolution", ("conv", "implicit", "xmma_fprop", "dgrad", "wgrad", "nhwc", "cudnn")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "matmul", "splitk")),
+    ("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "splitk")),
     ("copy", ("memcpy", "memset", "copy", "cat", "index", "scatter", "gather_kernel")),
     ("norm", ("norm", "layer_norm", "group_norm", "welford")),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce")),
 )
 
 
+TRITON_NAME = re.compile(r"_?[a-z0-9_]*_kernel")  # ours are named after their Python function (_scatter_kernel)
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
-    if low.startswith("triton") or "_kernel" in low and "at::" not in low and "void" not in low:
+    if low.startswith("triton") or TRITON_NAME.fullmatch(low):
         return "triton"
     for kind, words in KINDS:
         if any(w in low for w in words):

@@ -6,7 +6,9 @@ Each rule turns a pair's per-step difference maps into a mask on the latent grid
 generator's true region on that grid: IoU (undilated and dilated by one latent pixel), recall, and the share of
 empty masks, over all pairs and per edit kind. The rules are built from the engine's own functions
 (fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
-the engine, is written out here, and so is the map before smoothing. The oracle rows cut each pair's map where IoU
+the engine, is written out here, and so is the map before smoothing. Hysteresis (as Canny's edges) grows the
+engine's mask into the connected cells above a fraction of its Otsu cut, for the cells at an object's rim that hold
+a few changed pixels. The oracle rows cut each pair's map where IoU
 with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
 mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
 where it holds the clean image the probe predicts, along the edges of the mean of both (the node with a VAE
@@ -59,6 +61,13 @@ def oracle_cut(values: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """The best of 100 quantile cuts of `values`, chosen with the truth: a bound on any threshold rule."""
     cuts = torch.quantile(values.flatten(), torch.linspace(0.5, 0.995, 100))
     return max((values > c for c in cuts), key=lambda m: scores(m, truth)[0])
+
+
+def hysteresis(d: torch.Tensor, seeds: torch.Tensor, share: float) -> torch.Tensor:
+    """The 8-connected regions of `d > share * Otsu cut` that hold a seed, holes filled."""
+    weak = d > share * M.otsu_threshold(d)
+    labels = M.components(weak[None])[0]
+    return M.fill_holes(torch.isin(labels, labels[seeds & weak])[None] & weak)[0]
 
 
 def table(records: list[dict], rules: dict) -> str:
@@ -128,6 +137,9 @@ def main(argv=None) -> int:
                   f"connected)"] = lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=M.edge_guide(
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
+    for share in (0.7, 0.5):
+        rules[f"4 steps: the engine's rule grown by hysteresis into cells above {share} of the cut"] = (
+            lambda r, share=share: hysteresis(diff(r, 4), M.threshold_mask(diff(r, 4)[None], dilate_px=0)[0], share))
     for k in (2, 4, 6):
         rules[f"{k} steps: oracle cut (chosen with the truth, an upper bound)"] = (
             lambda r, k=k: oracle_cut(diff(r, k), r["truth_grid"]))

@@ -24,7 +24,8 @@ def test_mask_signals_and_variants_run_on_one_pair(host, tmp_path):
                            capture_output=True, text=True, timeout=300, check=False)
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "steps" in line]
-    assert len(rows) == 27 and "the engine's rule" in table.stdout and "oracle cut" in table.stdout
+    assert len(rows) == 29 and "the engine's rule" in table.stdout and "oracle cut" in table.stdout
+    assert "hysteresis" in table.stdout
     assert "along the original image's edges" in table.stdout and record["source_image"].shape == (128, 128, 3)
     # the clean images of the probe's last step (step 2 of 2: the only one of steps 4 and 2 it ran), both runs
     assert record["x0_steps"] == [1] and record["x0_edited"].shape == record["x0_original"].shape == (1, 128, 128, 3)

@@ -15,9 +15,15 @@ steps again per entry, its result's rows landing through S staging rows and T th
 default is capture.STAGING_SLOTS x capture.LANDING_THREADS; 2x1 was the lander before). `--upload-programs N,...`
 does the same per limit on the programs of a step's upload launch (feed.UPLOAD_PROGRAMS; `none`, no limit, was the
 upload before).
+
+The defaults and these variants run in a palindrome, A B C C B A, each block a warm-up run and `--repeat` timed
+ones, and each is given as the median of both its blocks with the blocks' own medians beside it: whatever drifts
+during the runs (the host, the registry filling up and recycling stores) then weighs on every variant alike. Timed
+one after the other, the first (the defaults) came out up to 20% slower than the same settings timed later.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -44,21 +50,24 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
     noise = comfy.sample.prepare_noise(latent, 0)
     negative, edited = speed.conditioning(arch, 2, size), speed.conditioning(arch, 3, size)
 
-    def timed(fn):
+    def timed_runs(fn) -> list[float]:
         times = []
         for _ in range(repeat + 1):  # the first run warms up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = fn()
+            fn()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        return out, statistics.median(times[1:])
+        return times[1:]
+
+    def timed(fn) -> float:
+        return statistics.median(timed_runs(fn))
 
     with torch.inference_mode():
         def stock():
             return comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", edited, negative, latent, seed=0,
                                        disable_pbar=True)
-        _, stock_s = timed(stock)
+        stock_s = timed(stock)
         handle = speed.captured_generation(model, arch, size, steps, f"wall-{arch}", noise, negative, latent)
         spec = EditSpec(handle, edited, speed.region_mask(lat, fraction, "rect"))
         results = []
@@ -66,19 +75,24 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
         def edit():
             _, result = run_edit(model, spec)
             results.append(result)
-        _, edit_s = timed(edit)
-        variants = {}
+        settings = {"defaults": contextlib.nullcontext}
         for lander in landers:
             slots, threads = (int(n) for n in lander.split("x"))
-            with mock.patch.multiple(capture, STAGING_SLOTS=slots, LANDING_THREADS=threads):
-                _, variants[f"{lander} landing"] = timed(edit)
+            settings[f"{lander} landing"] = lambda s=slots, t=threads: mock.patch.multiple(
+                capture, STAGING_SLOTS=s, LANDING_THREADS=t)
         for programs in upload_programs:
-            with mock.patch.object(feed, "UPLOAD_PROGRAMS", None if programs == "none" else int(programs)):
-                _, variants[f"{programs} upload programs"] = timed(edit)
+            settings[f"{programs} upload programs"] = lambda n=None if programs == "none" else int(programs): (
+                mock.patch.object(feed, "UPLOAD_PROGRAMS", n))
+        blocks = {name: [] for name in settings}
+        for name in [*settings, *reversed(settings)]:
+            with settings[name]():
+                blocks[name].append(timed_runs(edit))
+        blocks_of_defaults = blocks.pop("defaults")
+        edit_s, variants = palindrome_median(blocks_of_defaults), blocks
         with mock.patch.dict(os.environ, {"FISEDIT_KEEP_GRAPHS": "0"}):
-            _, fresh_s = timed(edit)
+            fresh_s = timed(edit)
             with mock.patch.object(EditFeed, "_unplannable", lambda self, chunks, device: "edit_wall.py: key by key"):
-                _, key_by_key_s = timed(edit)
+                key_by_key_s = timed(edit)
         replays = results[repeat].graph_replays  # a timed run's (the warming one may warm the graph up eagerly)
         kept = results[0].get().store.nbytes  # what the edit's result keeps in (pinned) host memory
         assert results[0].feed_stats.planned_steps > 0 and results[-1].feed_stats.planned_steps == 0
@@ -88,13 +102,23 @@ def run(arch: str, size: int, fraction: float, steps: int, repeat: int, landers:
     print(f"{arch}@{size}, {steps} euler steps, mask {100 * fraction:.0f}% rectangle: stock sampling {stock_s:.3f} s "
           f"({1000 * stock_s / steps:.1f} ms/step), sparse sampling {edit_s:.3f} s ({replays} steps replayed; "
           f"x{stock_s / edit_s:.2f}; rows landed by {capture.STAGING_SLOTS}x{capture.LANDING_THREADS}, "
-          f"{feed.UPLOAD_PROGRAMS} upload programs), "
-          + "".join(f"with {k} {v:.3f} s (x{stock_s / v:.2f}), " for k, v in variants.items())
+          f"{feed.UPLOAD_PROGRAMS} upload programs; blocks {block_medians(blocks_of_defaults)}), "
+          + "".join(f"with {k} {palindrome_median(v):.3f} s (x{stock_s / palindrome_median(v):.2f}; blocks "
+                    f"{block_medians(v)}), " for k, v in variants.items())
           + f"planned and captured per edit {fresh_s:.3f} s (x{stock_s / fresh_s:.2f}), "
           f"moved key by key {key_by_key_s:.3f} s (x{stock_s / key_by_key_s:.2f}); the result keeps "
           f"{kept / 2**20:.0f} MiB", flush=True)
     del model
     torch.cuda.empty_cache()
+
+
+def palindrome_median(blocks: list[list[float]]) -> float:
+    """The median of a setting's timed runs over its blocks."""
+    return statistics.median(t for block in blocks for t in block)
+
+
+def block_medians(blocks: list[list[float]]) -> str:
+    return "/".join(f"{statistics.median(block):.3f}" for block in blocks)
 
 
 def main(argv=None) -> int:

@@ -112,13 +112,15 @@ _step_context: contextvars.ContextVar[StepContext | None] = contextvars.ContextV
 
 
 SPARE_STAGING_BYTES = 256 << 20  # a staging row up to this size outlives its edit, for the next edit's lander
-# A row waits in its staging row until the landing threads have copied it into the store; with two rows the
-# sampler's step after next reused it. Landing a 46 MiB row into fresh pageable memory (3-6 ms, page faults) takes
-# about as long as a replayed step, so four rows, each landed in four parts at once, keep the main thread from
-# waiting for a landing. Measured: no change in sparse sampling's time against two rows and one thread
-# (benchmarks/edit_wall.py --landers 2x1, four H200 machines): the main thread's wait was not where its time went.
-STAGING_SLOTS = 4
-LANDING_THREADS = 4
+# A row waits in its staging row until the landing thread has copied it into the store; the sampler's step after
+# next reuses it. Four rows landed by four threads were for landings into fresh pageable memory (3-6 ms of page
+# faults per 46 MiB row); a result now records into the block its predecessor left (CacheRegistry.take_block).
+# Sparse sampling with two rows and one thread against four and four, timed in palindromes on H200s
+# (benchmarks/edit_wall.py --landers, results/edit_wall/nvidia-h200-2026-12-04-twelfth.md): SD2.1@768 0.190 s
+# against 0.221, 0.189 against 0.193, 0.186 against 0.197; SDXL@1024 0.466 against 0.508, 0.469 against 0.451. Two
+# rows hold half the pinned staging memory.
+STAGING_SLOTS = 2
+LANDING_THREADS = 1
 _LANDING_ALIGN = 1 << 16
 _spare_rows: list[torch.Tensor] = []  # the last lander's staging rows (flat bytes)
 _spare_lock = threading.Lock()

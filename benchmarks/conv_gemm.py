@@ -96,7 +96,8 @@ def whole(a) -> int:
         w2 = weight.reshape(o, c * 9)
         torch.testing.assert_close(conv_unfold(x, w2, bias, 3).float(), F.conv2d(x, weight, bias, padding=1).float(),
                                    rtol=2e-2, atol=2e-2)
-        conv = lambda inp: (lambda: F.conv2d(inp, w_cl, bias, padding=1))
+        def conv(inp):
+            return lambda: F.conv2d(inp, w_cl, bias, padding=1)
         t_cudnn = time_graph(conv(x), a.iters, 5, a.repeat)
         torch.backends.cudnn.benchmark = True
         try:

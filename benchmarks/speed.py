@@ -301,6 +301,8 @@ def markdown(result: dict) -> str:
                 f"({100 * s['bytes_uploaded_per_step'] / r['cache_bytes_per_step']:.0f}%) | "
                 f"{s.get('bytes_resident_per_step', 0) / 2**20:.0f} MiB | "
                 f"{r['cache_bytes_per_step'] / 2**20:.0f} MiB |")
+    if not any(r["e2e"] for r in result["rows"]):  # --no-e2e
+        return "\n".join(lines) + "\n"
     lines += ["", f"## End to end, {result['rows'][0]['steps']} euler steps (warm)", "",
               "Each edit with another prompt; a new mask: the sparse steps planned and captured for the edit; the "
               "last edit's mask: the steps it kept taken (fisedit_engine/warm.py).", "",

@@ -8,7 +8,10 @@ empty masks, over all pairs and per edit kind. The rules are built from the engi
 (fisedit_engine.mask), so a rule chosen here is the rule the node runs; the earlier rule's 3x3 opening, gone from
 the engine, is written out here, and so is the map before smoothing. Hysteresis (as Canny's edges) grows the
 engine's mask into the connected cells above a fraction of its Otsu cut, for the cells at an object's rim that hold
-a few changed pixels. The oracle rows cut each pair's map where IoU
+a few changed pixels. Segment completion adds to the engine's mask (with the VAE's edge guide) every small region of
+the original image (neighbouring pixels closer than a tolerance in colour, at most a tenth of the image) that the mask
+covers a share of: a shape change redraws the old object, whose unchanged inside the difference cannot show. The
+oracle rows cut each pair's map where IoU
 with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
 mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
 where it holds the clean image the probe predicts, along the edges of the mean of both (the node with a VAE
@@ -68,6 +71,40 @@ def hysteresis(d: torch.Tensor, seeds: torch.Tensor, share: float) -> torch.Tens
     weak = d > share * M.otsu_threshold(d)
     labels = M.components(weak[None])[0]
     return M.fill_holes(torch.isin(labels, labels[seeds & weak])[None] & weak)[0]
+
+
+def image_segments(image: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """[H, W] labels of the 4-connected regions of `image` [H, W, 3] whose neighbouring pixels differ by less than
+    `tolerance` in every channel (each region labelled with its smallest flat index)."""
+    h, w, _ = image.shape
+    labels = torch.arange(h * w).view(h, w)
+    right = (image[:, 1:] - image[:, :-1]).abs().amax(-1) < tolerance
+    down = (image[1:] - image[:-1]).abs().amax(-1) < tolerance
+    none = h * w
+    while True:
+        new = labels.clone()
+        new[:, 1:] = torch.minimum(new[:, 1:], torch.where(right, labels[:, :-1], none))
+        new[:, :-1] = torch.minimum(new[:, :-1], torch.where(right, labels[:, 1:], none))
+        new[1:] = torch.minimum(new[1:], torch.where(down, labels[:-1], none))
+        new[:-1] = torch.minimum(new[:-1], torch.where(down, labels[1:], none))
+        new = new.flatten()[new.flatten()].view(h, w)  # a label's own label: long regions in few rounds
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def complete_segments(mask: torch.Tensor, image: torch.Tensor, tolerance: float, share: float,
+                      largest: float = 0.1) -> torch.Tensor:
+    """`mask` [h, w] plus the cells of every region of `image` (image_segments) of at most `largest` of the image
+    whose pixels lie in the mask for at least `share` of them."""
+    h, w = mask.shape
+    scale = image.shape[0] // h
+    labels = image_segments(image.float(), tolerance).flatten()
+    inside = mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1).flatten().double()
+    area = torch.bincount(labels, minlength=labels.numel()).double()
+    covered = torch.bincount(labels, weights=inside, minlength=labels.numel())
+    taken = ((area > 0) & (area <= largest * labels.numel()) & (covered >= share * area))[labels]
+    return mask | (F.max_pool2d(taken.view(1, 1, h * scale, w * scale).float(), scale)[0, 0] > 0)
 
 
 def table(records: list[dict], rules: dict) -> str:
@@ -137,6 +174,14 @@ def main(argv=None) -> int:
                   f"connected)"] = lambda r, k=k: M.threshold_mask(diff(r, k)[None], dilate_px=0, image=M.edge_guide(
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
+    if all(3 in r.get("x0_steps", ()) for r in records):
+        def with_edges(r):
+            guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())
+            return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None])[0]
+        for tolerance, share in ((0.03, 0.2), (0.04, 0.2), (0.04, 0.4), (0.06, 0.2)):
+            rules[f"4 steps: along both images' edges, completed to the original's segments (tolerance {tolerance}, "
+                  f"share {share})"] = lambda r, t=tolerance, s=share: complete_segments(with_edges(r),
+                                                                                        r["source_image"], t, s)
     for share in (0.7, 0.5):
         rules[f"4 steps: the engine's rule grown by hysteresis into cells above {share} of the cut"] = (
             lambda r, share=share: hysteresis(diff(r, 4), M.threshold_mask(diff(r, 4)[None], dilate_px=0)[0], share))

@@ -4,6 +4,7 @@
     python benchmarks/edit_quality.py --pairs 4 --size 128 --steps 4 --random-weights --out /tmp/q   # plumbing
     python benchmarks/edit_quality.py --start 100 --pairs 100 --out R/shard2; ... --merge R/shard1 R/shard2 --out R
     python benchmarks/edit_quality.py --pairs 240 --workers 6        # six shards at once on one GPU, then merged
+    python benchmarks/edit_quality.py --render --out R              # R/edit_quality.md again from R's JSON
     (--budget-seconds S stops before a pair that would not finish in time; the shard then holds fewer pairs)
 
 Edit pairs come from toyworld.edits (colour, shape, size, add, remove in turn): a caption, its edited caption, and
@@ -207,6 +208,8 @@ def summarise(records: list[dict]) -> dict:
             for key in MASK_KEYS:
                 if key in rows[0]:
                     s[key] = _mean([x[key] for x in rows])
+            if "iou_grid_undilated" in rows[0] and len(rows) > 1:  # how far the mean may be from the truth's
+                s["iou_grid_undilated_se"] = statistics.stdev(x["iou_grid_undilated"] for x in rows) / len(rows) ** 0.5
             if "max_err_outside_own_mask" in rows[0]:
                 s["max_err_outside_own_mask"] = max(x["max_err_outside_own_mask"] for x in rows)
             out[m] = s
@@ -229,6 +232,11 @@ def summarise(records: list[dict]) -> dict:
 
 def _fmt(v, spec=".2f", none="–"):
     return none if v is None else format(v, spec)
+
+
+def _with_se(s: dict) -> str:
+    se = s.get("iou_grid_undilated_se")
+    return _fmt(s.get("iou_grid_undilated")) + ("" if se is None else f" ± {se:.2f}")
 
 
 def markdown(summary: dict, settings: dict) -> str:
@@ -270,13 +278,15 @@ def markdown(summary: dict, settings: dict) -> str:
     for title, key in (("all pairs", "by_kind"), ("pairs whose original shows its caption", "by_kind_correct")):
         if not summary.get(key):
             continue
-        lines.extend([f"**By edit kind, {title}** (FISEdit with attention control vs regenerate)", "",
-                      ("| kind | pairs | FISEdit IoU, grid | FISEdit IoU, pixels | FISEdit success | "
-                       "regenerate success | FISEdit PSNR out | regenerate PSNR out |"),
-                      "|---|---|---|---|---|---|---|---|"])
+        lines.extend([f"**By edit kind, {title}** (FISEdit with attention control vs regenerate; the undilated grid "
+                      "IoU of both FISEdit masks with the standard error of its mean)", "",
+                      ("| kind | pairs | FISEdit IoU, grid | FISEdit IoU, pixels | undilated grid IoU, with / without "
+                       "control | FISEdit success | regenerate success | FISEdit PSNR out | regenerate PSNR out |"),
+                      "|---|---|---|---|---|---|---|---|---|"])
         for kind, block in summary[key].items():
-            f, r = block["fisedit_ac"], block["regenerate"]
+            f, r, plain = block["fisedit_ac"], block["regenerate"], block.get("fisedit", {})
             lines.append(f"| {kind} | {f['pairs']} | {iou(f, 'iou_grid')} | {iou(f, 'iou')} | "
+                         f"{_with_se(f)} / {_with_se(plain)} | "
                          f"{_fmt(100 * f['success'], '.0f')}% | {_fmt(100 * r['success'], '.0f')}% | "
                          f"{_fmt(f['psnr_out'], '.1f')} | {_fmt(r['psnr_out'], '.1f')} |")
         lines.append("")
@@ -422,12 +432,17 @@ def main(argv=None) -> int:
                         "continue with --start and combine with --merge)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--merge", type=Path, nargs="+", help="combine these shard folders into --out instead of running")
+    p.add_argument("--render", action="store_true",
+                   help="write --out's edit_quality.md (and the JSON's summary) again from its JSON's pairs")
     p.add_argument("--workers", type=int, default=1,
                    help="run the pairs in this many processes at once and merge them (for a GPU: 6 keep an H100 "
                         "busy); each method's seconds are then measured under that shared load")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
-    if a.merge:
+    if a.render:
+        kept = json.loads((a.out / "edit_quality.json").read_text())
+        result = write(a.out, kept["pairs"], kept["settings"], [])
+    elif a.merge:
         result = merge(a.merge, a.out)
     elif a.workers > 1:
         result = run_workers(argv, a)

@@ -11,7 +11,9 @@
 reads them (cuDNN on the stacked tiles): channels-last (NHWC, cuDNN's native layout for tensor-core convs), or per tile
 channels-first; or, with `im2col`, as the 3x3 convs' im2col rows, which one GEMM (cuBLAS) multiplies with the weight
 instead of cuDNN's conv: on an H200 that GEMM beat cuDNN's implicit GEMM on the sparse levels' shapes by 1.15-2.4x
-(benchmarks/conv_gemm.py); the whole step with it has yet to be timed, hence not the default. All give the same values
+(benchmarks/conv_gemm.py), but the replayed step with it spans as long as with nhwc (6.26 against 6.33 ms, 6.72
+against 6.71: benchmarks/graph_kernels.py --layouts, results/graph_kernels/nvidia-h200-2026-12-04-twelfth.md; the
+gather writes nine times the bytes), hence not the default. All give the same values
 up to the convs' own summation order. On the H100 NHWC spares cuDNN a layout conversion per conv: the ResBlock at
 SD2.1@768's level 0 (5% of the tiles) replays in 64 us instead of 121 (benchmarks/kernels.py), and the sparse step as a
 CUDA graph took 20.6 ms instead of 23.3 (benchmarks/speed.py, one run each).

@@ -106,7 +106,8 @@ def apply_edits(scenes: Scenes, kind: torch.Tensor, seed: int) -> Edits:
     new_shape = (shape[rows, slot.clamp(max=k - 1)] + step(len(world.SHAPES))) % len(world.SHAPES)
     new_size = 1 - size[rows, slot.clamp(max=k - 1)]
     add_attrs = [torch.randint(m, (n,), generator=g) for m in (len(world.COLOURS), len(world.SHAPES), len(world.SIZES))]
-    occupied = torch.zeros(n, len(world.CELLS), dtype=torch.bool).scatter_(1, s.cell, s.present)
+    # summed, not scattered: an absent slot's cell is 0, and scattering its False would free the top left cell
+    occupied = torch.zeros(n, len(world.CELLS), dtype=torch.long).scatter_add_(1, s.cell, s.present.long()) > 0
     free_cell = torch.where(occupied, -1.0, torch.rand(n, len(world.CELLS), generator=g)).argmax(dim=1)
 
     for b in range(n):

@@ -63,6 +63,16 @@ def test_an_edit_touches_one_object_and_nothing_else():
         assert len(old ^ new) == (1 if e.kind[i] in (edits.ADD, edits.REMOVE) else 2)
 
 
+def test_an_added_object_takes_a_free_cell():
+    """Also where an object stands in the top left cell, the cell that absent slots hold (a scatter of the slots'
+    presence once let an absent slot free that cell, and the new object overlapped the old)."""
+    e = edits.sample_edits(300, seed=0, kinds=("add",))
+    assert (e.before.present & (e.before.cell == 0)).any()
+    e.after.validate()  # raises where two present objects share a cell
+    masks = render.object_masks(e.after, 64)
+    assert masks.sum(dim=1).max() <= 1
+
+
 def test_adding_an_object_keeps_the_caption_prefix():
     e = edits.sample_edits(10, seed=2, kinds=("add",))
     for old, new in zip(*e.captions()):

@@ -495,6 +495,8 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
         start = "after an eager warm-up step, the first on this device"
     else:
         start = "captured at the first sparse step"
+    if graph.runs == 1 and graph.capture_seconds is not None:
+        start += f" in {graph.capture_seconds.describe()}"
     return f"{graph.replays} sparse steps replayed as a CUDA graph ({start})"
 
 

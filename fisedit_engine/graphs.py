@@ -25,6 +25,7 @@ inputs, the original queries of attention control, which its layers stage in dev
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class StepGraph:
         self.replays = 0
         self.failed_captures: list[str] = []
         self.failure: str | None = None
+        self.capture_seconds: CaptureTimes | None = None  # of the capture that made `graph`
         self.runs = 1  # the runs (edits, probes) that replayed this graph: above 1 once kept (warm.py)
         self.weights: tuple | None = None  # warm.weights_key of the model in this run (check_weights)
         self._check = True
@@ -130,12 +132,14 @@ class StepGraph:
     def _capture(self, ctx, call, args, kwargs, signature) -> None:
         self.static_args = [_static(a) for a in args]
         self.static_kwargs = {k: _static(v) for k, v in kwargs.items()}
-        graph, error = torch.cuda.CUDAGraph(), None
+        (graph, kept_apart), error = _new_graph(), None
         self._begin(ctx)
         try:
-            with _capturing(graph, self.device):
+            capturing = _capturing(graph, self.device, kept_apart)
+            with capturing:
                 self.output = call(*self.static_args, **self.static_kwargs)
                 kept = self._in_capture(ctx)
+            self.capture_seconds = capturing.times
             self._captured(ctx, kept)
         except Exception as e:  # noqa: BLE001 - any capture failure means: warm up, or run eagerly; say why
             frames = traceback.extract_tb(e.__traceback__)[-4:]
@@ -211,16 +215,51 @@ class SparseStepGraph(StepGraph):
         self.recorded = None
 
 
+class CaptureTimes:
+    """Host seconds of one capture: the captured call (its launches recorded, nothing run), ending the capture, and
+    instantiating the graph (the driver's work per node). `instantiate` is None where torch ends and instantiates in
+    one call (before 2.8: no keep_graph), and `end` then holds both."""
+
+    def __init__(self, record: float, end: float, instantiate: float | None, segments: int = 0, segment_bytes: int = 0):
+        self.record, self.end, self.instantiate = record, end, instantiate
+        self.segments, self.segment_bytes = segments, segment_bytes  # the device memory the recording allocated
+
+    @property
+    def total(self) -> float:
+        return self.record + self.end + (self.instantiate or 0.0)
+
+    def describe(self) -> str:
+        if self.instantiate is None:
+            parts = f"ending and instantiating {1e3 * self.end:.0f}"
+        else:
+            parts = f"ending {1e3 * self.end:.0f}, instantiating {1e3 * self.instantiate:.0f}"
+        return (f"{1e3 * self.total:.0f} ms: recording {1e3 * self.record:.0f} (allocating {self.segments} "
+                f"segments, {self.segment_bytes / 2**20:.0f} MiB), {parts}")
+
+
+def _new_graph() -> tuple[torch.cuda.CUDAGraph, bool]:
+    """A graph kept past the capture's end, to be instantiated apart (torch 2.8 and later), and True; else a plain
+    one, which capture_end() instantiates, and False."""
+    try:
+        return torch.cuda.CUDAGraph(keep_graph=True), True
+    except TypeError:
+        return torch.cuda.CUDAGraph(), False
+
+
 class _capturing:
     """torch.cuda.graph without its synchronize() and empty_cache() calls, which wait for the device and return its
     and the pinned host memory's cached blocks to the driver before every capture (and so before every edit), only
     for the steps after it to allocate them again (the capture runs nothing, and replays on the caller's stream, so
     nothing needs to wait); and in thread_local mode, so that the result's landing thread (capture.RowLander) may wait
     on its events meanwhile. An error inside the capture is raised as such, not as the failure of ending the capture
-    that it invalidated."""
+    that it invalidated. The graph is kept (keep_graph) and instantiated here, apart, so that `times` can tell the
+two costs apart."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device):
-        self.graph = graph
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device, kept: bool):
+        self.graph, self.kept = graph, kept
+        self.times: CaptureTimes | None = None
+        self.device = device
+        self._began, self._segments = 0.0, (0, 0)
         key = str(device)
         if key not in _capture_streams:
             _capture_streams[key] = torch.cuda.Stream(device)
@@ -233,10 +272,21 @@ class _capturing:
         except BaseException:
             self.stream.__exit__(None, None, None)
             raise
+        self._segments = _segments(self.device)
+        self._began = time.perf_counter()
 
     def __exit__(self, kind, value, tb):
         try:
+            recorded = time.perf_counter()
+            segments = _segments(self.device)
             self.graph.capture_end()
+            ended = time.perf_counter()
+            if kind is None:
+                if self.kept:
+                    self.graph.instantiate()
+                self.times = CaptureTimes(recorded - self._began, ended - recorded,
+                                          time.perf_counter() - ended if self.kept else None,
+                                          segments[0] - self._segments[0], segments[1] - self._segments[1])
         except Exception:
             if kind is None:
                 raise
@@ -244,6 +294,12 @@ class _capturing:
         finally:
             self.stream.__exit__(None, None, None)
         return False
+
+
+def _segments(device) -> tuple[int, int]:
+    """How many device memory segments the caching allocator has allocated in this process, and their bytes."""
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("segment.all.allocated", 0), stats.get("reserved_bytes.all.allocated", 0)
 
 
 def _signature(values) -> tuple:

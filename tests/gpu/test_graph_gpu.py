@@ -1,5 +1,7 @@
 """The sparse step replayed as a CUDA graph gives what the eager sparse step gives: the same edited latent and the
 same result cache (whose values a replay records through deferred, graph-owned buffers). Skipped without CUDA."""
+import re
+
 import torch
 
 import tiny_models
@@ -77,6 +79,9 @@ def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
     assert "the model's weights moved since the kept sparse step graph was captured" in caplog.text
     assert runs["kept"][1].graph_replays == steps and "kept from the last edit" in runs["kept"][1].edit_summary
     assert "captured at the first sparse step" in runs["weights moved"][1].edit_summary
+    assert re.search(r"captured at the first sparse step in \d+ ms: recording \d+ \(allocating \d+ segments, \d+ MiB\), "
+                     r"ending \d+, instantiating \d+", runs["weights moved"][1].edit_summary), \
+        runs["weights moved"][1].edit_summary
     a = eager_result.get()
     for name, (latent, result) in runs.items():
         assert torch.equal(latent, eager), name

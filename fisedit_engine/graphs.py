@@ -220,7 +220,8 @@ class CaptureTimes:
     instantiating the graph (the driver's work per node). `instantiate` is None where torch ends and instantiates in
     one call (before 2.8: no keep_graph), and `end` then holds both."""
 
-    def __init__(self, record: float, end: float, instantiate: float | None, segments: int = 0, segment_bytes: int = 0):
+    def __init__(self, record: float, end: float, instantiate: float | None, segments: int = 0,
+                 segment_bytes: int = 0):
         self.record, self.end, self.instantiate = record, end, instantiate
         self.segments, self.segment_bytes = segments, segment_bytes  # the device memory the recording allocated
 
@@ -252,8 +253,8 @@ class _capturing:
     for the steps after it to allocate them again (the capture runs nothing, and replays on the caller's stream, so
     nothing needs to wait); and in thread_local mode, so that the result's landing thread (capture.RowLander) may wait
     on its events meanwhile. An error inside the capture is raised as such, not as the failure of ending the capture
-    that it invalidated. The graph is kept (keep_graph) and instantiated here, apart, so that `times` can tell the
-two costs apart."""
+    that it invalidated. Where torch can keep the graph past the capture's end (keep_graph), it is instantiated here,
+    apart, so that `times` tells the two costs apart."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device, kept: bool):
         self.graph, self.kept = graph, kept

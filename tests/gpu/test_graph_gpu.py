@@ -79,9 +79,9 @@ def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
     assert "the model's weights moved since the kept sparse step graph was captured" in caplog.text
     assert runs["kept"][1].graph_replays == steps and "kept from the last edit" in runs["kept"][1].edit_summary
     assert "captured at the first sparse step" in runs["weights moved"][1].edit_summary
-    assert re.search(r"captured at the first sparse step in \d+ ms: recording \d+ \(allocating \d+ segments, \d+ MiB\), "
-                     r"ending \d+, instantiating \d+", runs["weights moved"][1].edit_summary), \
-        runs["weights moved"][1].edit_summary
+    summary = runs["weights moved"][1].edit_summary
+    assert re.search(r"captured at the first sparse step in \d+ ms: recording \d+ \(allocating \d+ segments, "
+                     r"\d+ MiB\), ending \d+, instantiating \d+", summary), summary
     a = eager_result.get()
     for name, (latent, result) in runs.items():
         assert torch.equal(latent, eager), name

@@ -10,7 +10,8 @@ the engine, is written out here, and so is the map before smoothing. Hysteresis 
 engine's mask into the connected cells above a fraction of its Otsu cut, for the cells at an object's rim that hold
 a few changed pixels. Segment completion adds to the engine's mask (with the VAE's edge guide) every small region of
 the original image (neighbouring pixels closer than a tolerance in colour, at most a tenth of the image) that the mask
-covers a share of: a shape change redraws the old object, whose unchanged inside the difference cannot show. The
+covers a share of: a shape change redraws the old object, whose unchanged inside the difference cannot show
+(the engine's rule fills a region's concavities for the same reason, a row shows it without). The
 oracle rows cut each pair's map where IoU
 with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
 mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
@@ -175,6 +176,10 @@ def main(argv=None) -> int:
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
     if all(3 in r.get("x0_steps", ()) for r in records):
+        rules["4 steps: along both images' edges, concavities not filled (the rule before the fourteenth session)"] = (
+            lambda r: M.threshold_mask(diff(r, 4)[None], dilate_px=0, max_hull_growth=1.0, image=M.edge_guide(
+                r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())[None])[0])
+
         def with_edges(r):
             guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())
             return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None])[0]

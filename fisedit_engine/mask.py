@@ -38,6 +38,7 @@ EDGE_RADIUS = 2     # latent pixels: the guided filter's window reaches this far
 EDGE_EPS = 1e-3     # the guided filter's regulariser, for images in [0, 1]: edges weaker than ~0.03 are smoothed over
 EDGE_MARGIN = 1.25  # at image pixels the map is cut at this multiple of its threshold on the latent grid ...
 EDGE_SHARE = 0.1    # ... and a cell is in the mask when more than this share of its pixels is above the cut
+HULL_GROWTH = 1.5   # a region is completed to its convex hull when the hull is at most this many times its area
 
 
 def difference_map(edited: list[torch.Tensor], cached: list[torch.Tensor],
@@ -127,6 +128,57 @@ def fill_holes(mask: torch.Tensor) -> torch.Tensor:
         outside = grown
 
 
+def convex_hull(cells: torch.Tensor) -> torch.Tensor:
+    """[H, W] bool: the cells whose centres lie in the convex hull of the centres of `cells` [H, W] (bool, any
+    shape of region). The hull's corners are among each row's outermost cells, so at most 2H points enter
+    Andrew's monotone chain; the test is exact (integer cross products)."""
+    rows = cells.any(1).nonzero()[:, 0]
+    if len(rows) == 0:
+        return cells.clone()
+    w = cells.shape[1]
+    columns = torch.arange(w, device=cells.device)
+    left = torch.where(cells[rows], columns, w).amin(1)
+    right = torch.where(cells[rows], columns, -1).amax(1)
+    points = sorted(set(zip(rows.tolist() * 2, left.tolist() + right.tolist())))
+
+    def turn(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    def chain(ordered):
+        out = []
+        for q in ordered:
+            while len(out) >= 2 and turn(out[-2], out[-1], q) <= 0:
+                out.pop()
+            out.append(q)
+        return out[:-1]
+
+    hull = chain(points) + chain(reversed(points))
+    if len(hull) < 3:  # collinear: a connected straight run, its own hull
+        return cells.clone()
+    ys, xs = torch.meshgrid(torch.arange(cells.shape[0], device=cells.device), columns, indexing="ij")
+    inside = torch.ones_like(cells)
+    for a, b in zip(hull, hull[1:] + hull[:1]):
+        inside &= turn(a, b, (ys, xs)) >= 0  # every corner of the chain turns the same way (turn > 0)
+    return inside
+
+
+def fill_concavities(mask: torch.Tensor, max_growth: float = HULL_GROWTH) -> torch.Tensor:
+    """[B, H, W] bool: each 8-connected region of the mask completed to its convex hull where the hull is at most
+    `max_growth` times the region's area. A shape change (a triangle redrawn as a square) differs where the two
+    outlines differ, a region with a bite out of it: the unchanged inside of the old object is redrawn too, and
+    `fill_holes` only reaches it when the difference encloses it. A region whose hull is much larger (an arc, an
+    L) is not a compact object's outline, and stays as it is."""
+    out = mask.clone()
+    labels = components(mask)
+    for b in range(mask.shape[0]):
+        for label in torch.unique(labels[b][mask[b]]).tolist():
+            region = labels[b] == label
+            hull = convex_hull(region)
+            if hull.sum() <= max_growth * region.sum():
+                out[b] |= hull
+    return out
+
+
 def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     if pixels <= 0:
         return mask
@@ -206,9 +258,11 @@ def edge_guide(original: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 0.15, dilate_px: int = 1,
-                   min_peak: float = MIN_PEAK, image: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes filled (Otsu only:
-    `edit_size` bounds the area, so its cut is only ever reduced), dilation. All-zero maps stay empty. With the
+                   min_peak: float = MIN_PEAK, image: torch.Tensor | None = None,
+                   max_hull_growth: float = HULL_GROWTH) -> torch.Tensor:
+    """[B, H, W] bool from a difference map: per sample, threshold, weak regions dropped, holes and concavities
+    filled (Otsu only: `edit_size` bounds the area, so its cut is only ever reduced; `max_hull_growth` 1 fills no
+    concavity), dilation. All-zero maps stay empty. With the
     original image ([B, H*s, W*s, 3] in [0, 1]) the Otsu cut follows the image's edges (`along_edges`); the
     `edit_size` cut does not (it would no longer bound the area). The image may live on another device than `diff`:
     each sample's is moved to `diff`'s."""
@@ -223,4 +277,6 @@ def threshold_mask(diff: torch.Tensor, method: str = "otsu", edit_size: float = 
         else:
             out.append(d >= quantile_threshold(d, edit_size))
     kept = drop_weak_components(torch.stack(out), diff, min_peak)
-    return dilate(fill_holes(kept) if method == "otsu" else kept, dilate_px)
+    if method == "otsu":
+        kept = fill_concavities(fill_holes(kept), max_hull_growth)
+    return dilate(kept, dilate_px)

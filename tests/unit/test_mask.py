@@ -112,6 +112,47 @@ def test_fill_holes_fills_enclosed_regions_only():
     assert torch.equal(M.fill_holes(m), m)
 
 
+def brute_force_hull(cells: torch.Tensor) -> torch.Tensor:
+    """The cells inside every half-plane bounded by a line through two of the points with all points on its side:
+    the convex hull by its definition, in O(n^3)."""
+    points = [tuple(p) for p in cells.nonzero().tolist()]
+    inside = torch.ones_like(cells)
+    ys, xs = torch.meshgrid(torch.arange(cells.shape[0]), torch.arange(cells.shape[1]), indexing="ij")
+    for a in points:
+        for b in points:
+            if a == b:
+                continue
+            def side(y, x, a=a, b=b):
+                return (b[0] - a[0]) * (x - a[1]) - (b[1] - a[1]) * (y - a[0])
+            if all(side(*q) >= 0 for q in points):
+                inside &= side(ys, xs) >= 0
+    return inside
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_convex_hull_matches_its_definition(seed):
+    gen = torch.Generator().manual_seed(seed)
+    cells = torch.rand(11, 13, generator=gen) < 0.04 + 0.02 * (seed % 4)
+    cells[5, 6] = cells[2, 3] = cells[8, 4] = True  # never collinear
+    assert torch.equal(M.convex_hull(cells), brute_force_hull(cells))
+
+
+def test_fill_concavities_completes_compact_regions_only():
+    square = torch.zeros(1, 14, 14, dtype=torch.bool)
+    square[0, 2:9, 2:9] = True
+    bite = square.clone()                  # a triangle (apex up) redrawn as a square: outside the triangle
+    for row in range(6):
+        bite[0, 3 + row, 5 - row * 2 // 5:6 + row * 2 // 5] = False
+    ell = torch.zeros(1, 14, 14, dtype=torch.bool)
+    ell[0, 2:13, 11] = ell[0, 12, 4:12] = True
+    mask = bite | ell
+    filled = M.fill_concavities(mask)
+    assert torch.equal(filled, square | ell)   # the L's hull would triple it: not an object's outline
+    assert torch.equal(M.fill_concavities(mask, max_growth=1.0), mask)
+    assert torch.equal(M.threshold_mask(mask.float(), "otsu", dilate_px=0), square | ell)
+    assert torch.equal(M.threshold_mask(mask.float(), "otsu", dilate_px=0, max_hull_growth=1.0), mask)
+
+
 def test_the_mask_keeps_a_small_object_and_fills_a_rim():
     """What the opening lost: a size change of a small object differs at its rim; the mask is the whole object."""
     diff = torch.zeros(1, 16, 16)

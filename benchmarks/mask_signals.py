@@ -2,7 +2,8 @@
 
     python benchmarks/mask_signals.py --pairs 40 --probe-steps 6 --out out/mask_signals.pt
 
-Per pair (the same pairs, seeds and settings as benchmarks/edit_quality.py): the original generation through
+Per pair (`sample_edits(--pairs, --seed)` with benchmarks/edit_quality.py's seeds and settings; the same pairs as
+its shards only where they draw as many: see benchmarks/mask_control.py): the original generation through
 FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
 per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
 original image; the clean image each run predicts at the probe's steps 4 and `--probe-steps` (decoded, the edited

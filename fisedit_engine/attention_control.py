@@ -2,8 +2,15 @@
 the edited words act.
 
 In every cross-attention layer, at the prompt positions the edit did not change, the attention probabilities are
-the original run's, recomputed from the captured queries of that step and layer and the original prompt's keys;
-the other positions keep the edited run's probabilities (as prompt-to-prompt's "refine": rows are not renormalised).
+the original run's, recomputed from the captured queries of that step and layer and the original prompt's keys,
+rescaled to the share of attention that the edited run gives those positions; the other positions keep the edited
+run's probabilities. So the original decides where, among the words both prompts share, each pixel looks, and the
+edited run decides how much each pixel looks at those words rather than at the new ones: every row stays a
+distribution. Prompt-to-prompt's "refine" takes the original's probabilities unscaled, which suits its alignment
+of every original word with an edited one (the original's row then sums to one over them); here only the common
+start is aligned (below). Unscaled ("refine", kept to compare with), the controlled probe lost added objects on the
+toy world: 3 of 40 edits failed in benchmarks/results/edit_quality.md; on the CPU's masks
+(benchmarks/results/mask_control-cpu/) additions scored 0.68 unscaled, 0.71 rescaled and 0.71 without control.
 The values are always the edited prompt's, which at unchanged positions equal the original's.
 
 Which positions are unchanged: ComfyUI's CONDITIONING holds embeddings, not tokens, so a position is unchanged when
@@ -22,6 +29,7 @@ from .cache import CacheError, FisEditCache
 from .graphs import outside_capture
 
 probe_step: contextvars.ContextVar[int | None] = contextvars.ContextVar("fisedit_probe_step", default=None)
+MODES = ("rescaled", "refine")  # the node's; prompt-to-prompt's unscaled refine
 
 
 def unchanged_positions(original: list, edited: list) -> torch.Tensor:
@@ -38,8 +46,10 @@ class ControlledCrossAttention:
     fisedit_patch = True
 
     def __init__(self, module, key: str, source: FisEditCache, original_context: torch.Tensor,
-                 unchanged: torch.Tensor):
-        self.module, self.key, self.source = module, key, source
+                 unchanged: torch.Tensor, mode: str = "rescaled"):
+        if mode not in MODES:
+            raise ValueError(f"attention control's mode is one of {MODES}, got '{mode}'")
+        self.module, self.key, self.source, self.mode = module, key, source, mode
         self.original_context, self.unchanged = original_context, unchanged
         self._on_device: dict = {}  # (device, dtype) -> (original keys, unchanged positions): the same every step
         self._staged: torch.Tensor | None = None  # this step's original queries on the device (stage())
@@ -64,7 +74,10 @@ class ControlledCrossAttention:
         probs = _probabilities(q, k, m.heads)
         n = min(k.shape[1], k_original.shape[1], unchanged.shape[0])
         original = _probabilities(q_original, k_original, m.heads)
-        probs[..., :n] = torch.where(unchanged[:n], original[..., :n], probs[..., :n])
+        if self.mode == "rescaled":
+            probs[..., :n] = controlled_probabilities(probs[..., :n], original[..., :n], unchanged[:n])
+        else:
+            probs[..., :n] = torch.where(unchanged[:n], original[..., :n], probs[..., :n])
         b, tokens, inner = q.shape
         heads_v = v.reshape(v.shape[0], v.shape[1], m.heads, -1).transpose(1, 2).float()
         out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
@@ -100,6 +113,15 @@ class ControlledCrossAttention:
         return self._on_device[key]
 
 
+def controlled_probabilities(edited: torch.Tensor, original: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
+    """[..., keys]: at the `unchanged` keys, the original's probabilities rescaled to the edited run's total on those
+    keys; elsewhere the edited run's."""
+    kept = torch.where(unchanged, original, 0.0)
+    share = torch.where(unchanged, edited, 0.0).sum(-1, keepdim=True)
+    scale = share / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
+    return torch.where(unchanged, kept * scale, edited)
+
+
 def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, heads, queries, keys] softmax attention probabilities, in fp32."""
     b, n, inner = q.shape
@@ -109,7 +131,8 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor
     return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
 
 
-def attach(patched, layout, source: FisEditCache, positive: list, steps: int) -> list[ControlledCrossAttention]:
+def attach(patched, layout, source: FisEditCache, positive: list, steps: int,
+           mode: str = "rescaled") -> list[ControlledCrossAttention]:
     """Substitutes every cross-attention of `patched` for the probe; returns the substitutes."""
     original = source.conds.get("positive")
     if not original:
@@ -129,6 +152,6 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int) ->
                 raise CacheError(f"attention control needs the cross-attention queries of the {steps} probe steps; "
                                  f"this cache holds them for {source.cached_steps(key, host.COND)}: lower probe_steps "
                                  f"or turn attention_control off")
-            layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged))
+            layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged, mode))
             patched.add_object_patch(f"diffusion_model.{path}.forward", layers[-1])
     return layers

@@ -120,9 +120,9 @@ class KeptProbe:
         self.layers = {}
 
 
-def _kept_key(model, source: FisEditCache, positive: list, attention_control_on: bool) -> tuple:
+def _kept_key(model, source: FisEditCache, positive: list, control: str | None) -> tuple:
     return warm.key(source=warm.same(source.store), device=str(torch.device(model.load_device)),
-                    prompt_shapes=warm.conditioning_shapes(positive), options=(attention_control_on,))
+                    prompt_shapes=warm.conditioning_shapes(positive), options=(control,))
 
 
 class ProbeStepWrapper:
@@ -155,11 +155,13 @@ class ProbeStepWrapper:
 
 
 def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
-              on_step=None, cuda_graph: bool = True) -> tuple[ProbeState, list[list[int]]]:
+              on_step=None, cuda_graph: bool = True,
+              control_mode: str = "rescaled") -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
-    original run's (attention_control.py). `on_step(done)` is called after each probe step (a progress bar). On a
-    CUDA device the probe steps replay one captured CUDA graph unless `cuda_graph` is False."""
+    original run's (attention_control.py; `control_mode` one of its MODES). `on_step(done)` is called after each
+    probe step (a progress bar). On a CUDA device the probe steps replay one captured CUDA graph unless `cuda_graph`
+    is False."""
     s = source.settings
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
@@ -173,10 +175,10 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     controlled = []
     if attention_control_on:
         controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
-                                              positive, steps)
+                                              positive, steps, control_mode)
     graph = key = None
     if cuda_graph and torch.device(model.load_device).type == "cuda":
-        key = _kept_key(model, source, positive, attention_control_on)
+        key = _kept_key(model, source, positive, control_mode if attention_control_on else None)
         kept = warm.take(source, KEPT, key)
         if kept is not None:
             graph = kept.graph

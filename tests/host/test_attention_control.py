@@ -41,16 +41,18 @@ def layer_case(seed=0, side=16, dim=32):
     return layer, x, original, edited, region
 
 
-def test_the_controlled_layer_is_prompt_to_prompt_refine(host):
-    """At the prompt positions the edit left unchanged, the original run's probabilities (from its captured queries);
-    at the edited ones, the edited run's; values from the edited prompt; rows not renormalised."""
+@pytest.mark.parametrize("mode", ["rescaled", "refine"])
+def test_the_controlled_layer_is_refine_rescaled_or_not(host, mode):
+    """At the prompt positions the edit left unchanged, the original run's probabilities (from its captured queries),
+    rescaled to the edited run's total there (or not: prompt-to-prompt's refine); at the edited ones, the edited
+    run's; values from the edited prompt."""
     from fisedit_engine import attention_control as AC
     layer, x, original, edited, _ = layer_case()
     unchanged = AC.unchanged_positions([[original, {}]], [[edited, {}]])
     assert unchanged.tolist() == [True] * EDITED + [False]
     q_original = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))  # the original's features
     with torch.no_grad():
-        controlled = AC.ControlledCrossAttention(layer, "q", OneQuerySource(q_original), original, unchanged)
+        controlled = AC.ControlledCrossAttention(layer, "q", OneQuerySource(q_original), original, unchanged, mode)
         token = AC.probe_step.set(0)
         try:
             actual = controlled(x, context=edited)
@@ -59,13 +61,26 @@ def test_the_controlled_layer_is_prompt_to_prompt_refine(host):
         scale = x.shape[-1] ** -0.5  # one head, identity projections
         p_edit = torch.softmax(x @ edited.transpose(1, 2) * scale, dim=-1)
         p_original = torch.softmax(q_original @ original.transpose(1, 2) * scale, dim=-1)
-        p = torch.cat([p_original[..., :EDITED], p_edit[..., EDITED:]], dim=-1)
+        kept = p_original[..., :EDITED]
+        if mode == "rescaled":
+            kept = kept * p_edit[..., :EDITED].sum(-1, keepdim=True) / kept.sum(-1, keepdim=True)
+        p = torch.cat([kept, p_edit[..., EDITED:]], dim=-1)
+        if mode == "rescaled":
+            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
         expected = p @ edited
         uncontrolled = layer(x, context=edited)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(actual, uncontrolled, atol=1e-3)
     with torch.no_grad():  # outside a probe step the layer is the module's own
         assert torch.equal(controlled(x, context=edited), uncontrolled)
+
+
+def test_an_unknown_control_mode_is_refused(host):
+    from fisedit_engine import attention_control as AC
+    layer, x, original, edited, _ = layer_case()
+    unchanged = AC.unchanged_positions([[original, {}]], [[edited, {}]])
+    with pytest.raises(ValueError, match="one of .*rescaled.*refine"):
+        AC.ControlledCrossAttention(layer, "q", OneQuerySource(x), original, unchanged, "replace")
 
 
 def test_with_an_unchanged_prompt_the_controlled_probe_is_the_original(host):

@@ -176,9 +176,13 @@ def main(argv=None) -> int:
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
     if all(3 in r.get("x0_steps", ()) for r in records):
-        rules["4 steps: along both images' edges, concavities not filled (the rule before the fourteenth session)"] = (
-            lambda r: M.threshold_mask(diff(r, 4)[None], dilate_px=0, max_hull_growth=1.0, image=M.edge_guide(
-                r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())[None])[0])
+        for growth, what in ((1.0, "concavities not filled (the rule before the fourteenth session)"),
+                             (1.2, "concavities filled where the hull is at most 1.2x the region"),
+                             (2.0, "concavities filled where the hull is at most 2x the region")):
+            rules[f"4 steps: along both images' edges, {what}"] = (
+                lambda r, g=growth: M.threshold_mask(diff(r, 4)[None], dilate_px=0, max_hull_growth=g,
+                                                     image=M.edge_guide(r["source_image"], r["x0_edited"][
+                                                         r["x0_steps"].index(3)].float())[None])[0])
 
         def with_edges(r):
             guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())

@@ -31,3 +31,21 @@ def test_mask_signals_and_variants_run_on_one_pair(host, tmp_path):
     assert record["x0_steps"] == [1] and record["x0_edited"].shape == record["x0_original"].shape == (1, 128, 128, 3)
     assert not torch.equal(record["x0_edited"], record["x0_original"])
     assert "2 steps: the engine's rule along the edges of the original and the predicted image" in table.stdout
+
+
+def test_mask_control_scores_each_rule_and_merges(host, tmp_path):
+    import json
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_control.py"), "--pairs", "1", "--kinds",
+                           "colour", "--size", "128", "--steps", "10", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record, = json.loads((tmp_path / "a" / "mask_control.json").read_text())["pairs"]
+    assert record["pair"] == 0 and record["kind"] == "colour"
+    for variant in ("off", "refine", "rescaled"):
+        assert 0.0 <= record[variant]["iou"] <= 1.0 and 0.0 < record[variant]["mask_fraction"] < 1.0
+    merged = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_control.py"), "--merge",
+                             str(tmp_path / "a"), "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    table = (tmp_path / "m" / "mask_control.md").read_text()
+    assert f"| colour | 1 | {record['off']['iou']:.3f} ± 0.000" in table and "refine, rescaled (the node's)" in table

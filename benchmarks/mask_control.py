@@ -34,8 +34,8 @@ def run(a) -> list[dict]:
     if a.threads:
         torch.set_num_threads(a.threads)
     nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-control-")))
-    import comfy.sample
     from edit_quality import _mask_scores, _on_latent_grid, all_edits_slice
+    from mask_signals import captured_original
     from fisedit_engine import api, registry
     from toyworld import comfy_models, models
     from toyworld import edits as edits_mod
@@ -49,16 +49,10 @@ def run(a) -> list[dict]:
         if kind not in a.kinds:
             continue
         old, new = edit.captions()[0][0], edit.captions()[1][0]
-        seed = a.seed * 100_003 + i
-        latent = torch.zeros(1, 4, a.size // 8, a.size // 8)
         truth = _on_latent_grid(edit.regions(a.size)[0][0])
         record = {"pair": i, "kind": kind, "before": old, "after": new}
         with torch.inference_mode():
-            captured, handle = api.capture(model, f"mask-control-{i}")
-            out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
-                                      "normal", encode.encode(clip, old)[0], encode.encode(clip, "")[0], latent,
-                                      seed=seed, disable_pbar=True)
-            api.store(handle, {"samples": out})
+            handle, _ = captured_original(model, clip, encode, old, a.seed * 100_003 + i, a, f"mask-control-{i}")
             positive = encode.encode(clip, new)[0]
             for variant in a.variants:
                 t0 = time.perf_counter()

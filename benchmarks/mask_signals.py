@@ -37,6 +37,21 @@ def predicted_images(model, vae, source, probe, step: int, cfg: float):
     return images
 
 
+def captured_original(model, clip, encode, caption: str, seed: int, a, name: str):
+    """The handle of a stored cache of `caption` generated at --size (euler/normal, --steps, --cfg, empty negative),
+    as benchmarks/edit_quality.py generates its originals; call under torch.inference_mode()."""
+    import comfy.sample
+    import torch
+    from fisedit_engine import api
+    latent = torch.zeros(1, 4, a.size // 8, a.size // 8)
+    captured, handle = api.capture(model, name)
+    out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler", "normal",
+                              encode.encode(clip, caption)[0], encode.encode(clip, "")[0], latent, seed=seed,
+                              disable_pbar=True)
+    api.store(handle, {"samples": out})
+    return handle, out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=40)
@@ -51,9 +66,8 @@ def main(argv=None) -> int:
     import comfy_host
     import torch
     nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-signals-")))
-    import comfy.sample
     from edit_quality import _on_latent_grid, all_edits_slice
-    from fisedit_engine import api, registry
+    from fisedit_engine import registry
     from fisedit_engine.comfy_adapter import COND
     from fisedit_engine.layout import LATENT_KEY, MODEL_OUTPUT_KEY
     from fisedit_engine.probe import run_probe
@@ -66,14 +80,8 @@ def main(argv=None) -> int:
     for i in range(a.pairs):
         edit = all_edits_slice(edits, i)
         old, new = edit.captions()[0][0], edit.captions()[1][0]
-        seed = a.seed * 100_003 + i
-        latent = torch.zeros(1, 4, a.size // 8, a.size // 8)
         with torch.inference_mode():
-            captured, handle = api.capture(model, f"mask-signals-{i}")
-            out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
-                                      "normal", encode.encode(clip, old)[0], encode.encode(clip, "")[0], latent,
-                                      seed=seed, disable_pbar=True)
-            api.store(handle, {"samples": out})
+            handle, out = captured_original(model, clip, encode, old, a.seed * 100_003 + i, a, f"mask-signals-{i}")
             source = handle.get()
             probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True)
             image = vae.decode(out)[0].float()  # [H, W, 3]

@@ -60,8 +60,9 @@ DIFFERENCE_MASK = NodeSpec(
            default=1, min=0, max=64),
         In("attention_control", "BOOLEAN", (
             "auto modes: during the probe, the cross-attention maps of the prompt positions the edit left unchanged "
-            "(the common start of both prompts) are the original's, so the change concentrates where the edited "
-            "words act."), default=True),
+            "(the common start of both prompts) follow the original's, at the share of attention the edited prompt "
+            "gives them (new words keep theirs), so the change concentrates where the edited words act."),
+           default=True),
         In("user_mask", "MASK", "user modes: the region to edit, at the image's size (white = edit).", optional=True),
         In("vae", "VAE", ("Optional, the generation's VAE: the auto mask (threshold otsu) then follows the edges of "
                           "the original image, and of the image the probe predicts (where an edit adds an object), "

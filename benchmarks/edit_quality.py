@@ -327,6 +327,8 @@ def run_pairs(a) -> tuple[list[dict], dict]:
             print(f"stopping after {len(records)} pairs: the next would pass --budget-seconds", flush=True)
             break
         edit = all_edits_slice(all_edits, i)
+        if edits_mod.EDIT_KINDS[int(edit.kind[0])] not in a.kinds:
+            continue
         old, new = edit.captions()[0][0], edit.captions()[1][0]
         prompt = pair_prompt(i, old, new, a)
         comfy_host.validate(prompt)  # raises with ComfyUI's messages
@@ -344,6 +346,8 @@ def run_pairs(a) -> tuple[list[dict], dict]:
               flush=True)
     settings = {k: getattr(a, k) for k in ("start", "seed", "size", "steps", "cfg", "sampler", "scheduler",
                                            "weights", "probe_steps", "threshold", "dilate")}
+    if set(a.kinds) != set(edits_mod.EDIT_KINDS):
+        settings["kinds"] = a.kinds
     settings["pairs"] = len(records)
     settings["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     settings["seconds"] = time.perf_counter() - t0
@@ -423,6 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe-steps", type=int, default=0, help="FISEditDifferenceMask probe_steps (0: 20%%)")
     p.add_argument("--threshold", default="otsu", choices=("otsu", "edit_size"))
     p.add_argument("--dilate", type=int, default=1)
+    p.add_argument("--kinds", default="colour,shape,size,add,remove",
+                   help="run only the pairs of these edit kinds (comma-separated); pair i stays the same pair")
     p.add_argument("--weights", default="toyworld", help="weights name for FISEditToyModelLoader")
     p.add_argument("--random-weights", action="store_true",
                    help="use freshly initialised weights in a temporary folder (tests the plumbing only)")
@@ -439,6 +445,10 @@ def main(argv=None) -> int:
                         "busy); each method's seconds are then measured under that shared load")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    a.kinds = a.kinds.split(",")
+    from toyworld.edits import EDIT_KINDS
+    if set(a.kinds) - set(EDIT_KINDS):
+        p.error(f"unknown kinds {sorted(set(a.kinds) - set(EDIT_KINDS))}; choose from {list(EDIT_KINDS)}")
     if a.render:
         kept = json.loads((a.out / "edit_quality.json").read_text())
         result = write(a.out, kept["pairs"], kept["settings"], [])

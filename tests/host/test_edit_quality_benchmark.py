@@ -79,3 +79,14 @@ def test_workers_run_shards_at_once_and_merge_them_into_the_same_pairs(host, tmp
     alone = json.loads((out / "shards" / "02" / "edit_quality.json").read_text())
     assert [p["pair"] for p in alone["pairs"]] == [1, 2]
     assert alone["pairs"][0]["methods"]["regenerate"]["psnr_out"] == result["pairs"][1]["methods"]["regenerate"]["psnr_out"]
+
+
+def test_kinds_runs_only_those_pairs_under_their_own_indices(host, tmp_path):
+    out = tmp_path / "kinds"
+    assert edit_quality.main(["--pairs", "4", "--size", "128", "--steps", "2", "--random-weights", "--examples", "0",
+                              "--kinds", "shape,add", "--out", str(out)]) == 0
+    result = json.loads((out / "edit_quality.json").read_text())
+    assert [(p["pair"], p["kind"]) for p in result["pairs"]] == [(1, "shape"), (3, "add")]
+    assert result["settings"]["kinds"] == ["shape", "add"]
+    with pytest.raises(SystemExit):
+        edit_quality.main(["--kinds", "recolour", "--out", str(out)])

@@ -427,7 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe-steps", type=int, default=0, help="FISEditDifferenceMask probe_steps (0: 20%%)")
     p.add_argument("--threshold", default="otsu", choices=("otsu", "edit_size"))
     p.add_argument("--dilate", type=int, default=1)
-    p.add_argument("--kinds", default="colour,shape,size,add,remove",
+    from toyworld.edits import EDIT_KINDS
+    p.add_argument("--kinds", default=",".join(EDIT_KINDS),
                    help="run only the pairs of these edit kinds (comma-separated); pair i stays the same pair")
     p.add_argument("--weights", default="toyworld", help="weights name for FISEditToyModelLoader")
     p.add_argument("--random-weights", action="store_true",
@@ -446,7 +447,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     a.kinds = a.kinds.split(",")
-    from toyworld.edits import EDIT_KINDS
     if set(a.kinds) - set(EDIT_KINDS):
         p.error(f"unknown kinds {sorted(set(a.kinds) - set(EDIT_KINDS))}; choose from {list(EDIT_KINDS)}")
     if a.render:

@@ -70,7 +70,8 @@ def run(a) -> list[dict]:
 
 def markdown(records: list[dict], settings: dict) -> str:
     variants = [v for v in VARIANTS if all(v in r for r in records)]
-    kinds = [k for k in ("colour", "shape", "size", "add", "remove") if any(r["kind"] == k for r in records)]
+    from toyworld.edits import EDIT_KINDS
+    kinds = [k for k in EDIT_KINDS if any(r["kind"] == k for r in records)]
     lines = [f"Attention control and the automatic mask: {len(records)} toy-world edit pairs ({settings}). Undilated "
              f"latent-grid IoU with the generator's truth, mean ± standard error of the mean; in brackets, masks "
              f"under 0.45.", "",
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
     else:
         import torch
         records = run(a)
-        settings = (f"seed {a.seed}, pairs {a.start}-{(a.end or a.pairs) - 1} of {a.pairs}, kinds {', '.join(a.kinds)}, {a.size}x{a.size}, "
-                    f"euler/normal {a.steps} steps, cfg {a.cfg}, weights toyworld, "
-                    f"{'CUDA' if torch.cuda.is_available() else 'CPU'}")
+        settings = (f"seed {a.seed}, pairs {a.start}-{(a.end or a.pairs) - 1} of {a.pairs}, kinds "
+                    f"{', '.join(a.kinds)}, {a.size}x{a.size}, euler/normal {a.steps} steps, cfg {a.cfg}, "
+                    f"weights toyworld, {'CUDA' if torch.cuda.is_available() else 'CPU'}")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "mask_control.json").write_text(json.dumps({"settings": settings, "pairs": records}, indent=1) + "\n")
     (a.out / "mask_control.md").write_text(markdown(records, settings) + "\n")

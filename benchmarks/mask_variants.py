@@ -176,17 +176,13 @@ def main(argv=None) -> int:
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
     if all(3 in r.get("x0_steps", ()) for r in records):
+        def with_edges(r, hull_growth=M.HULL_GROWTH):
+            guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())
+            return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None], max_hull_growth=hull_growth)[0]
         for growth, what in ((1.0, "concavities not filled (the rule before the fourteenth session)"),
                              (1.2, "concavities filled where the hull is at most 1.2x the region"),
                              (2.0, "concavities filled where the hull is at most 2x the region")):
-            rules[f"4 steps: along both images' edges, {what}"] = (
-                lambda r, g=growth: M.threshold_mask(diff(r, 4)[None], dilate_px=0, max_hull_growth=g,
-                                                     image=M.edge_guide(r["source_image"], r["x0_edited"][
-                                                         r["x0_steps"].index(3)].float())[None])[0])
-
-        def with_edges(r):
-            guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())
-            return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None])[0]
+            rules[f"4 steps: along both images' edges, {what}"] = lambda r, g=growth: with_edges(r, g)
         for tolerance, share in ((0.03, 0.2), (0.04, 0.2), (0.04, 0.4), (0.06, 0.2)):
             rules[f"4 steps: along both images' edges, completed to the original's segments (tolerance {tolerance}, "
                   f"share {share})"] = lambda r, t=tolerance, s=share: complete_segments(with_edges(r),

@@ -80,7 +80,8 @@ def pair_prompt(i: int, old: str, new: str, a) -> dict:
     def fisedit(attention_control, dilate):
         return {"class_type": "FISEditDifferenceMask", "inputs": {
             "model": ["1", 0], "cache": ["7", 0], "positive": ["10", 0], "dilate": dilate,
-            "attention_control": attention_control, "vae": ["1", 2], **mask}}
+            "attention_control": attention_control, "attention_control_steps": a.control_steps, "vae": ["1", 2],
+            **mask}}
 
     return {
         "1": {"class_type": "FISEditToyModelLoader", "inputs": {"weights": a.weights}},
@@ -245,6 +246,9 @@ def markdown(summary: dict, settings: dict) -> str:
               f"({settings['size']}x{settings['size']}, {settings['sampler']}/{settings['scheduler']}, "
               f"{settings['steps']} steps, cfg {settings['cfg']}, weights `{settings['weights']}`, "
               f"device {settings['device']}"
+              + (", attention control in the first probe step" if settings.get("control_steps") == 1 else
+                 f", attention control in the first {settings['control_steps']} probe steps"
+                 if settings.get("control_steps") else "")
               + (f", {workers} worker processes sharing it, so the seconds are each method's under that load"
                  if workers > 1 else "")
               + f"). Originals that show their caption (judge): "
@@ -345,7 +349,7 @@ def run_pairs(a) -> tuple[list[dict], dict]:
               f"success {f['success']} | regenerate success {record['methods']['regenerate']['success']}",
               flush=True)
     settings = {k: getattr(a, k) for k in ("start", "seed", "size", "steps", "cfg", "sampler", "scheduler",
-                                           "weights", "probe_steps", "threshold", "dilate")}
+                                           "weights", "probe_steps", "threshold", "dilate", "control_steps")}
     if set(a.kinds) != set(edits_mod.EDIT_KINDS):
         settings["kinds"] = a.kinds
     settings["pairs"] = len(records)
@@ -425,6 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--probe-steps", type=int, default=0, help="FISEditDifferenceMask probe_steps (0: 20%%)")
+    p.add_argument("--control-steps", type=int, default=0,
+                   help="FISEditDifferenceMask attention_control_steps (0: every probe step)")
     p.add_argument("--threshold", default="otsu", choices=("otsu", "edit_size"))
     p.add_argument("--dilate", type=int, default=1)
     from toyworld.edits import EDIT_KINDS

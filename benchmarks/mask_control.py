@@ -8,7 +8,8 @@ seeds and settings; the generator draws each attribute for all pairs at once, so
 many are drawn: edit_quality.py's shard drawing --start + --pairs has the same pair i only where the counts agree):
 the original generated through FISEditCacheCapture, then the engine's difference mask (the node's defaults, the VAE
 connected, undilated) with attention control off, with prompt-to-prompt's refine (the original's probabilities at
-the unchanged words, unscaled) and with the rescaled refine the node runs (attention_control.py); scored against the
+the unchanged words, unscaled), with the rescaled refine (attention_control.py), and with that in the first one or
+two probe steps only (VARIANTS); scored against the
 generator's truth on the latent grid as edit_quality.py scores it. Only the masks: no sparse sampling, so it runs on
 a CPU (a few seconds a mask there), where edit_quality.py's 200 pairs of every method would take hours.
 """
@@ -25,7 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks"), str(ROOT)]
 
-VARIANTS = {"off": "no control", "refine": "refine, unscaled", "rescaled": "refine, rescaled (the node's)"}
+VARIANTS = {  # name: (title, difference_mask's control arguments)
+    "off": ("no control", {"attention_control": False}),
+    "refine": ("refine, unscaled", {"control_mode": "refine"}),
+    "rescaled": ("refine, rescaled", {"control_mode": "rescaled"}),
+    "rescaled-1": ("rescaled, first probe step", {"control_mode": "rescaled", "control_steps": 1}),
+    "rescaled-2": ("rescaled, first 2 probe steps", {"control_mode": "rescaled", "control_steps": 2}),
+}
 
 
 def run(a) -> list[dict]:
@@ -57,8 +64,7 @@ def run(a) -> list[dict]:
             for variant in a.variants:
                 t0 = time.perf_counter()
                 spec, _, _ = api.difference_mask(model, handle, positive, "auto", dilate=0, vae=vae,
-                                                 attention_control=variant != "off",
-                                                 control_mode="rescaled" if variant == "off" else variant)
+                                                 **VARIANTS[variant][1])
                 mask = spec.mask[0].cpu()
                 record[variant] = _mask_scores(mask, truth) | {"mask_fraction": float(mask.float().mean()),
                                                               "seconds": time.perf_counter() - t0}
@@ -75,7 +81,7 @@ def markdown(records: list[dict], settings: dict) -> str:
     lines = [f"Attention control and the automatic mask: {len(records)} toy-world edit pairs ({settings}). Undilated "
              f"latent-grid IoU with the generator's truth, mean ± standard error of the mean; in brackets, masks "
              f"under 0.45.", "",
-             "| kind | pairs | " + " | ".join(VARIANTS[v] for v in variants) + " |",
+             "| kind | pairs | " + " | ".join(VARIANTS[v][0] for v in variants) + " |",
              "|---|---|" + "---|" * len(variants)]
     for kind in (*kinds, None):
         rows = [r for r in records if kind is None or r["kind"] == kind]

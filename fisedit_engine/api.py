@@ -111,7 +111,8 @@ DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
 def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
                     probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
                     attention_control: bool = True, vae=None,
-                    progress: Callable[[int], Callable[[int], None]] | None = None, control_mode: str = "rescaled"):
+                    progress: Callable[[int], Callable[[int], None]] | None = None, control_mode: str = "rescaled",
+                    control_steps: int | None = None):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
@@ -119,7 +120,8 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
     edges of the original image (decoded once and kept with the cache) and of the image the probe predicts
     (`edge_guide`, mask.along_edges). `progress(total)` returns
     `update(done)`: called once per probe step (the node layer passes the host's progress bar). `control_mode`:
-    how attention control treats the unchanged words (attention_control.MODES; the node runs the default)."""
+    how attention control treats the unchanged words (attention_control.MODES), `control_steps`: in how many of the
+    first probe steps (None: all); the node runs the defaults."""
     import torch
     import torch.nn.functional as F
     from .decode import image_preview, latent_preview, original_image
@@ -158,7 +160,8 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
     if mask_mode in ("auto", "auto+user"):
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
         probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control,
-                             on_step=progress(steps) if progress is not None else None, control_mode=control_mode)
+                             on_step=progress(steps) if progress is not None else None, control_mode=control_mode,
+                             control_steps=control_steps)
         # On the model's device: along the image's edges, the cut filters every pixel of the image.
         device = torch.device(model.load_device)
         masks.append(threshold_mask(probe.difference.to(device), threshold, edit_size, dilate_px=dilate,

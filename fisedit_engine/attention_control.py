@@ -17,6 +17,10 @@ Which positions are unchanged: ComfyUI's CONDITIONING holds embeddings, not toke
 its edited embedding equals the original one exactly. Under CLIP's causal attention that is the common prefix of the
 two prompts (up to the first edited word) and nothing after it: words that follow an insertion or a change have
 other embeddings even when the words are the same, and are left uncontrolled.
+
+Which steps: prompt-to-prompt controls the first part of the schedule only, where the layout forms, and lets the
+later steps follow the edited prompt. `steps` does the same with the probe's first steps; the others run the edited
+prompt's own attention (computed the same way, so that a CUDA graph of the probe step serves both).
 """
 from __future__ import annotations
 
@@ -46,13 +50,19 @@ class ControlledCrossAttention:
     fisedit_patch = True
 
     def __init__(self, module, key: str, source: FisEditCache, original_context: torch.Tensor,
-                 unchanged: torch.Tensor, mode: str = "rescaled"):
+                 unchanged: torch.Tensor, mode: str = "rescaled", steps: int | None = None):
         if mode not in MODES:
             raise ValueError(f"attention control's mode is one of {MODES}, got '{mode}'")
-        self.module, self.key, self.source, self.mode = module, key, source, mode
+        if steps is not None and steps < 1:
+            raise ValueError(f"attention control's steps is 1 or more (or None: every probe step), got {steps}")
+        self.module, self.key, self.source, self.mode, self.steps = module, key, source, mode, steps
         self.original_context, self.unchanged = original_context, unchanged
         self._on_device: dict = {}  # (device, dtype) -> (original keys, unchanged positions): the same every step
         self._staged: torch.Tensor | None = None  # this step's original queries on the device (stage())
+        self._active: torch.Tensor | None = None  # 0-d bool on the device: whether this step is controlled (stage())
+
+    def controls(self, step: int) -> bool:
+        return self.steps is None or step < self.steps
 
     def __deepcopy__(self, memo):
         return self
@@ -66,36 +76,45 @@ class ControlledCrossAttention:
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
         # Nothing here waits for the GPU: a blocking upload or a boolean-mask index in each of SDXL's 70 layers
         # would serialise the host's launches with the GPU's work.
-        if self._staged is not None:
-            q_original = self._staged.to(q.dtype)
-        else:
-            q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype, non_blocking=True)
-        k_original, unchanged = self._constants(context)
         probs = _probabilities(q, k, m.heads)
+        k_original, unchanged = self._constants(context)
         n = min(k.shape[1], k_original.shape[1], unchanged.shape[0])
-        original = _probabilities(q_original, k_original, m.heads)
-        if self.mode == "rescaled":
-            probs[..., :n] = controlled_probabilities(probs[..., :n], original[..., :n], unchanged[:n])
-        else:
-            probs[..., :n] = torch.where(unchanged[:n], original[..., :n], probs[..., :n])
+        if self._staged is not None:  # a step of the probe's CUDA graph: controlled or not by the staged flag
+            probs[..., :n] = torch.where(self._active, self._controlled(probs[..., :n], self._staged.to(q.dtype),
+                                                                        k_original[:, :n], unchanged[:n]),
+                                         probs[..., :n])
+        elif self.controls(step):
+            q_original = self.source.read(self.key, step, host.COND).to(q.device, q.dtype, non_blocking=True)
+            probs[..., :n] = self._controlled(probs[..., :n], q_original, k_original[:, :n], unchanged[:n])
         b, tokens, inner = q.shape
         heads_v = v.reshape(v.shape[0], v.shape[1], m.heads, -1).transpose(1, 2).float()
         out = (probs @ heads_v).transpose(1, 2).reshape(b, tokens, inner).to(x.dtype)
         return m.to_out(out)
 
+    def _controlled(self, probs: torch.Tensor, q_original: torch.Tensor, k_original: torch.Tensor,
+                    unchanged: torch.Tensor) -> torch.Tensor:
+        original = _probabilities(q_original, k_original, self.module.heads)
+        if self.mode == "rescaled":
+            return controlled_probabilities(probs, original, unchanged)
+        return torch.where(unchanged, original, probs)
+
     def stage(self, step: int, device) -> None:
-        """Copies the original queries of `step` into this layer's buffer on `device`, which the layer reads from
-        then on: a probe step replayed as a CUDA graph (probe.py) reads them there, refilled before each replay."""
-        cached = self.source.read(self.key, step, host.COND)
+        """Copies the original queries of `step` into this layer's buffer on `device`, and whether `step` is
+        controlled into its flag there, which the layer reads from then on: a probe step replayed as a CUDA graph
+        (probe.py) reads them there, refilled before each replay."""
         if self._staged is None:
             outside_capture(device, "a cross-attention layer's buffer of original queries")
-            self._staged = torch.empty(cached.shape, dtype=cached.dtype, device=device)
-        self._staged.copy_(cached, non_blocking=True)
+            first = self.source.read(self.key, 0, host.COND)
+            self._staged = torch.empty(first.shape, dtype=first.dtype, device=device)
+            self._active = torch.empty((), dtype=torch.bool, device=device)
+        self._active.fill_(self.controls(step))
+        if self.controls(step):
+            self._staged.copy_(self.source.read(self.key, step, host.COND), non_blocking=True)
 
     def adopt(self, kept: "ControlledCrossAttention") -> None:
         """Reads from the buffers of the same layer of an earlier probe of the source, whose CUDA graph this probe
         replays (warm.py): this prompt's unchanged positions are copied into them."""
-        self._staged = kept._staged
+        self._staged, self._active = kept._staged, kept._active
         for _, unchanged in kept._on_device.values():
             unchanged.copy_(self.unchanged)
         self._on_device = kept._on_device
@@ -131,9 +150,10 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor
     return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
 
 
-def attach(patched, layout, source: FisEditCache, positive: list, steps: int,
-           mode: str = "rescaled") -> list[ControlledCrossAttention]:
-    """Substitutes every cross-attention of `patched` for the probe; returns the substitutes."""
+def attach(patched, layout, source: FisEditCache, positive: list, steps: int, mode: str = "rescaled",
+           control_steps: int | None = None) -> list[ControlledCrossAttention]:
+    """Substitutes every cross-attention of `patched` for the probe of `steps` steps, controlled in the first
+    `control_steps` of them (None: all); returns the substitutes."""
     original = source.conds.get("positive")
     if not original:
         raise CacheError("attention control needs the original prompt, which this cache does not hold: turn "
@@ -148,10 +168,11 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int,
         for j in range(block.depth):
             path = f"{block.path}.transformer_blocks.{j}.attn2"
             key = f"{path}:q"
-            if source.cached_steps(key, host.COND) < steps:
+            if source.cached_steps(key, host.COND) < min(steps, control_steps or steps):
                 raise CacheError(f"attention control needs the cross-attention queries of the {steps} probe steps; "
                                  f"this cache holds them for {source.cached_steps(key, host.COND)}: lower probe_steps "
                                  f"or turn attention_control off")
-            layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged, mode))
+            layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged, mode,
+                                                   control_steps))
             patched.add_object_patch(f"diffusion_model.{path}.forward", layers[-1])
     return layers

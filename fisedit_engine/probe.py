@@ -156,10 +156,11 @@ class ProbeStepWrapper:
 
 def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
               on_step=None, cuda_graph: bool = True,
-              control_mode: str = "rescaled") -> tuple[ProbeState, list[list[int]]]:
+              control_mode: str = "rescaled", control_steps: int | None = None) -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
-    original run's (attention_control.py; `control_mode` one of its MODES). `on_step(done)` is called after each
+    original run's (attention_control.py; `control_mode` one of its MODES), in the first `control_steps` probe steps
+    (None: all). `on_step(done)` is called after each
     probe step (a progress bar). On a CUDA device the probe steps replay one captured CUDA graph unless `cuda_graph`
     is False."""
     s = source.settings
@@ -175,7 +176,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     controlled = []
     if attention_control_on:
         controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
-                                              positive, steps, control_mode)
+                                              positive, steps, control_mode, control_steps)
     graph = key = None
     if cuda_graph and torch.device(model.load_device).type == "cuda":
         key = _kept_key(model, source, positive, control_mode if attention_control_on else None)

@@ -17,7 +17,7 @@ def _difference_mask(inputs: dict, hidden: dict):
     return api.difference_mask(inputs["model"], inputs["cache"], inputs["positive"], inputs["mask_mode"],
                                inputs["user_mask"], inputs["dilate"], inputs["probe_steps"], inputs["threshold"],
                                inputs["edit_size"], inputs["attention_control"], vae=inputs["vae"],
-                               progress=host.progress_bar)
+                               progress=host.progress_bar, control_steps=inputs["attention_control_steps"] or None)
 
 
 def _sparse_sample(inputs: dict, hidden: dict):
@@ -63,6 +63,10 @@ DIFFERENCE_MASK = NodeSpec(
             "(the common start of both prompts) follow the original's, at the share of attention the edited prompt "
             "gives them (new words keep theirs), so the change concentrates where the edited words act."),
            default=True),
+        In("attention_control_steps", "INT", ("With attention_control: control only the first N probe steps "
+                                              "(prompt-to-prompt's cross_replace_steps); the later ones follow the "
+                                              "edited prompt's own attention. 0: every probe step."),
+           optional=True, default=0, min=0, max=10000),
         In("user_mask", "MASK", "user modes: the region to edit, at the image's size (white = edit).", optional=True),
         In("vae", "VAE", ("Optional, the generation's VAE: the auto mask (threshold otsu) then follows the edges of "
                           "the original image, and of the image the probe predicts (where an edit adds an object), "

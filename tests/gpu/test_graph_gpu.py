@@ -152,15 +152,18 @@ def test_probe_replayed_as_a_graph_equals_the_eager_probe(host, monkeypatch):
     api.store(handle, {"samples": sample(captured, arch, batch=2, cfg=6.0, sampler="euler", size=64, steps=steps)})
     edited = tiny_models.conditioning(arch, 21, 2)
     monkeypatch.setattr(graphs, "_warm", set())
-    for control in (True, False):
+    for control, control_steps in ((True, None), (True, 1), (False, None)):
         with torch.inference_mode():
-            eager, _ = run_probe(model, handle.get(), edited, probe_steps, control, cuda_graph=False)
-            runs = [run_probe(model, handle.get(), edited, probe_steps, control)[0] for _ in range(2)]
+            eager, _ = run_probe(model, handle.get(), edited, probe_steps, control, cuda_graph=False,
+                                 control_steps=control_steps)
+            runs = [run_probe(model, handle.get(), edited, probe_steps, control, control_steps=control_steps)[0]
+                    for _ in range(2)]
         assert eager.graph_replays == 0
-        assert [r.graph_replays for r in runs] == ([probe_steps - 1, probe_steps] if control else [probe_steps] * 2)
+        first_time = control and control_steps is None  # the first probe on the device: an eager warm-up step
+        assert [r.graph_replays for r in runs] == ([probe_steps - 1, probe_steps] if first_time else [probe_steps] * 2)
         for replayed in runs:
             for field in ("cond_outputs", "latents", "difference", "predicted"):
-                assert torch.equal(getattr(replayed, field), getattr(eager, field)), (control, field)
+                assert torch.equal(getattr(replayed, field), getattr(eager, field)), (control, control_steps, field)
 
 
 def test_the_next_probe_replays_the_kept_probe_graph_with_its_own_prompt(host):
@@ -177,14 +180,15 @@ def test_the_next_probe_replays_the_kept_probe_graph_with_its_own_prompt(host):
     first = tiny_models.conditioning(arch, 40, 2)
     second = [[first[0][0].clone(), dict(first[0][1])]]
     second[0][0][:, :5] = original[0][0][:, :5]  # an edit after the fifth token: those stay under control
-    for control in (True, False):
-        with torch.inference_mode():
-            eager, _ = run_probe(model, handle.get(), second, probe_steps, control, cuda_graph=False)
+    for control, control_steps in ((True, None), (True, 1), (False, None)):
+        with torch.inference_mode():  # the kept graph's layers control every step; the next probe's only its first
+            eager, _ = run_probe(model, handle.get(), second, probe_steps, control, cuda_graph=False,
+                                 control_steps=control_steps)
             run_probe(model, handle.get(), first, probe_steps, control)
-            kept, _ = run_probe(model, handle.get(), second, probe_steps, control)
+            kept, _ = run_probe(model, handle.get(), second, probe_steps, control, control_steps=control_steps)
         assert kept.graph_replays == probe_steps
         for field in ("cond_outputs", "latents", "difference", "predicted"):
-            assert torch.equal(getattr(kept, field), getattr(eager, field)), (control, field)
+            assert torch.equal(getattr(kept, field), getattr(eager, field)), (control, control_steps, field)
 
 
 def test_the_conditioning_reaches_the_model_calls_on_the_device(host):

@@ -104,6 +104,31 @@ def test_with_an_unchanged_prompt_the_controlled_probe_is_the_original(host):
             run_probe(model, handle.get(), edited, 3, attention_control_on=True)  # 30% of 6 steps: 2 recorded
 
 
+
+def test_control_in_the_first_probe_steps_only(host):
+    """control_steps=k: the first k probe steps are controlled (the latent after them is the fully controlled
+    probe's, bit for bit), the later ones follow the edited prompt's own attention; k at least the probe's steps is
+    full control."""
+    from fisedit_engine import api
+    from fisedit_engine.probe import run_probe
+    model = tiny_models.build("sd15", seed=2)
+    captured, handle = api.capture(model, "ac-steps")
+    api.store(handle, {"samples": tiny_models.sample(captured, "sd15", batch=1, size=16, sampler="euler", steps=8)})
+    edited = tiny_models.conditioning("sd15", 11)
+    edited[0][0] = edited[0][0].clone()
+    edited[0][0][:, 30:] += 1.0
+    with torch.inference_mode():
+        full, _ = run_probe(model, handle.get(), edited, 3, attention_control_on=True)
+        first, _ = run_probe(model, handle.get(), edited, 3, attention_control_on=True, control_steps=1)
+        all3, _ = run_probe(model, handle.get(), edited, 3, attention_control_on=True, control_steps=3)
+    assert torch.equal(first.latents[:2], full.latents[:2])
+    assert not torch.equal(first.latents[2], full.latents[2])
+    assert torch.equal(all3.latents, full.latents)
+    with pytest.raises(ValueError, match="1 or more"):
+        with torch.inference_mode():
+            run_probe(model, handle.get(), edited, 3, attention_control_on=True, control_steps=0)
+
+
 TOY_SCENE = "a large red circle at the top left and a small blue square on the right, on a striped background"
 TOY_EDITS = [  # (original, edited caption); the edit changes one word of one object
     (TOY_SCENE, TOY_SCENE.replace("small blue square", "small blue circle")),

@@ -240,15 +240,20 @@ def _with_se(s: dict) -> str:
     return _fmt(s.get("iou_grid_undilated")) + ("" if se is None else f" ± {se:.2f}")
 
 
+def _control_steps(n: int | None) -> str:
+    if n is None:  # a run from before the option
+        return ""
+    steps = "every probe step" if n == 0 else "the first probe step" if n == 1 else f"the first {n} probe steps"
+    return f", attention control in {steps}"
+
+
 def markdown(summary: dict, settings: dict) -> str:
     workers = settings.get("workers", 1)
     lines = [(f"Edit quality on the toy world: {summary['pairs']} edit pairs "
               f"({settings['size']}x{settings['size']}, {settings['sampler']}/{settings['scheduler']}, "
               f"{settings['steps']} steps, cfg {settings['cfg']}, weights `{settings['weights']}`, "
               f"device {settings['device']}"
-              + (", attention control in the first probe step" if settings.get("control_steps") == 1 else
-                 f", attention control in the first {settings['control_steps']} probe steps"
-                 if settings.get("control_steps") else "")
+              + _control_steps(settings.get("control_steps"))
               + (f", {workers} worker processes sharing it, so the seconds are each method's under that load"
                  if workers > 1 else "")
               + f"). Originals that show their caption (judge): "
@@ -319,7 +324,9 @@ def run_pairs(a) -> tuple[list[dict], dict]:
     import comfy_host
     import torch
     comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-edit-quality-")))
-    from fisedit_engine import registry
+    from fisedit_engine import api, registry
+    if a.control_steps is None:
+        a.control_steps = api.CONTROL_STEPS
     from toyworld import edits as edits_mod
     all_edits = edits_mod.sample_edits(a.start + a.pairs, seed=a.seed)
     executor = comfy_host.new_executor()  # one executor: the loader's output is reused across pairs
@@ -429,8 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--probe-steps", type=int, default=0, help="FISEditDifferenceMask probe_steps (0: 20%%)")
-    p.add_argument("--control-steps", type=int, default=0,
-                   help="FISEditDifferenceMask attention_control_steps (0: every probe step)")
+    p.add_argument("--control-steps", type=int, default=None,
+                   help="FISEditDifferenceMask attention_control_steps (0: every probe step; default: the node's)")
     p.add_argument("--threshold", default="otsu", choices=("otsu", "edit_size"))
     p.add_argument("--dilate", type=int, default=1)
     from toyworld.edits import EDIT_KINDS

@@ -106,13 +106,14 @@ def cache_file_mtime(cache_file: str) -> float:
 MASK_MODES = ("auto", "auto+user", "user")
 THRESHOLDS = ("otsu", "edit_size")
 DEFAULT_PROBE_FRACTION = 0.2  # the paper's 10 probe steps of 50
+CONTROL_STEPS = 1  # attention control in the probe's first step only (attention_control.py says why)
 
 
 def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, user_mask=None, dilate: int = 1,
                     probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
                     attention_control: bool = True, vae=None,
                     progress: Callable[[int], Callable[[int], None]] | None = None, control_mode: str = "rescaled",
-                    control_steps: int | None = None):
+                    control_steps: int | None = CONTROL_STEPS):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.

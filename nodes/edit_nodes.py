@@ -63,16 +63,17 @@ DIFFERENCE_MASK = NodeSpec(
             "(the common start of both prompts) follow the original's, at the share of attention the edited prompt "
             "gives them (new words keep theirs), so the change concentrates where the edited words act."),
            default=True),
-        In("attention_control_steps", "INT", ("With attention_control: control only the first N probe steps "
-                                              "(prompt-to-prompt's cross_replace_steps); the later ones follow the "
-                                              "edited prompt's own attention. 0: every probe step."),
-           optional=True, default=0, min=0, max=10000),
         In("user_mask", "MASK", "user modes: the region to edit, at the image's size (white = edit).", optional=True),
         In("vae", "VAE", ("Optional, the generation's VAE: the auto mask (threshold otsu) then follows the edges of "
                           "the original image, and of the image the probe predicts (where an edit adds an object), "
                           "to the pixel instead of the latent grid's 8-pixel cells, and the preview shows the decoded "
                           "image. The decoded original is kept with the cache, so FISEditDecode does not decode it "
                           "again."), optional=True),
+        In("attention_control_steps", "INT", ("With attention_control: control the first N probe steps only "
+                                              "(prompt-to-prompt's cross_replace_steps); the later ones follow the "
+                                              "edited prompt's own attention. 0: every probe step. 1 found added "
+                                              "objects best on the toy model."),
+           optional=True, default=api.CONTROL_STEPS, min=0, max=10000),
     ),
     outputs=(
         Out("edit", EDIT_TYPE, "The edit: connect it to FISEditSparseKSampler and FISEditDecode."),

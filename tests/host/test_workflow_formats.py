@@ -76,7 +76,7 @@ def test_widget_values_are_where_the_frontend_puts_them(defs):
     ui = load(ROOT / "workflows" / "edit_auto_toy_ui.json")
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert nodes[6]["widgets_values"] == [7, "fixed", 20, 5.0, "euler", "normal", 1.0]
-    assert nodes[14]["widgets_values"] == ["auto", 0, "otsu", 0.15, 1, True, 0]
+    assert nodes[14]["widgets_values"] == ["auto", 0, "otsu", 0.15, 1, True, 1]
     assert [i["name"] for i in nodes[14]["inputs"]] == ["model", "cache", "positive", "user_mask", "vae",
                                                        "mask_mode", "probe_steps", "threshold", "edit_size", "dilate",
                                                        "attention_control", "attention_control_steps"]

@@ -1,4 +1,4 @@
-"""The automatic mask with and without attention control, and with control's two rules, on toy-world edit pairs.
+"""The automatic mask with and without attention control, with control's two rules and steps, on toy-world edit pairs.
 
     python benchmarks/mask_control.py --kinds add --out DIR            # runs, writes DIR/mask_control.{json,md}
     python benchmarks/mask_control.py --merge DIR1 DIR2 --out DIR      # one table from several runs
@@ -8,10 +8,11 @@ seeds and settings; the generator draws each attribute for all pairs at once, so
 many are drawn: edit_quality.py's shard drawing --start + --pairs has the same pair i only where the counts agree):
 the original generated through FISEditCacheCapture, then the engine's difference mask (the node's defaults, the VAE
 connected, undilated) with attention control off, with prompt-to-prompt's refine (the original's probabilities at
-the unchanged words, unscaled), with the rescaled refine (attention_control.py), and with that in the first one or
-two probe steps only (VARIANTS); scored against the
-generator's truth on the latent grid as edit_quality.py scores it. Only the masks: no sparse sampling, so it runs on
-a CPU (a few seconds a mask there), where edit_quality.py's 200 pairs of every method would take hours.
+the unchanged words, unscaled) and with the rescaled refine (attention_control.py), both in every probe step, and
+with the rescaled refine in the first probe step only (the node's default) or the first two (VARIANTS); scored
+against the generator's truth on the latent grid as edit_quality.py scores it. Only the masks: no sparse sampling,
+so it runs on a CPU (a few seconds a mask there), where edit_quality.py's 200 pairs of every method would take
+hours.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "benchmarks"), str(ROOT)]
 
 VARIANTS = {  # name: (title, difference_mask's control arguments)
     "off": ("no control", {"attention_control": False}),
-    "refine": ("refine, unscaled", {"control_mode": "refine"}),
-    "rescaled": ("refine, rescaled", {"control_mode": "rescaled"}),
-    "rescaled-1": ("rescaled, first probe step", {"control_mode": "rescaled", "control_steps": 1}),
+    "refine": ("refine, unscaled", {"control_mode": "refine", "control_steps": None}),
+    "rescaled": ("refine, rescaled", {"control_mode": "rescaled", "control_steps": None}),
+    "rescaled-1": ("rescaled, first probe step (the node's)", {"control_mode": "rescaled", "control_steps": 1}),
     "rescaled-2": ("rescaled, first 2 probe steps", {"control_mode": "rescaled", "control_steps": 2}),
 }
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--end", type=int, default=0, help="stop before this pair (0: --pairs); to split a run")
     p.add_argument("--kinds", default="add,shape", help="comma-separated: colour, shape, size, add, remove")
-    p.add_argument("--variants", default="off,refine,rescaled")
+    p.add_argument("--variants", default="off,refine,rescaled,rescaled-1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)

@@ -41,11 +41,11 @@ def test_mask_control_scores_each_rule_and_merges(host, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record, = json.loads((tmp_path / "a" / "mask_control.json").read_text())["pairs"]
     assert record["pair"] == 0 and record["kind"] == "colour"
-    for variant in ("off", "refine", "rescaled"):
+    for variant in ("off", "refine", "rescaled", "rescaled-1"):
         assert 0.0 <= record[variant]["iou"] <= 1.0 and 0.0 < record[variant]["mask_fraction"] < 1.0
     merged = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_control.py"), "--merge",
                              str(tmp_path / "a"), "--out", str(tmp_path / "m")],
                             capture_output=True, text=True, timeout=300, check=False)
     assert merged.returncode == 0, merged.stderr[-3000:]
     table = (tmp_path / "m" / "mask_control.md").read_text()
-    assert f"| colour | 1 | {record['off']['iou']:.3f} ± 0.000" in table and "refine, rescaled (the node's)" in table
+    assert f"| colour | 1 | {record['off']['iou']:.3f} ± 0.000" in table and "rescaled, first probe step (the node's)" in table

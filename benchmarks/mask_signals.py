@@ -4,8 +4,9 @@
 
 Per pair (`sample_edits(--pairs, --seed)` with benchmarks/edit_quality.py's seeds and settings; the same pairs as
 its shards only where they draw as many: see benchmarks/mask_control.py): the original generation through
-FISEditCacheCapture, then the probe with the edited caption (attention control on) for --probe-steps steps, and
-per probe step the edited minus the cached latent (entering and leaving the step) and positive model output; the
+FISEditCacheCapture, then the probe with the edited caption (attention control as the node runs it) for
+--probe-steps steps, and per probe step the edited minus the cached latent (entering and leaving the step) and
+positive model output; the
 original image; the clean image each run predicts at the probe's steps 4 and `--probe-steps` (decoded, the edited
 run's with the cached negative branch as in the probe); the generator's true region on the latent grid.
 benchmarks/mask_variants.py scores mask rules on the saved file.
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     import torch
     nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-signals-")))
     from edit_quality import _on_latent_grid, all_edits_slice
-    from fisedit_engine import registry
+    from fisedit_engine import api, registry
     from fisedit_engine.comfy_adapter import COND
     from fisedit_engine.layout import LATENT_KEY, MODEL_OUTPUT_KEY
     from fisedit_engine.probe import run_probe
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             handle, out = captured_original(model, clip, encode, old, a.seed * 100_003 + i, a, f"mask-signals-{i}")
             source = handle.get()
-            probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True)
+            probe, _ = run_probe(model, source, encode.encode(clip, new)[0], a.probe_steps, attention_control_on=True,
+                                 control_steps=api.CONTROL_STEPS)
             image = vae.decode(out)[0].float()  # [H, W, 3]
             x0_steps = sorted({min(4, a.probe_steps) - 1, a.probe_steps - 1})
             x0_original, x0_edited = zip(*(predicted_images(model, vae, source, probe, k, a.cfg) for k in x0_steps))

@@ -11,7 +11,8 @@ engine's mask into the connected cells above a fraction of its Otsu cut, for the
 a few changed pixels. Segment completion adds to the engine's mask (with the VAE's edge guide) every small region of
 the original image (neighbouring pixels closer than a tolerance in colour, at most a tenth of the image) that the mask
 covers a share of: a shape change redraws the old object, whose unchanged inside the difference cannot show
-(the engine's rule fills a region's concavities for the same reason, a row shows it without). The
+(the engine's rule fills a region's concavities for the same reason, a row shows it without). The engine drops
+regions whose strongest difference is under half the map's (echoes on other objects); rows vary that share. The
 oracle rows cut each pair's map where IoU
 with the truth is best: no threshold on that map can do better. Where the file holds the original images (saved by
 mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
@@ -176,13 +177,17 @@ def main(argv=None) -> int:
                       r["source_image"], r["x0_edited"][r["x0_steps"].index(k - 1)].float())[None])[0]
 
     if all(3 in r.get("x0_steps", ()) for r in records):
-        def with_edges(r, hull_growth=M.HULL_GROWTH):
+        def with_edges(r, hull_growth=M.HULL_GROWTH, min_peak=M.MIN_PEAK):
             guide = M.edge_guide(r["source_image"], r["x0_edited"][r["x0_steps"].index(3)].float())
-            return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None], max_hull_growth=hull_growth)[0]
+            return M.threshold_mask(diff(r, 4)[None], dilate_px=0, image=guide[None], max_hull_growth=hull_growth,
+                                    min_peak=min_peak)[0]
         for growth, what in ((1.0, "concavities not filled (the rule before the fourteenth session)"),
                              (1.2, "concavities filled where the hull is at most 1.2x the region"),
                              (2.0, "concavities filled where the hull is at most 2x the region")):
             rules[f"4 steps: along both images' edges, {what}"] = lambda r, g=growth: with_edges(r, g)
+        for peak in (0.3, 0.7, 0.8, 0.9, 1.0):
+            rules[f"4 steps: along both images' edges, regions whose peak is under {peak} of the map's dropped"] = (
+                lambda r, p=peak: with_edges(r, min_peak=p))
         for tolerance, share in ((0.03, 0.2), (0.04, 0.2), (0.04, 0.4), (0.06, 0.2)):
             rules[f"4 steps: along both images' edges, completed to the original's segments (tolerance {tolerance}, "
                   f"share {share})"] = lambda r, t=tolerance, s=share: complete_segments(with_edges(r),

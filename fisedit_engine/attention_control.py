@@ -163,6 +163,7 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int, mo
         raise CacheError("attention control needs the original prompt, which this cache does not hold: turn "
                          "attention_control off, or re-capture the generation")
     unchanged = unchanged_positions(original, positive)
+    needed = min(steps, control_steps or steps)  # the controlled steps read the original's queries
     unet = patched.model.diffusion_model
     modules = dict(unet.named_modules())
     layers = []
@@ -172,8 +173,8 @@ def attach(patched, layout, source: FisEditCache, positive: list, steps: int, mo
         for j in range(block.depth):
             path = f"{block.path}.transformer_blocks.{j}.attn2"
             key = f"{path}:q"
-            if source.cached_steps(key, host.COND) < min(steps, control_steps or steps):
-                raise CacheError(f"attention control needs the cross-attention queries of the {steps} probe steps; "
+            if source.cached_steps(key, host.COND) < needed:
+                raise CacheError(f"attention control needs the cross-attention queries of {needed} probe steps; "
                                  f"this cache holds them for {source.cached_steps(key, host.COND)}: lower probe_steps "
                                  f"or turn attention_control off")
             layers.append(ControlledCrossAttention(modules[path], key, source, original[0][0], unchanged, mode,

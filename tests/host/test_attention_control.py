@@ -99,9 +99,12 @@ def test_with_an_unchanged_prompt_the_controlled_probe_is_the_original(host):
         off, _ = run_probe(model, handle.get(), edited, 2, attention_control_on=False)
     assert torch.equal(same.difference, torch.zeros_like(same.difference))
     assert not torch.equal(on.latents, off.latents)  # the control acts
-    with pytest.raises(Exception, match="queries of the 3 probe steps"):
+    with pytest.raises(Exception, match="queries of 3 probe steps"):
         with torch.inference_mode():
             run_probe(model, handle.get(), edited, 3, attention_control_on=True)  # 30% of 6 steps: 2 recorded
+    with torch.inference_mode():  # controlled in the first step only, it reads the queries of that step only
+        first, _ = run_probe(model, handle.get(), edited, 3, attention_control_on=True, control_steps=1)
+    assert first.latents.shape[0] == 4
 
 
 

@@ -219,12 +219,16 @@ PROBE_FAULTS = {
 
 @st.composite
 def probe_settings(draw):
-    """(probe_steps, threshold, edit_size, attention_control, fault): about half valid, the rest one fault each."""
+    """(probe_steps, threshold, edit_size, attention_control, control_steps, fault): about half valid, the rest one
+    fault each."""
     from fisedit_engine.layout import probe_record_steps
     recorded = probe_record_steps(STEPS)  # the capture keeps attention control's queries for 30% of the steps
     fault = draw(st.sampled_from([None] * 5 + sorted(PROBE_FAULTS)))
-    attention = draw(st.booleans()) if fault != "attention control beyond its recorded steps" else True
-    valid_steps = [0, 1, 2, 3] if not attention else [0, *range(1, recorded + 1)]  # 0: the default, 20%
+    beyond = fault == "attention control beyond its recorded steps"
+    attention = draw(st.booleans()) if not beyond else True
+    control_steps = None if beyond else draw(st.sampled_from([None, 1, recorded]))  # None: every probe step
+    # 0: the default, 20%; controlled in its first steps only, a probe reads the queries of those steps only
+    valid_steps = [0, 1, 2, 3] if not attention or control_steps else [0, *range(1, recorded + 1)]
     probe_steps = {"probe_steps below 1": -1,
                    "probe_steps beyond the steps": draw(st.sampled_from([STEPS, STEPS + 3, 1000])),
                    "attention control beyond its recorded steps": STEPS - 1}.get(fault)
@@ -234,23 +238,26 @@ def probe_settings(draw):
     edit_size = draw(st.sampled_from([0.0, 1.5])) if fault == "edit_size" else draw(st.sampled_from([0.01, 0.5, 1.0]))
     if fault == "edit_size":
         threshold = "edit_size"
-    return probe_steps, threshold, edit_size, attention, fault
+    return probe_steps, threshold, edit_size, attention, control_steps, fault
 
 
 @settings(max_examples=16, **HYPOTHESIS)
 @given(case=probe_settings(), mode=st.sampled_from(["auto", "auto+user"]))
-@example(case=(1, "edit_size", 0.0, True, "edit_size"), mode="auto")  # every fault at least once, whatever is drawn
-@example(case=(2, "edit_size", 1.5, False, "edit_size"), mode="auto+user")
-@example(case=(STEPS, "otsu", 0.5, False, "probe_steps beyond the steps"), mode="auto")
+@example(case=(1, "edit_size", 0.0, True, 1, "edit_size"), mode="auto")  # every fault at least once, whatever is drawn
+@example(case=(2, "edit_size", 1.5, False, None, "edit_size"), mode="auto+user")
+@example(case=(STEPS, "otsu", 0.5, False, None, "probe_steps beyond the steps"), mode="auto")
+@example(case=(STEPS - 1, "otsu", 0.5, True, None, "attention control beyond its recorded steps"), mode="auto")
+@example(case=(STEPS - 1, "otsu", 0.5, True, 1, None), mode="auto")
 def test_any_probe_setting_is_either_refused_naming_its_fault_or_runs_that_many_steps(model, source, case, mode):
     from fisedit_engine.cache import CacheError
     before = reliability.registry_snapshot()
-    probe_steps, threshold, edit_size, attention, fault = case
+    probe_steps, threshold, edit_size, attention, control_steps, fault = case
     user = torch.zeros(1, H * 8, W * 8)
     user[:, 8:40, 16:64] = 1.0
     try:
         spec, mask, _ = difference_mask(model, source[0], mask_mode=mode, user_mask=user, probe_steps=probe_steps,
-                                        threshold=threshold, edit_size=edit_size, attention_control=attention)
+                                        threshold=threshold, edit_size=edit_size, attention_control=attention,
+                                        control_steps=control_steps)
     except CacheError as e:
         event(f"refused: {fault}")
         assert fault is not None, f"valid probe settings {case} were refused: {e}"

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             spec, edges_seconds = synced(lambda: api.difference_mask(model, handle, edited, "auto", dilate=0,
                                                                      vae=vae)[0])
         device = torch.device(model.load_device)
-        diff, image = spec.probe.difference[0].to(device), original_image(vae, handle.get())[0].to(device)
+        diff, image = spec.probe.edit_map[0].to(device), original_image(vae, handle.get())[0].to(device)
         for _ in range(2):
             _, filter_seconds = synced(lambda: along_edges(diff, image, otsu_threshold(diff)))
         edges = (spec.probe.seconds, edges_seconds, filter_seconds, tuple(image.shape[:2]))

@@ -1,21 +1,24 @@
-"""Whether the cross-attention maps of the words an edit changes locate the edit, on the toy world's model.
+"""Whether the cross-attention maps of the words an edit changes locate the edit, on the toy world's model: how the
+node's second mask signal (fisedit_engine/word_attention.py) was chosen.
 
-    python benchmarks/mask_attention.py collect --pairs 60 --out out/mask_attention.pt   (CPU: about 6 s a pair)
-    python benchmarks/mask_attention.py score out/mask_attention.pt
+    python benchmarks/mask_attention.py collect --pairs 100 --out A.pt        (CPU: about 6 s a pair)
+    python benchmarks/mask_attention.py score A.pt [B.pt ...]
 
-The auto mask's IoU misses 0.7 on shape changes and added objects (README, "Edit quality"), and the best threshold
-on the probe's difference map (an oracle) does not reach it either: another signal is needed. Prompt-to-prompt
-editing locates a word by its cross-attention map. `collect` runs the pairs of benchmarks/mask_signals.py (same
-pairs, seeds and settings) and records, besides the probe's latent difference, each caption token's cross-attention
-map averaged over heads, layers (carried up to the latent grid) and the first `--probe-steps` steps: of the edited
-caption in the probe (for the words the edit adds or replaces) and of the original caption in the captured run (for
-the words it removes or replaces). `score` prints, per edit kind, how much more attention the changed words give the
-true region than the rest (median ratio of means; also for each changed word's phrase, the words after it up to the
-next object or the background, whose embeddings the causal text encoder changes with it), and mask rules against the
-truth on the latent grid (benchmarks/mask_variants.py's table): the engine's rule, attention alone, their product,
-the engine's mask kept only near the attention's region, the phrases' attention, every token's attention weighted by
-how far its embedding moved between the captions (what the node could compute from two CONDITIONINGs, without the
-words), and oracle cuts.
+The probe's difference map alone reached 0.7 IoU neither on shape changes nor on added objects, and neither did its
+best threshold per pair (an oracle): another signal was needed. Prompt-to-prompt editing locates a word by its
+cross-attention map. `collect` generates toy-world edit pairs (`sample_edits(--pairs, --seed)`, with
+benchmarks/edit_quality.py's seeds and settings), probes each with the node's attention control, and records the
+node's own inputs to its cut (the probe's difference map, the image whose edges the cut follows, the engine's
+attention map) and, from forward hooks, each caption token's cross-attention map averaged over heads, layers
+(carried up to the latent grid) and the first `--probe-steps` steps: of the edited caption in the probe and of the
+original caption in the captured run. `score` prints, per edit kind, how much more attention the changed words
+give the true region than the rest (median ratio of means; also for each changed word's phrase, the words after it
+up to the next object or the background, whose embeddings the causal text encoder changes with it), and mask rules
+against the truth on the latent grid (benchmarks/mask_variants.py's table), all cut as the node cuts: the
+difference alone (the rule before word_attention.py), the node's rule, the attention alone, the difference times
+attention maps of several kinds and powers (every token's weighted by how far its embedding moved, which needs no
+words, of the probe, the original run or both; the changed words' or their phrases', which need them), and oracle
+cuts.
 """
 from __future__ import annotations
 
@@ -99,18 +102,16 @@ def collect(a) -> None:
     import comfy_host
     import torch
     nodes = comfy_host.boot(work_dir=Path(tempfile.mkdtemp(prefix="fisedit-mask-attention-")))
-    import comfy.sample
     from edit_quality import _on_latent_grid, all_edits_slice
     from fisedit_engine import api, registry
-    from fisedit_engine.layout import LATENT_KEY
     from fisedit_engine.probe import run_probe
+    from mask_signals import captured_original
     from toyworld import comfy_models, models
     from toyworld import edits as edits_mod
     model, clip, vae, _ = comfy_models.load(models.weight_sets(ROOT / "toyworld" / "weights")["toyworld"])
     encode = nodes.CLIPTextEncode()
     unet = model.model.diffusion_model
-    lat = a.size // 8
-    maps = AttentionMaps(unet, lat)
+    maps = AttentionMaps(unet, a.size // 8)
     calls = {"n": 0}
 
     def count(module, args):  # the maps cover the first --probe-steps model calls (steps) of either run
@@ -123,30 +124,26 @@ def collect(a) -> None:
     for i in range(a.pairs):
         edit = all_edits_slice(edits, i)
         before, after = edit.captions()[0][0], edit.captions()[1][0]
-        seed = a.seed * 100_003 + i
-        latent = torch.zeros(1, 4, lat, lat)
         with torch.inference_mode():
             before_cond, after_cond = encode.encode(clip, before)[0], encode.encode(clip, after)[0]
-            captured, handle = api.capture(model, f"mask-attention-{i}")
             calls["n"] = 0
             maps.start()
-            out = comfy.sample.sample(captured, comfy.sample.prepare_noise(latent, seed), a.steps, a.cfg, "euler",
-                                      "normal", before_cond, encode.encode(clip, "")[0], latent,
-                                      seed=seed, disable_pbar=True)
+            handle, out = captured_original(model, clip, encode, before, a.seed * 100_003 + i, a,
+                                            f"mask-attention-{i}")
             before_maps = maps.mean()
-            api.store(handle, {"samples": out})
             source = handle.get()
             calls["n"] = 0
             maps.start()
-            probe, _ = run_probe(model, source, after_cond, a.probe_steps,
-                                 attention_control_on=True)
+            probe, _ = run_probe(model, source, after_cond, a.probe_steps, attention_control_on=True,
+                                 control_steps=api.CONTROL_STEPS)  # as the node runs it
             after_maps = maps.mean()
+            guide = api.edge_guide(vae, vae.decode(out), probe)[0]
         removed, added = changed_words(before, after)
         records.append({
             "pair": i, "kind": edits_mod.EDIT_KINDS[int(edit.kind[0])], "before": before, "after": after,
-            "latent_diff": torch.stack([probe.latents[k + 1][0].float() - source.read(LATENT_KEY, k + 1)[0].float()
-                                        for k in range(a.probe_steps)]),
-            "latent_scale": source.read(LATENT_KEY, 1).float().abs().sum(1).mean(),
+            # what the node's mask is cut from: the probe's difference map and the image whose edges the cut follows
+            "difference": probe.difference[0].float(), "guide": guide.half(),
+            "attention": probe.attention[0],  # the engine's map of where the changed words look (word_attention)
             "before_maps": before_maps.half(), "after_maps": after_maps.half(), "removed": removed, "added": added,
             # per token position, how far the edited caption's embedding moved: needs no words (the node gets only
             # CONDITIONING), and the causal encoder moves the changed word's phrase with it
@@ -164,13 +161,11 @@ def collect(a) -> None:
 def score(a) -> None:
     import torch
     from fisedit_engine import mask as M
+    from fisedit_engine import word_attention as W
     import mask_variants as variants
     from toyworld import world
     content = set(world.SIZES + world.COLOURS + world.SHAPES)
     records = [r for f in a.files for r in torch.load(f)["records"]]
-
-    def diff(r):
-        return variants.diff(r, len(r["latent_diff"]))  # the engine's difference map of the probe's steps
 
     def attention(r, run, phrase=False):
         """Summed maps in `run` ("before" or "after") of the changed object words (size, colour, shape), or with
@@ -205,42 +200,38 @@ def score(a) -> None:
             parts.append(m / m.max())
         return sum(parts)
 
-    def engine(r):
-        return M.threshold_mask(diff(r)[None], dilate_px=0)[0]
+    def cut(r, values):
+        """The node's cut (Otsu, weak regions dropped, holes and concavities filled) of `values`, along the edges of
+        the image the node's cut follows."""
+        return M.threshold_mask(values[None], dilate_px=0, image=r["guide"].float()[None])[0]
 
-    def product(r, gamma, phrase=False):
-        d, m = diff(r), both(r, phrase)
-        return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma if m is not None else d)[None],
-                                dilate_px=0)[0]
+    def engine_map(r):
+        """The engine's map (files collected before it was recorded: the hooks' maps it equals, to 1e-4 of its
+        peak)."""
+        return r["attention"] if "attention" in r else moved(r, ("after", "before"))
 
-    def weighted(r, runs, gamma):
-        d, m = diff(r), moved(r, runs)
-        return M.threshold_mask(((d / d.max()) * (m / m.max()) ** gamma)[None], dilate_px=0)[0]
-
-    def gated(r, grow):
-        m, base = both(r), engine(r)
-        if m is None:
-            return base
-        kept = base & M.dilate((m > M.otsu_threshold(m))[None], grow)[0]
-        return kept if kept.any() else base
+    def product(r, m, power):
+        d = r["difference"]
+        return cut(r, W.weighted(d[None], m[None], power)[0] if m is not None else d)
 
     rules = {
-        "the engine's rule (Otsu on the difference)": engine,
-        "attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0] if (m := both(r)) is not None
-                                             else engine(r)),
-        "difference x attention": lambda r: product(r, 1.0),
-        "difference x attention^0.5": lambda r: product(r, 0.5),
-        "the engine's mask near the attention's Otsu region (grown by 2)": lambda r: gated(r, 2),
-        "oracle cut of the attention": lambda r: (variants.oracle_cut(m, r["truth_grid"])
-                                                  if (m := both(r)) is not None else engine(r)),
-        "phrases' attention alone (Otsu)": lambda r: (M.threshold_mask(m[None], dilate_px=0)[0]
-                                                     if (m := both(r, True)) is not None else engine(r)),
-        "difference x phrases' attention": lambda r: product(r, 1.0, True),
-        "difference x phrases' attention^2": lambda r: product(r, 2.0, True),
-        "difference x attention by embedding change, the probe's": lambda r: weighted(r, ("after",), 1.0),
-        "difference x attention by embedding change, both runs'": lambda r: weighted(r, ("after", "before"), 1.0),
-        "difference x (attention by embedding change, the probe's)^2": lambda r: weighted(r, ("after",), 2.0),
-        "oracle cut of the difference": lambda r: variants.oracle_cut(diff(r), r["truth_grid"]),
+        "the difference alone (the rule before word_attention.py)": lambda r: cut(r, r["difference"]),
+        "the node's rule: difference x (attention by embedding change, both runs')^2": (
+            lambda r: product(r, engine_map(r), W.POWER)),
+        "attention by embedding change, both runs', alone": lambda r: cut(r, moved(r, ("after", "before"))),
+    }
+    for runs, what in ((("after",), "the probe's"), (("before",), "the original run's"),
+                       (("after", "before"), "both runs'")):
+        for power in (1.0, 2.0, 3.0):
+            rules[f"difference x (attention by embedding change, {what})^{power:g}"] = (
+                lambda r, runs=runs, power=power: product(r, moved(r, runs), power))
+    for power in (1.0, 2.0):
+        rules[f"difference x (changed words' attention)^{power:g}"] = lambda r, p=power: product(r, both(r), p)
+        rules[f"difference x (phrases' attention)^{power:g}"] = lambda r, p=power: product(r, both(r, True), p)
+    rules |= {
+        "oracle cut of the difference": lambda r: variants.oracle_cut(r["difference"], r["truth_grid"]),
+        "oracle cut of the node's weighted map": lambda r: variants.oracle_cut(
+            W.weighted(r["difference"][None], engine_map(r)[None])[0], r["truth_grid"]),
     }
     print(variants.table(records, rules))
 

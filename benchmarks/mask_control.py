@@ -9,7 +9,9 @@ many are drawn: edit_quality.py's shard drawing --start + --pairs has the same p
 the original generated through FISEditCacheCapture, then the engine's difference mask (the node's defaults, the VAE
 connected, undilated) with attention control off, with prompt-to-prompt's refine (the original's probabilities at
 the unchanged words, unscaled) and with the rescaled refine (attention_control.py), both in every probe step, and
-with the rescaled refine in the first probe step only (the node's default) or the first two (VARIANTS); scored
+with the rescaled refine in the first probe step only (the node's default) or the first two, each with the
+difference weighted by where the changed words look (word_attention.py, the node's rule) and, for the node's control
+and none, also without it (VARIANTS); scored
 against the generator's truth on the latent grid as edit_quality.py scores it. Only the masks: no sparse sampling,
 so it runs on a CPU (a few seconds a mask there), where edit_quality.py's 200 pairs of every method would take
 hours.
@@ -33,6 +35,9 @@ VARIANTS = {  # name: (title, difference_mask's control arguments)
     "rescaled": ("refine, rescaled", {"control_mode": "rescaled", "control_steps": None}),
     "rescaled-1": ("rescaled, first probe step (the node's)", {"control_mode": "rescaled", "control_steps": 1}),
     "rescaled-2": ("rescaled, first 2 probe steps", {"control_mode": "rescaled", "control_steps": 2}),
+    "rescaled-1-difference": ("rescaled, first probe step, the difference alone",
+                              {"control_mode": "rescaled", "control_steps": 1, "word_attention": False}),
+    "off-difference": ("no control, the difference alone", {"attention_control": False, "word_attention": False}),
 }
 
 

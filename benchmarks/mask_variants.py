@@ -18,7 +18,9 @@ with the truth is best: no threshold on that map can do better. Where the file h
 mask_signals.py since the mask can follow them), the engine's rule is also scored along the image's edges, and,
 where it holds the clean image the probe predicts, along the edges of the mean of both (the node with a VAE
 connected). Besides the latent difference the engine uses, the engine's rule is also scored on the
-difference of the positive model output (eps) and of the predicted clean latent (x0).
+difference of the positive model output (eps) and of the predicted clean latent (x0). The rules here cut the
+difference alone; the node weights it by where the changed words look first (word_attention.py), which
+benchmarks/mask_attention.py scores.
 """
 from __future__ import annotations
 

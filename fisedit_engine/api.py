@@ -113,7 +113,7 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
                     probe_steps: int = 0, threshold: str = "otsu", edit_size: float = 0.15,
                     attention_control: bool = True, vae=None,
                     progress: Callable[[int], Callable[[int], None]] | None = None, control_mode: str = "rescaled",
-                    control_steps: int | None = CONTROL_STEPS):
+                    control_steps: int | None = CONTROL_STEPS, word_attention: bool = True):
     """FISEditDifferenceMask: the edit spec, the mask at image resolution, and a preview image.
 
     auto: probe steps find where the edited prompt changes the latent; user: the user's mask; auto+user: both.
@@ -122,7 +122,8 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
     (`edge_guide`, mask.along_edges). `progress(total)` returns
     `update(done)`: called once per probe step (the node layer passes the host's progress bar). `control_mode`:
     how attention control treats the unchanged words (attention_control.MODES), `control_steps`: in how many of the
-    first probe steps (None: all); the node runs the defaults."""
+    first probe steps (None: all); `word_attention`: whether the probe's difference is weighted by where the changed
+    words look (word_attention.py); the node runs the defaults."""
     import torch
     import torch.nn.functional as F
     from .decode import image_preview, latent_preview, original_image
@@ -162,10 +163,10 @@ def difference_mask(model, cache: CacheHandle, positive: list, mask_mode: str, u
         steps = probe_steps or max(1, round(DEFAULT_PROBE_FRACTION * source.settings.steps))
         probe, _ = run_probe(model, source, positive, steps, attention_control_on=attention_control,
                              on_step=progress(steps) if progress is not None else None, control_mode=control_mode,
-                             control_steps=control_steps)
+                             control_steps=control_steps, word_attention_on=word_attention)
         # On the model's device: along the image's edges, the cut filters every pixel of the image.
         device = torch.device(model.load_device)
-        masks.append(threshold_mask(probe.difference.to(device), threshold, edit_size, dilate_px=dilate,
+        masks.append(threshold_mask(probe.edit_map.to(device), threshold, edit_size, dilate_px=dilate,
                                     image=edge_guide(vae, image, probe)).cpu())
     mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
     image_mask = F.interpolate(mask[:, None].float(), scale_factor=8, mode="nearest")[:, 0]

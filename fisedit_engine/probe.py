@@ -8,7 +8,8 @@ schedule would change SDE noise and multistep coefficients). It keeps the latent
 positive branch's model outputs: the difference of the latents to the cached ones gives the mask, and the sparse
 run replays the outputs for the probe steps instead of recomputing them (edit.py). It also keeps the clean latent
 that the last probe step predicts: decoded, it shows an added object where the original image has nothing to follow
-(api.difference_mask).
+(api.difference_mask). Its cross-attention layers are attention_control's substitutes, which control the first
+steps (if asked) and sum where the changed words look (word_attention.py), the mask's second signal.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention_control
+from . import attention_control, word_attention
 from . import comfy_adapter as host
 from . import warm
 from .cache import CacheError, FisEditCache, same_sigma
@@ -33,9 +34,15 @@ class ProbeState:
     cond_outputs: torch.Tensor   # [K, B, C, H, W]: the positive branch's model output at each probe step
     latents: torch.Tensor        # [K + 1, B, C, H, W]: the latent entering steps 0..K
     difference: torch.Tensor     # [B, H, W]: the accumulated, per-step normalised latent difference
+    attention: torch.Tensor | None = None  # [B, H, W]: where the changed words look (word_attention.latent_map)
     predicted: torch.Tensor | None = None  # [B, C, H, W]: the clean latent the edited run predicts at the last step
     seconds: float = 0.0         # wall time of the probe run (the edit's summary line adds it to the sampling's)
     graph_replays: int = 0       # probe steps replayed as a CUDA graph
+
+    @property
+    def edit_map(self) -> torch.Tensor:
+        """[B, H, W]: what the auto mask is cut from, the difference weighted by the changed words' attention."""
+        return word_attention.weighted(self.difference, self.attention)
 
 
 class _ProbeDone(Exception):
@@ -100,6 +107,10 @@ def _to_host(value: torch.Tensor) -> torch.Tensor:
     return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value.detach(), non_blocking=True)
 
 
+def _on_host(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.float().cpu()
+
+
 class ProbeStepGraph(StepGraph):
     what = "probe step"
 
@@ -120,15 +131,15 @@ class KeptProbe:
         self.layers = {}
 
 
-def _kept_key(model, source: FisEditCache, positive: list, control: str | None) -> tuple:
+def _kept_key(model, source: FisEditCache, positive: list, control_mode: str, sums: bool) -> tuple:
     return warm.key(source=warm.same(source.store), device=str(torch.device(model.load_device)),
-                    prompt_shapes=warm.conditioning_shapes(positive), options=(control,))
+                    prompt_shapes=warm.conditioning_shapes(positive), options=(control_mode, sums))
 
 
 class ProbeStepWrapper:
     """A DIFFUSION_MODEL wrapper: the probe's UNet calls replay one CUDA graph (graphs.py), captured at the first
-    probe step (after an eager one, the first time on a device). Before each call the controlled cross-attention
-    layers stage the step's original queries in their device buffers, which the graph reads."""
+    probe step (after an eager one, the first time on a device). Before each call the cross-attention layers
+    stage the step's original queries and flags in their device buffers, which the graph reads."""
     fisedit_patch = True
 
     def __init__(self, graph: ProbeStepGraph, recorder: _ProbeRecorder, controlled: list):
@@ -143,7 +154,7 @@ class ProbeStepWrapper:
             return executor(*args, **kwargs)
         x = args[0]
         for layer in self.controlled:
-            layer.stage(step, x.device)
+            layer.stage(step, x)
         self.graph.check_weights(executor.class_obj)
         if self.graph.captures_next():
             context = kwargs.get("context", args[2] if len(args) > 2 else None)
@@ -156,11 +167,13 @@ class ProbeStepWrapper:
 
 def run_probe(model, source: FisEditCache, positive: list, steps: int, attention_control_on: bool = False,
               on_step=None, cuda_graph: bool = True,
-              control_mode: str = "rescaled", control_steps: int | None = None) -> tuple[ProbeState, list[list[int]]]:
+              control_mode: str = "rescaled", control_steps: int | None = None,
+              word_attention_on: bool = True) -> tuple[ProbeState, list[list[int]]]:
     """Runs `steps` probe steps of the edited generation; returns the probe state and the model calls' chunks.
     With attention control, the cross-attention maps of the prompt positions the edit left unchanged are the
     original run's (attention_control.py; `control_mode` one of its MODES), in the first `control_steps` probe steps
-    (None: all). `on_step(done)` is called after each
+    (None: all). With `word_attention_on`, the state holds where the changed words look (word_attention.py).
+    `on_step(done)` is called after each
     probe step (a progress bar). On a CUDA device the probe steps replay one captured CUDA graph unless `cuda_graph`
     is False."""
     s = source.settings
@@ -173,13 +186,14 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
     host.add_conditioning_on_device(patched)
-    controlled = []
-    if attention_control_on:
-        controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
-                                              positive, steps, control_mode, control_steps)
+    if control_steps is not None and control_steps < 1:
+        raise ValueError(f"attention control's steps is 1 or more (or None: every probe step), got {control_steps}")
+    controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
+                                          positive, steps, control_mode, control_steps if attention_control_on else 0,
+                                          sums=word_attention_on)
     graph = key = None
     if cuda_graph and torch.device(model.load_device).type == "cuda":
-        key = _kept_key(model, source, positive, control_mode if attention_control_on else None)
+        key = _kept_key(model, source, positive, control_mode, word_attention_on)
         kept = warm.take(source, KEPT, key)
         if kept is not None:
             graph = kept.graph
@@ -229,6 +243,7 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     cached = [source.read(LATENT_KEY, i) for i in range(1, steps + 1)]
     state = ProbeState(steps, torch.stack([recorder.outputs[i] for i in range(steps)]), latents,
                        difference_map(list(latents[1:]), cached),
+                       attention=_on_host(word_attention.latent_map(controlled, tuple(s.latent_shape[-2:]))),
                        predicted=predicted[0].float().cpu() if predicted else None, seconds=time.perf_counter() - t0,
                        graph_replays=graph.replays if graph is not None else 0)
     return state, recorder.calls

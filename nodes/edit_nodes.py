@@ -38,13 +38,15 @@ DIFFERENCE_MASK = NodeSpec(
     node_id="FISEditDifferenceMask", display_name="FISEdit Difference Mask",
     description=("Finds where the edited prompt changes the cached image. auto: runs the first steps with the "
                  "edited prompt (the probe; its progress shows on this node) and keeps where the latent departs from "
-                 "the cached one; user: your mask; auto+user: both. The sparse sampler continues from the probe "
+                 "the cached one and the changed words look; user: your mask; auto+user: both. The sparse sampler continues from the probe "
                  "instead of redoing it."),
     inputs=(
         In("model", "MODEL", "The model of the cached generation."),
         In("cache", CACHE_TYPE, "The cached generation to edit (FISEditCacheStore or Load)."),
         In("positive", "CONDITIONING", "The edited prompt, encoded with the generation's CLIP."),
-        In("mask_mode", "COMBO", ("auto: find the region from the prompt change. user: recompute the region of "
+        In("mask_mode", "COMBO", ("auto: find the region from the prompt change (where the latent departs from the "
+                                  "cached one, weighted by where the changed words look in the cross-attention). "
+                                  "user: recompute the region of "
                                   "user_mask. auto+user: the union of both."),
            options=api.MASK_MODES, default="auto"),
         In("probe_steps", "INT", ("Steps run with the edited prompt to find the region (auto modes). 0: 20% of the "

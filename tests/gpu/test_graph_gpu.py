@@ -141,9 +141,10 @@ def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     assert torch.equal(chained[outside], original[outside]) and not torch.equal(chained, planned_latent)
 
 def test_probe_replayed_as_a_graph_equals_the_eager_probe(host, monkeypatch):
-    """The probe's steps replayed from a CUDA graph (with attention control: its layers read the original queries
-    staged before each replay) give the eager probe's latents, outputs and difference map bit for bit: the first
-    probe on a device after an eager warm-up step, a later one from its first step."""
+    """The probe's steps replayed from a CUDA graph (its cross-attention layers read the original queries and flags
+    staged before each replay, and sum into buffers zeroed at the first step) give the eager probe's latents,
+    outputs, difference and attention maps bit for bit: the first probe on a device after an eager warm-up step, a
+    later one from its first step."""
     from fisedit_engine import api, graphs
     from fisedit_engine.probe import run_probe
     arch, steps, probe_steps = "sd15", 8, 3
@@ -162,7 +163,7 @@ def test_probe_replayed_as_a_graph_equals_the_eager_probe(host, monkeypatch):
         first_time = control and control_steps is None  # the first probe on the device: an eager warm-up step
         assert [r.graph_replays for r in runs] == ([probe_steps - 1, probe_steps] if first_time else [probe_steps] * 2)
         for replayed in runs:
-            for field in ("cond_outputs", "latents", "difference", "predicted"):
+            for field in ("cond_outputs", "latents", "difference", "attention", "predicted"):
                 assert torch.equal(getattr(replayed, field), getattr(eager, field)), (control, control_steps, field)
 
 
@@ -187,7 +188,7 @@ def test_the_next_probe_replays_the_kept_probe_graph_with_its_own_prompt(host):
             run_probe(model, handle.get(), first, probe_steps, control)
             kept, _ = run_probe(model, handle.get(), second, probe_steps, control, control_steps=control_steps)
         assert kept.graph_replays == probe_steps
-        for field in ("cond_outputs", "latents", "difference", "predicted"):
+        for field in ("cond_outputs", "latents", "difference", "attention", "predicted"):
             assert torch.equal(getattr(kept, field), getattr(eager, field)), (control, control_steps, field)
 
 

@@ -75,6 +75,37 @@ def test_the_controlled_layer_is_refine_rescaled_or_not(host, mode):
         assert torch.equal(controlled(x, context=edited), uncontrolled)
 
 
+def test_the_layer_sums_the_attention_both_runs_give_the_changed_positions(host):
+    """Per query, the edited run's attention to the changed positions (weighted by how far each moved), and the
+    original run's from its captured queries while the cache holds them (original_steps); whether or not the step is
+    controlled. In layer_case the edited token is about region R (the original one is random), so the map lies
+    on R."""
+    from fisedit_engine import attention_control as AC
+    from fisedit_engine import word_attention as W
+    layer, x, original, edited, region = layer_case()
+    conds = [[original, {}]], [[edited, {}]]
+    unchanged, changed = AC.unchanged_positions(*conds), W.changed_weights(*conds)
+    assert changed[0].nonzero().flatten().tolist() == [EDITED]
+    q_original = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    scale = x.shape[-1] ** -0.5
+    p_edit = torch.softmax(x @ edited.transpose(1, 2) * scale, dim=-1)
+    p_original = torch.softmax(q_original @ original.transpose(1, 2) * scale, dim=-1)
+    for steps in (None, 0):  # controlled or not: the sums are the same
+        layer_sums = AC.ControlledCrossAttention(layer, "q", OneQuerySource(q_original), original, unchanged,
+                                                 steps=steps, changed=changed, grid=(16, 16), original_steps=1)
+        with torch.no_grad():
+            for step in (0, 1):  # the cache holds the original queries of step 0 only
+                token = AC.probe_step.set(step)
+                try:
+                    layer_sums(x, context=edited)
+                finally:
+                    AC.probe_step.reset(token)
+        torch.testing.assert_close(layer_sums.sums[0], 2 * p_edit @ changed[0])  # both steps
+        torch.testing.assert_close(layer_sums.sums[1], p_original @ changed[1])  # step 0 only
+    where = W.latent_map([layer_sums], (16, 16))[0]
+    assert where[region].mean() > 2 * where[~region].mean()
+
+
 def test_an_unknown_control_mode_is_refused(host):
     from fisedit_engine import attention_control as AC
     layer, x, original, edited, _ = layer_case()
@@ -179,7 +210,9 @@ def test_the_auto_mask_finds_the_edited_object_on_the_trained_toy_model(host, or
         found = {}
         for control in (True, False):
             spec, _, _ = api.difference_mask(model, handle, cond(edited), "auto", dilate=0, attention_control=control)
-            mask = spec.mask[0]
+            mask, looks = spec.mask[0], spec.probe.attention[0]
+            # the changed words look at the object more than elsewhere (the maps are broad: 1.3x on the second edit)
+            assert looks[truth].mean() > 1.2 * looks[~truth].mean()
             near = F.max_pool2d(truth[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
             found[control] = (float((mask & truth).sum() / truth.sum()), float((mask & near).sum() / mask.sum()))
     assert all(recall >= 0.4 and on_object >= 0.75 for recall, on_object in found.values()), found

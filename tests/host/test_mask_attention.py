@@ -1,5 +1,6 @@
 """benchmarks/mask_attention.py on one small pair: the maps are attention probabilities over the caption's tokens,
-the changed words are found, and every rule is scored."""
+the engine's map of where the changed words look is the hooks' maps weighted by how far each token moved, the
+changed words are found, and every rule is scored."""
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,12 @@ def test_mask_attention_collects_and_scores_one_pair(host, tmp_path):
         maps = record[f"{run}_maps"].float()
         assert maps.shape[1:] == (16, 16) and maps.shape[0] >= tokens
         assert torch.allclose(maps.sum(0), torch.ones(16, 16), atol=1e-2)  # probabilities over the tokens
-    assert record["latent_diff"].shape == (2, 4, 16, 16) and record["truth_grid"].any()
+    for name in ("difference", "attention"):
+        assert record[name].shape == (16, 16) and record[name].max() > 0
+    assert record["guide"].shape == (128, 128, 3) and record["truth_grid"].any()
+    hooks = sum(m / m.max() for m in ((record[f"{run}_maps"].float() * record["token_change"][:, None, None]).sum(0)
+                                      for run in ("after", "before")))
+    torch.testing.assert_close(record["attention"], hooks, atol=2e-3 * float(hooks.max()), rtol=0)  # the engine's
     assert record["removed"] or record["added"]
     change = record["token_change"]
     assert change.shape == (record["before_maps"].shape[0],) and change.max() > 0  # the changed word's token moved
@@ -46,4 +52,4 @@ def test_mask_attention_collects_and_scores_one_pair(host, tmp_path):
                            capture_output=True, text=True, timeout=300, check=False)
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| rule |")]
-    assert len(rows) == 13 and "oracle cut of the attention" in table.stdout and "phrases" in table.stdout
+    assert len(rows) == 18 and "the node's rule" in table.stdout and "phrases" in table.stdout

@@ -234,6 +234,21 @@ def score(a) -> None:
             W.weighted(r["difference"][None], engine_map(r)[None])[0], r["truth_grid"]),
     }
     print(variants.table(records, rules))
+    before, node = (rules[name] for name in list(rules)[:2])
+    print("\nThe node's rule against the difference alone, pair by pair: undilated IoU, mean ± standard error of the "
+          "mean, and the mean change ± its standard error (pairs better / worse by more than 0.005)")
+    for kind in ("colour", "shape", "size", "add", "remove", None):
+        pairs = [(variants.scores(before(r), r["truth_grid"])[0], variants.scores(node(r), r["truth_grid"])[0])
+                 for r in records if kind is None or r["kind"] == kind]
+        if len(pairs) < 2:
+            continue
+        old, new = zip(*pairs)
+        change = [b - a for a, b in pairs]
+
+        def mean_se(xs):
+            return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.3f}"
+        print(f"  {kind or 'all'} ({len(pairs)}): {mean_se(old)} -> {mean_se(new)}, change {mean_se(change)} "
+              f"({sum(c > 0.005 for c in change)} / {sum(c < -0.005 for c in change)})")
 
 
 def main(argv=None) -> int:

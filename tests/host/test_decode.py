@@ -176,8 +176,8 @@ def test_with_a_vae_the_auto_mask_follows_the_decoded_images_and_keeps_the_origi
     with torch.inference_mode():  # the cut follows the original's edges and those of the probe's prediction
         guide = M.edge_guide(original, vae.decode(spec.probe.predicted))
     assert not torch.equal(guide, original)
-    assert torch.equal(spec.mask, M.threshold_mask(spec.probe.difference, "otsu", dilate_px=1, image=guide))
-    assert torch.equal(plain.mask, M.threshold_mask(plain.probe.difference, "otsu", dilate_px=1))
+    assert torch.equal(spec.mask, M.threshold_mask(spec.probe.edit_map, "otsu", dilate_px=1, image=guide))
+    assert torch.equal(plain.mask, M.threshold_mask(plain.probe.edit_map, "otsu", dilate_px=1))
     assert torch.equal(sized[0], sized[1])  # the edit_size cut bounds the area: it does not move to the edges
     assert torch.equal(handle.get().images[vae_fingerprint(vae)], original)  # FISEditDecode will not decode again
     outside = ~pixel_mask(spec.mask)

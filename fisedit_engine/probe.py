@@ -180,14 +180,14 @@ def run_probe(model, source: FisEditCache, positive: list, steps: int, attention
     if not 1 <= steps < s.steps:
         raise CacheError(f"probe_steps must be between 1 and {s.steps - 1} (the cache has {s.steps} steps); got "
                          f"{steps}")
+    if control_steps is not None and control_steps < 1:
+        raise ValueError(f"attention control's steps is 1 or more (or None: every probe step), got {control_steps}")
     batch = s.latent_shape[0]
     sigmas = torch.tensor(s.sigmas)
     recorder = _ProbeRecorder(sigmas[:-1], steps, batch, on_step)
     patched = model.clone()
     host.add_apply_model_wrapper(patched, recorder)
     host.add_conditioning_on_device(patched)
-    if control_steps is not None and control_steps < 1:
-        raise ValueError(f"attention control's steps is 1 or more (or None: every probe step), got {control_steps}")
     controlled = attention_control.attach(patched, UNetLayout.from_unet(model.model.diffusion_model), source,
                                           positive, steps, control_mode, control_steps if attention_control_on else 0,
                                           sums=word_attention_on)

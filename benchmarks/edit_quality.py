@@ -80,7 +80,8 @@ def pair_prompt(i: int, old: str, new: str, a) -> dict:
     def fisedit(attention_control, dilate):
         return {"class_type": "FISEditDifferenceMask", "inputs": {
             "model": ["1", 0], "cache": ["7", 0], "positive": ["10", 0], "dilate": dilate,
-            "attention_control": attention_control, "attention_control_steps": a.control_steps, "vae": ["1", 2],
+            "attention_control": attention_control, "attention_control_steps": a.control_steps,
+            "word_attention": a.word_attention == "on", "vae": ["1", 2],
             **mask}}
 
     return {
@@ -247,6 +248,13 @@ def _control_steps(n: int | None) -> str:
     return f", attention control in {steps}"
 
 
+def _word_attention(setting: str | None) -> str:
+    if setting is None:  # a run from before the option (before word_attention.py: the difference alone)
+        return ""
+    return (", the mask weighted by where the changed words look" if setting == "on"
+            else ", the mask cut from the difference alone (word attention off)")
+
+
 def markdown(summary: dict, settings: dict) -> str:
     workers = settings.get("workers", 1)
     lines = [(f"Edit quality on the toy world: {summary['pairs']} edit pairs "
@@ -254,6 +262,7 @@ def markdown(summary: dict, settings: dict) -> str:
               f"{settings['steps']} steps, cfg {settings['cfg']}, weights `{settings['weights']}`, "
               f"device {settings['device']}"
               + _control_steps(settings.get("control_steps"))
+              + _word_attention(settings.get("word_attention"))
               + (f", {workers} worker processes sharing it, so the seconds are each method's under that load"
                  if workers > 1 else "")
               + f"). Originals that show their caption (judge): "
@@ -356,7 +365,8 @@ def run_pairs(a) -> tuple[list[dict], dict]:
               f"success {f['success']} | regenerate success {record['methods']['regenerate']['success']}",
               flush=True)
     settings = {k: getattr(a, k) for k in ("start", "seed", "size", "steps", "cfg", "sampler", "scheduler",
-                                           "weights", "probe_steps", "threshold", "dilate", "control_steps")}
+                                           "weights", "probe_steps", "threshold", "dilate", "control_steps",
+                                           "word_attention")}
     if set(a.kinds) != set(edits_mod.EDIT_KINDS):
         settings["kinds"] = a.kinds
     settings["pairs"] = len(records)
@@ -438,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-steps", type=int, default=0, help="FISEditDifferenceMask probe_steps (0: 20%%)")
     p.add_argument("--control-steps", type=int, default=None,
                    help="FISEditDifferenceMask attention_control_steps (0: every probe step; default: the node's)")
+    p.add_argument("--word-attention", default="on", choices=("on", "off"),
+                   help="FISEditDifferenceMask word_attention (on, the node's default: the difference weighted by "
+                        "where the changed words look)")
     p.add_argument("--threshold", default="otsu", choices=("otsu", "edit_size"))
     p.add_argument("--dilate", type=int, default=1)
     from toyworld.edits import EDIT_KINDS

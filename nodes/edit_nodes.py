@@ -17,7 +17,8 @@ def _difference_mask(inputs: dict, hidden: dict):
     return api.difference_mask(inputs["model"], inputs["cache"], inputs["positive"], inputs["mask_mode"],
                                inputs["user_mask"], inputs["dilate"], inputs["probe_steps"], inputs["threshold"],
                                inputs["edit_size"], inputs["attention_control"], vae=inputs["vae"],
-                               progress=host.progress_bar, control_steps=inputs["attention_control_steps"] or None)
+                               progress=host.progress_bar, control_steps=inputs["attention_control_steps"] or None,
+                               word_attention=inputs["word_attention"])
 
 
 def _sparse_sample(inputs: dict, hidden: dict):
@@ -76,6 +77,11 @@ DIFFERENCE_MASK = NodeSpec(
                                               "edited prompt's own attention. 0: every probe step. 1 found added "
                                               "objects best on the toy model."),
            optional=True, default=api.CONTROL_STEPS, min=0, max=10000),
+        In("word_attention", "BOOLEAN", ("auto modes: weight the latent difference by where the changed words look "
+                                         "(their cross-attention in the probe, and the original's from the cache), "
+                                         "so that other objects the model redraws stay out of the mask. Measured on "
+                                         "the toy model only; off: the difference alone."),
+           optional=True, default=True),
     ),
     outputs=(
         Out("edit", EDIT_TYPE, "The edit: connect it to FISEditSparseKSampler and FISEditDecode."),

@@ -72,14 +72,15 @@ def test_widget_values_are_where_the_frontend_puts_them(defs):
     """What ComfyUI's frontend 1.32.9 itself wrote when it loaded workflows/edit_auto_toy_api.json (its KSampler and
     FISEditDifferenceMask nodes), with the seed control set to fixed rather than the frontend's randomize; the
     optional vae socket, added since, follows user_mask as the frontend orders optional sockets, and the optional
-    attention_control_steps widget, added since, follows the required widgets."""
+    attention_control_steps and word_attention widgets, added since, follow the required widgets."""
     ui = load(ROOT / "workflows" / "edit_auto_toy_ui.json")
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert nodes[6]["widgets_values"] == [7, "fixed", 20, 5.0, "euler", "normal", 1.0]
-    assert nodes[14]["widgets_values"] == ["auto", 0, "otsu", 0.15, 1, True, 1]
+    assert nodes[14]["widgets_values"] == ["auto", 0, "otsu", 0.15, 1, True, 1, True]
     assert [i["name"] for i in nodes[14]["inputs"]] == ["model", "cache", "positive", "user_mask", "vae",
                                                        "mask_mode", "probe_steps", "threshold", "edit_size", "dilate",
-                                                       "attention_control", "attention_control_steps"]
+                                                       "attention_control", "attention_control_steps",
+                                                       "word_attention"]
     assert [l[1:] for l in ui["links"] if l[3] == 14 and l[5] == "VAE"] == [[1, 2, 14, 4, "VAE"]]
     assert nodes[15]["widgets_values"] == [0.0, "exact", 0]  # tile_size 0 (the cost model) since the frontend run
     assert nodes[14]["title"] == "FISEdit Difference Mask (auto)"

@@ -9,7 +9,7 @@ edited run decides how much each pixel looks at those words rather than at the n
 distribution. Prompt-to-prompt's "refine" takes the original's probabilities unscaled, which suits its alignment
 of every original word with an edited one (the original's row then sums to one over them); here only the common
 start is aligned (below). Unscaled ("refine", kept to compare with), the controlled probe lost added objects on the
-toy world: 3 of 40 edits failed in benchmarks/results/edit_quality.md; on the CPU's masks
+toy world: 3 of 40 edits failed (benchmarks/results/edit_quality-fifth-run-unscaled-refine.json); on the CPU's masks
 (benchmarks/results/mask_control-cpu/) additions scored 0.68 unscaled, 0.71 rescaled and 0.71 without control.
 The values are always the edited prompt's, which at unchanged positions equal the original's.
 
@@ -21,10 +21,12 @@ other embeddings even when the words are the same, and are left uncontrolled.
 Which steps: prompt-to-prompt controls the first part of the schedule only, where the layout forms, and lets the
 later steps follow the edited prompt. `steps` does the same with the probe's first steps; the others run the edited
 prompt's own attention (computed the same way, so that a CUDA graph of the probe step serves both). The node
-controls the first probe step only (api.CONTROL_STEPS): on the quality benchmark's 200 toy pairs (GPU), controlling
-all four probe steps lost an added object whose place shares a word with an existing object's ("at the top" beside
-"at the top right"), the controlled mask landing on the existing object; additions scored 0.683 that way, 0.712
-with the first step controlled (none lost) and 0.708 without control; shape changes 0.700, 0.695 and 0.691.
+controls the first probe step only (api.CONTROL_STEPS): on the quality benchmark's 200 toy pairs (GPU, before the
+word-attention weighting; benchmarks/results/edit_quality-control-every-step/), controlling all four probe steps
+lost an added object whose place shares a word with an existing object's ("at the top" beside "at the top right"),
+the controlled mask landing on the existing object; additions scored 0.683 that way, 0.712 with the first step
+controlled (none lost) and 0.708 without control; shape changes 0.700, 0.695 and 0.691. With the word-attention
+weighting, control in the first step and none score alike (benchmarks/results/edit_quality.md).
 
 The same layers sum, in every probe step, the attention that the edited prompt's changed positions receive, and the
 original run's changed positions (from its captured queries, in the steps the cache holds them for): the auto mask's

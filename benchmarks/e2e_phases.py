@@ -10,7 +10,8 @@ end: the probe (FISEditDifferenceMask), the sparse sampling,
 the decode; and within the sampling each model call's wall time (synchronised too), so per-edit setup, the first
 eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. Then
 FISEditDifferenceMask alone: with attention control on and off, and with the VAE (the Otsu cut along the original
-image's edges; the filter over the image's pixels timed alone too). `--profile` adds cProfile of one more edit (host
+image's edges; the filter over the image's pixels timed alone too), against the plain UNet at a probe step's batch
+of one, eager and replayed as a CUDA graph (on a GPU). `--profile` adds cProfile of one more edit (host
 time by function, cumulative and own).
 """
 from __future__ import annotations
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
         for _ in range(2):
             _, filter_seconds = synced(lambda: along_edges(diff, image, otsu_threshold(diff)))
         edges = (spec.probe.seconds, edges_seconds, filter_seconds, tuple(image.shape[:2]))
+        # what a probe step's replay would cost without attention control and word attention: the plain UNet
+        unet_alone = speed.unet_call_times(model, arch, lat, 30, batch=1) if torch.cuda.is_available() else None
         profile_text = ""
         if a.profile:
             prof = cProfile.Profile()
@@ -165,6 +168,9 @@ def main(argv=None) -> int:
     for control, (steps, probe_s, total_s) in probe_alone.items():
         print(f"FISEditDifferenceMask alone, attention control {'on' if control else 'off'}: {total_s:.3f} s "
               f"(probe {probe_s:.3f} s, {1000 * probe_s / steps:.1f} ms per probe step)")
+    if unet_alone is not None:
+        print(f"the UNet alone, a probe step's batch of 1 (speed.unet_call_times): eager "
+              f"{unet_alone['unet_eager_ms']:.1f} ms, one CUDA-graph replay {unet_alone['unet_graph_ms']:.1f} ms")
     probe_s, total_s, filter_s, (h, w) = edges
     print(f"FISEditDifferenceMask alone, otsu along the original image's edges (vae): {total_s:.3f} s (probe "
           f"{probe_s:.3f} s; the edge filter over {w}x{h} pixels alone {1000 * filter_s:.1f} ms)")

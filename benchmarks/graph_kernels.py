@@ -1,14 +1,16 @@
 """The kernels of one replayed sparse step against those of the dense UNet replayed as a CUDA graph.
 
     python benchmarks/graph_kernels.py [--models sd21v@768,sdxl@1024] [--fraction 0.05] [--top 25] [--dump DIR]
-                                       [--layouts nhwc,im2col]
+                                       [--layouts nhwc,im2col] [--min-sparse 256,144]
 
 Per graph: the number of kernels one replay runs, the sum of their GPU times, the replay's span on the GPU (first
 kernel start to last kernel end: the rest of the span is the GPU idle between kernels), a histogram of kernel
 durations, the time per kind of kernel (convolution, GEMM, attention, Triton, copies, the rest) and the kernels with
 the most time; with `--dump`, the median replay's kernels in order (name, start, duration) as JSON in DIR, to read
 against the code that launched them; with `--layouts`, the sparse step once per patch layout (FISEDIT_PATCH_LAYOUT,
-kernels/fused.py: the convs on stacked patches or as im2col GEMMs), side by side. Kernels are assigned to a replay
+kernels/fused.py: the convs on stacked patches or as im2col GEMMs), side by side; with `--min-sparse`, the sparse
+step once per capture with that smallest sparse level (in positions: layout.py's min_sparse_positions; the levels
+below it run dense), side by side. Kernels are assigned to a replay
 through the CUDA runtime's correlation id of its cudaGraphLaunch (torch's profiler, with CUPTI, reports each kernel of
 a graph).
 """
@@ -104,7 +106,7 @@ def profiled(fn, tmp: Path, label: str) -> list[list[dict]]:
 
 
 def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path | None = None,
-        layouts: tuple = ()) -> None:
+        layouts: tuple = (), min_sparse: tuple = ()) -> None:
     import torch
     import comfy.model_management as mm
     import comfy.sample
@@ -143,17 +145,25 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path |
         print(anatomy(runs[-1], top))
         del dense
 
-        captured, handle = api.capture(model, f"kernels-{arch}")
-        out = comfy.sample.sample(captured, noise, 8, 7.0, "euler", "normal", speed.conditioning(arch, 1, size),
-                                  speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
-        api.store(handle, {"samples": out})
-        spec = EditSpec(handle, speed.conditioning(arch, 3, size), speed.region_mask(lat, fraction, "rect"))
-        for layout in layouts or (None,):
-            if layout is not None:
-                os.environ[fused.LAYOUT_ENV] = layout
-                print(f"-- {fused.LAYOUT_ENV}={layout}")
-            sparse_step(model, spec, f"{arch}-{size}" + (f"-{layout}" if layout else ""), top, tmp, dump)
-        api.registry().remove(handle.name)
+        for smallest in min_sparse or (None,):
+            label = f"{arch}-{size}"
+            if smallest is None:
+                captured, handle = api.capture(model, f"kernels-{arch}")
+            else:
+                captured, handle = api.capture(model, f"kernels-{arch}-{smallest}", min_sparse_positions=smallest)
+                label += f"-min{smallest}"
+            out = comfy.sample.sample(captured, noise, 8, 7.0, "euler", "normal", speed.conditioning(arch, 1, size),
+                                      speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
+            api.store(handle, {"samples": out})
+            if smallest is not None:
+                print(f"-- min_sparse_positions={smallest}: sparse levels {handle.get().settings.sparse_levels}")
+            spec = EditSpec(handle, speed.conditioning(arch, 3, size), speed.region_mask(lat, fraction, "rect"))
+            for layout in layouts or (None,):
+                if layout is not None:
+                    os.environ[fused.LAYOUT_ENV] = layout
+                    print(f"-- {fused.LAYOUT_ENV}={layout}")
+                sparse_step(model, spec, label + (f"-{layout}" if layout else ""), top, tmp, dump)
+            api.registry().remove(handle.name)
     del model
     torch.cuda.empty_cache()
 
@@ -186,12 +196,15 @@ def main(argv=None) -> int:
     def run_model(arch, size, a):
         with tempfile.TemporaryDirectory() as tmp:
             run(arch, size, a.fraction, a.top, Path(tmp), a.dump,
-                tuple(v.strip() for v in a.layouts.split(",") if v.strip()) if a.layouts else ())
+                tuple(v.strip() for v in a.layouts.split(",") if v.strip()) if a.layouts else (),
+                tuple(int(v) for v in a.min_sparse.split(",") if v.strip()) if a.min_sparse else ())
 
     def add_arguments(parser):
         parser.add_argument("--top", type=int, default=25)
         parser.add_argument("--dump", type=Path, help="a folder for the median replay's kernels in order (JSON)")
         parser.add_argument("--layouts", help="patch layouts to profile side by side, e.g. nhwc,im2col")
+        parser.add_argument("--min-sparse", help="captures' smallest sparse level in positions, side by side, e.g. "
+                                                 "256,144")
     return speed.per_model_main(argv, __doc__, "benchmarks/graph_kernels.py profiles CUDA graph replays",
                                 add_arguments, run_model)
 

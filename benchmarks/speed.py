@@ -136,18 +136,20 @@ def probed_edit(model, handle, edited, lat: int, fraction: float, shift: int = 0
     return EditSpec(handle, edited, region_mask(lat, fraction, "rect", shift), mode="auto", probe=probed.probe)
 
 
-def unet_call_times(model, arch: str, lat: int, repeat: int) -> dict:
-    """The UNet alone on one CFG step's inputs: eager, and replayed as one CUDA graph (median ms)."""
+def unet_call_times(model, arch: str, lat: int, repeat: int, batch: int = 2) -> dict:
+    """The UNet alone on one CFG step's inputs (`batch` rows: 2, or 1 as a probe step runs it): eager, and replayed
+    as one CUDA graph (median ms)."""
     import torch
     import comfy.model_management as mm
     mm.load_models_gpu([model])
     unet = model.model.diffusion_model
     dtype = model.model.get_dtype()
     dev = mm.get_torch_device()
-    x = torch.randn(2, 4, lat, lat, device=dev, dtype=dtype)
-    t = torch.full((2,), 500.0, device=dev)
-    context = torch.randn(2, 77, CONTEXT[arch], device=dev, dtype=dtype)
-    kwargs = {"y": torch.randn(2, unet.label_emb[0][0].in_features, device=dev, dtype=dtype)} if arch == "sdxl" else {}
+    x = torch.randn(batch, 4, lat, lat, device=dev, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=dev)
+    context = torch.randn(batch, 77, CONTEXT[arch], device=dev, dtype=dtype)
+    kwargs = ({"y": torch.randn(batch, unet.label_emb[0][0].in_features, device=dev, dtype=dtype)}
+              if arch == "sdxl" else {})
 
     def call():
         return unet(x, timesteps=t, context=context, transformer_options={}, **kwargs)

@@ -11,6 +11,7 @@ from . import comfy_adapter as host
 from . import persistence
 from .cache import CacheError, FisEditCache
 from .capture import CacheHandle, attach_capture, seal
+from .layout import DEFAULT_MIN_SPARSE_POSITIONS
 from .registry import registry
 
 CACHE_SUFFIX = ".safetensors"
@@ -30,8 +31,9 @@ def cache_name_for(cache_name: str, node_id: str | None, prompt: dict | None, ex
     return f"wf-{workflow[:12]}-node{node_id}"
 
 
-def capture(model, cache_name: str):
-    handle = CacheHandle(cache_name, registry())
+def capture(model, cache_name: str, min_sparse_positions: int = DEFAULT_MIN_SPARSE_POSITIONS):
+    """`min_sparse_positions`: the smallest level (in positions) whose steps the edit runs sparse (layout.py)."""
+    handle = CacheHandle(cache_name, registry(), min_sparse_positions)
     return attach_capture(model, handle), handle
 
 

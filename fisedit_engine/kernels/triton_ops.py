@@ -556,16 +556,18 @@ class RowCopyLaunches:
                 index = [self.identity.data_ptr() if i is None else i.data_ptr() for i in (c.src_index, c.out_index)]
                 jobs.append([first, c.rows, channels, blocks_p, blocks_c, *index, src.stride(0), src.stride(1),
                              c.out.data_ptr(), *c.out.stride(), src.stride(2)] + [0] * 2)
+                # plain lists, one tensor per table: a small tensor per copy cost more than the kernels' work
                 if isinstance(c.sources, torch.Tensor):  # [steps, ...]: step s at a fixed stride
-                    stride = c.sources.stride(0) * c.sources.element_size()
-                    sources.append(c.sources.data_ptr() + stride * torch.arange(steps, dtype=torch.int64))
+                    base, stride = c.sources.data_ptr(), c.sources.stride(0) * c.sources.element_size()
+                    sources.append([base + stride * s for s in range(steps)])
                 else:
                     per_step = c.sources if len(c.sources) == steps else c.sources * steps
-                    sources.append(torch.tensor([t.data_ptr() for t in per_step], dtype=torch.int64))
+                    sources.append([t.data_ptr() for t in per_step])
                 items.append(batch * blocks_p * blocks_c)
                 first += items[-1]
             job_of = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(items))
-            host = (torch.tensor(jobs, dtype=torch.int64), torch.stack(sources, dim=1), job_of)
+            host = (torch.tensor(jobs, dtype=torch.int64), torch.tensor(sources, dtype=torch.int64).t().contiguous(),
+                    job_of)
             self.launches.append(dict(
                 tables=tuple(h.to(device) for h in host),
                 n_jobs=len(jobs), work=first, UNIT=_UNITS[size], SRC_C1=src_c1, OUT_C1=out_c1, BLOCK_C=bc))

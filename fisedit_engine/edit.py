@@ -142,7 +142,7 @@ class EditState:
         for conv in self.convs:
             with host.cast_weights(conv, x) as (w, _):
                 self.channels_last_weight(conv, w)
-        for conv in self.sparse_convs if K.patch_layout() == "im2col" else ():
+        for conv in self.sparse_convs if K.patch_layout() in ("im2col", "mixed") else ():
             with host.cast_weights(conv, x) as (w, _):
                 self.im2col_weight(conv, w)
         for modules in (*self.self_attention, self.cross_kv, self.emb_linears):

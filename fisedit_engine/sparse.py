@@ -90,9 +90,9 @@ def _scatter(base, tiles_out, lp, bias=None, residual_tiles=None, residual_map=N
 
 def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, stride=1):
     """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T].
-    With FISEDIT_PATCH_LAYOUT=im2col (kernels/fused.py) the gather writes the conv's im2col rows and one GEMM
-    multiplies them with the weight."""
-    if K.patch_layout() == "im2col":
+    Where the level's layout is im2col (FISEDIT_PATCH_LAYOUT, kernels/fused.py) the gather writes the conv's im2col
+    rows and one GEMM multiplies them with the weight."""
+    if K.conv_layout(lp.level) == "im2col":
         taps = _gathered(K.gather_norm_im2col, x, lp.im2col_index(kind, x.device, in_size), norm, stats)
         with host.cast_weights(conv, taps) as (w, b):
             out = torch.nn.functional.linear(taps, ctx.edit.im2col_weight(conv, w), b)  # [N, tiles, O, O, C']

@@ -13,7 +13,9 @@ channels-first; or, with `im2col`, as the 3x3 convs' im2col rows, which one GEMM
 instead of cuDNN's conv: on an H200 that GEMM beat cuDNN's implicit GEMM on the sparse levels' shapes by 1.15-2.4x
 (benchmarks/conv_gemm.py), but the replayed step with it spans as long as with nhwc (6.26 against 6.33 ms, 6.72
 against 6.71: benchmarks/graph_kernels.py --layouts, results/graph_kernels/nvidia-h200-2026-12-04-twelfth.md; the
-gather writes nine times the bytes), hence not the default. All give the same values
+gather writes nine times the bytes), hence not the default. `mixed`: im2col at the levels below the latent's
+(level 1 and down: few tiles with many channels, where the GEMM gains most and its rows cost least), nhwc at level 0.
+All give the same values
 up to the convs' own summation order. On the H100 NHWC spares cuDNN a layout conversion per conv: the ResBlock at
 SD2.1@768's level 0 (5% of the tiles) replays in 64 us instead of 121 (benchmarks/kernels.py), and the sparse step as a
 CUDA graph took 20.6 ms instead of 23.3 (benchmarks/speed.py, one run each).
@@ -36,7 +38,7 @@ log = logging.getLogger("FISEdit")
 ENV = "FISEDIT_KERNELS"
 MODES = ("auto", "triton", "reference")
 LAYOUT_ENV = "FISEDIT_PATCH_LAYOUT"
-LAYOUTS = ("nchw", "nhwc", "im2col")
+LAYOUTS = ("nchw", "nhwc", "im2col", "mixed")
 
 _module = None          # triton_ops once imported
 _import_error = None    # why it could not be imported
@@ -57,6 +59,14 @@ def patch_layout() -> str:
     if value not in LAYOUTS:
         raise ValueError(f"{LAYOUT_ENV}={value!r}: expected one of {', '.join(LAYOUTS)}")
     return value
+
+
+def conv_layout(level: int) -> str:
+    """The layout of the 3x3 convs' patches at `level` under patch_layout(): nchw, nhwc or im2col."""
+    layout = patch_layout()
+    if layout == "mixed":
+        return "im2col" if level > 0 else "nhwc"
+    return layout
 
 
 def triton_module():
@@ -166,7 +176,7 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     with stats None, the patches only. In x's dtype."""
     return _run("gather_norm", x.device,
                 lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu,
-                                                    channels_last=patch_layout() == "nhwc"),
+                                                    channels_last=patch_layout() != "nchw"),
                 lambda: R.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu))
 
 

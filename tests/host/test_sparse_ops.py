@@ -119,9 +119,10 @@ def assert_matches(actual, expected, active, read):
 CASES = [("sd15", (16, 24), 4, 0), ("sd21v", (16, 16), 3, 1), ("sdxl", (20, 16), 5, 2), ("sd15", (16, 16), 1, 3)]
 
 
-@pytest.fixture(params=["nhwc", "im2col"])
+@pytest.fixture(params=["nhwc", "im2col", "mixed"])
 def patch_layout(request, monkeypatch):
-    """The convs' two paths: cuDNN on stacked patches, and one GEMM over im2col rows (kernels/fused.py)."""
+    """The convs' two paths: cuDNN on stacked patches, and one GEMM over im2col rows (kernels/fused.py); and the two
+    by level."""
     monkeypatch.setenv("FISEDIT_PATCH_LAYOUT", request.param)
     return request.param
 

@@ -14,8 +14,9 @@ instead of cuDNN's conv: on an H200 that GEMM beat cuDNN's implicit GEMM on the 
 (benchmarks/conv_gemm.py), but the replayed step with it spans as long as with nhwc (6.26 against 6.33 ms, 6.72
 against 6.71: benchmarks/graph_kernels.py --layouts, results/graph_kernels/nvidia-h200-2026-12-04-twelfth.md; the
 gather writes nine times the bytes), hence not the default. `mixed`: im2col at the levels below the latent's
-(level 1 and down: few tiles with many channels, where the GEMM gains most and its rows cost least), nhwc at level 0.
-All give the same values
+(level 1 and down: few tiles with many channels, where conv_gemm.py measured the GEMM's largest gain, 27.4 against
+11.6 us at level 2, and where the rows cost least), nhwc at level 0; an experiment until a replay with it is timed
+(`graph_kernels.py --layouts nhwc,mixed`). All give the same values
 up to the convs' own summation order. On the H100 NHWC spares cuDNN a layout conversion per conv: the ResBlock at
 SD2.1@768's level 0 (5% of the tiles) replays in 64 us instead of 121 (benchmarks/kernels.py), and the sparse step as a
 CUDA graph took 20.6 ms instead of 23.3 (benchmarks/speed.py, one run each).

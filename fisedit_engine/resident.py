@@ -10,9 +10,10 @@ Device memory is bounded by one process-wide budget (FISEDIT_RESIDENT_BUDGET: by
 percentage of the device's memory such as "10%", or 0 to turn this off; default the smaller of 20 GiB and 20% of
 the device: 16 GiB on an 80 GB H100, which holds SDXL@1024's whole context, 15.6 GiB over 20 steps; with 8 GiB, about
 half its steps uploaded theirs, 31% of a step's cache, and its sparse step at 5% took 23.4 ms where the whole context
-kept made it 17.0 ms, 1.79x and 2.44x the dense UNet graph: benchmarks/results/speed-f249593/). A cache that does not fit whole keeps the steps that fit; the rest is uploaded per step as before. When
-another cache needs the room, the least recently used cache's context is let go. A cache's context is let go too
-when the cache leaves the registry. Nothing here changes a value: these are copies of the cached tensors.
+kept made it 17.0 ms, 1.79x and 2.44x the dense UNet graph: benchmarks/results/speed-f249593/). A cache that does not
+fit whole keeps the steps that fit; the rest is uploaded per step as before. When another cache needs the room, the
+least recently used cache's context is let go. A cache's context is let go too when the cache leaves the registry.
+Nothing here changes a value: these are copies of the cached tensors.
 """
 from __future__ import annotations
 

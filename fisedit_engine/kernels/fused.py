@@ -177,7 +177,7 @@ def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     with stats None, the patches only. In x's dtype."""
     return _run("gather_norm", x.device,
                 lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu,
-                                                    channels_last=patch_layout() != "nchw"),
+                                                    channels_last=patch_layout() in ("nhwc", "mixed")),
                 lambda: R.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu))
 
 

@@ -272,9 +272,9 @@ def test_row_copies_after_a_replay_gather_what_the_graph_computed(T, plan, dtype
 @pytest.mark.parametrize("layout", ["nhwc", "im2col", "mixed"])
 def test_edit_with_kernels_matches_the_reference_ops(host, monkeypatch, dtype, layout):
     """A whole edit of a tiny SD1.5-structured model: the kernels (auto mode picks them on CUDA) against the
-    reference ops, the convs on stacked patches or as im2col GEMMs or by level (FISEDIT_PATCH_LAYOUT). Outside the mask both are
-    the original exactly (I4); inside they differ by rounding, which random weights amplify over the steps, within the
-    I3 bounds of tests/gpu/test_edit_gpu.py."""
+    reference ops, the convs on stacked patches or as im2col GEMMs or by level (FISEDIT_PATCH_LAYOUT). Outside the
+    mask both are the original exactly (I4); inside they differ by rounding, which random weights amplify over the
+    steps, within the I3 bounds of tests/gpu/test_edit_gpu.py."""
     monkeypatch.setenv(fused.LAYOUT_ENV, layout)
     import tiny_models
     from tiny_models import sample

@@ -114,6 +114,7 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path |
     from fisedit_engine import api
     from fisedit_engine.edit import EditSpec
     from fisedit_engine.kernels import fused
+    from fisedit_engine.layout import DEFAULT_MIN_SPARSE_POSITIONS
 
     model, _ = speed.load_model(arch)
     lat = size // 8
@@ -146,12 +147,10 @@ def run(arch: str, size: int, fraction: float, top: int, tmp: Path, dump: Path |
         del dense
 
         for smallest in min_sparse or (None,):
-            label = f"{arch}-{size}"
-            if smallest is None:
-                captured, handle = api.capture(model, f"kernels-{arch}")
-            else:
-                captured, handle = api.capture(model, f"kernels-{arch}-{smallest}", min_sparse_positions=smallest)
-                label += f"-min{smallest}"
+            suffix = "" if smallest is None else f"-min{smallest}"
+            label = f"{arch}-{size}{suffix}"
+            captured, handle = api.capture(model, f"kernels-{arch}{suffix}",
+                                           min_sparse_positions=smallest or DEFAULT_MIN_SPARSE_POSITIONS)
             out = comfy.sample.sample(captured, noise, 8, 7.0, "euler", "normal", speed.conditioning(arch, 1, size),
                                       speed.conditioning(arch, 2, size), latent, seed=0, disable_pbar=True)
             api.store(handle, {"samples": out})

@@ -77,7 +77,7 @@ class EditState:
     emb_linears: tuple = ()  # every sparse ResBlock's projection of the time embedding, joined
     linears: JoinedLinears = field(default_factory=JoinedLinears)
     _mask_rows: dict = field(default_factory=dict)
-    sparse_convs: list = field(default_factory=list)  # the 3x3 convs of the sparse forwards (im2col weights)
+    sparse_convs: list = field(default_factory=list)  # (level, conv): the sparse forwards' 3x3 convs (im2col weights)
     _conv_weights: dict = field(default_factory=dict)  # (id(conv module), form) -> (weight, its state, its copy)
 
     def end_run(self) -> None:
@@ -118,6 +118,10 @@ class EditState:
         im2col rows of kernels.fused.gather_norm_im2col; made once per edit, like `channels_last_weight`."""
         return self._weight_copy(conv, weight, "im2col", lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
 
+    def im2col_convs(self) -> list:
+        """The sparse 3x3 convs that multiply im2col rows: those of the levels whose conv_layout is im2col."""
+        return [conv for level, conv in self.sparse_convs if K.conv_layout(level) == "im2col"]
+
     def _weight_copy(self, conv, weight: torch.Tensor, form: str, make) -> torch.Tensor:
         """`make(weight)`, kept for the edit; made again if the weight was replaced, moved or written since (an edit
         kept for the next one, warm.py, outlives ComfyUI's reloads and patches). A cast copy (offloaded or
@@ -142,7 +146,7 @@ class EditState:
         for conv in self.convs:
             with host.cast_weights(conv, x) as (w, _):
                 self.channels_last_weight(conv, w)
-        for conv in self.sparse_convs if K.patch_layout() in ("im2col", "mixed") else ():
+        for conv in self.im2col_convs():
             with host.cast_weights(conv, x) as (w, _):
                 self.im2col_weight(conv, w)
         for modules in (*self.self_attention, self.cross_kv, self.emb_linears):
@@ -432,8 +436,10 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
-    sparse = [modules[b.path] for b in layout.blocks if b.level in plan.levels]
-    sparse_convs = [m for block in (*sparse, unet.out) for m in block.modules()
+    sparse_blocks = [b for b in layout.blocks if b.level in plan.levels]
+    sparse = [modules[b.path] for b in sparse_blocks]
+    by_level = [*((b.level, modules[b.path]) for b in sparse_blocks), (0, unet.out)]  # a conv runs at its block's
+    sparse_convs = [(level, m) for level, block in by_level for m in block.modules()
                     if isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (3, 3)]
     blocks = [tb for m in sparse if hasattr(m, "transformer_blocks") for tb in m.transformer_blocks]
     emb_layers = [m.emb_layers for m in sparse if hasattr(m, "emb_layers")]

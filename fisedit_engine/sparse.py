@@ -92,22 +92,24 @@ def _sparse_conv(ctx, x, conv, lp, kind, norm=None, stats=None, in_size=None, st
     """Gather patches of x for `kind`'s geometry, optionally GroupNorm + SiLU them, and conv: [N, C', tiles, T, T].
     Where the level's layout is im2col (FISEDIT_PATCH_LAYOUT, kernels/fused.py) the gather writes the conv's im2col
     rows and one GEMM multiplies them with the weight."""
-    if K.conv_layout(lp.level) == "im2col":
+    layout = K.conv_layout(lp.level)
+    if layout == "im2col":
         taps = _gathered(K.gather_norm_im2col, x, lp.im2col_index(kind, x.device, in_size), norm, stats)
         with host.cast_weights(conv, taps) as (w, b):
             out = torch.nn.functional.linear(taps, ctx.edit.im2col_weight(conv, w), b)  # [N, tiles, O, O, C']
         return out.permute(0, 4, 1, 2, 3)
-    patches = _gathered(K.gather_norm_patches, x, lp.patch_index(kind, x.device, in_size), norm, stats)
+    patches = _gathered(K.gather_norm_patches, x, lp.patch_index(kind, x.device, in_size), norm, stats,
+                        channels_last=layout == "nhwc")
     with host.cast_weights(conv, patches) as (w, b):
         return R.conv_patches(patches, ctx.edit.conv_weight(conv, w, patches), b, stride)
 
 
-def _gathered(gather, x, index, norm, stats):
-    """gather(x, rows, cols), GroupNorm'ed with `stats` and SiLU'd where `norm` is given."""
+def _gathered(gather, x, index, norm, stats, **options):
+    """gather(x, rows, cols, **options), GroupNorm'ed with `stats` and SiLU'd where `norm` is given."""
     if norm is None:
-        return gather(x, *index)
+        return gather(x, *index, **options)
     with host.cast_weights(norm, x) as (gw, gb):
-        return gather(x, *index, stats, gw, gb, norm.eps, silu=True)
+        return gather(x, *index, stats, gw, gb, norm.eps, silu=True, **options)
 
 
 class SparseResBlock(SparseForward):

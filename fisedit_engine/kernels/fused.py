@@ -171,13 +171,14 @@ def _run(op: str, device, kernel, reference):
 
 def gather_norm_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, stats: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
-                        silu: bool = True) -> torch.Tensor:
+                        silu: bool = True, channels_last: bool = True) -> torch.Tensor:
     """Patches [N, C, tiles, P, Q] of x [N, C, H, W] at (rows, cols) ([tiles, P], [tiles, Q], -1 = outside: zero),
     GroupNorm'ed with `stats` [N, G, 2] (fp32 mean, biased variance) and weight/bias [C], and SiLU'd with `silu`;
-    with stats None, the patches only. In x's dtype."""
+    with stats None, the patches only. In x's dtype. `channels_last`: the Triton kernel stores them channels
+    innermost (conv_layout "nhwc"), else per tile channels-first ("nchw"); the reference keeps x's layout."""
     return _run("gather_norm", x.device,
                 lambda: _module.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu,
-                                                    channels_last=patch_layout() in ("nhwc", "mixed")),
+                                                    channels_last=channels_last),
                 lambda: R.gather_norm_patches(x, rows, cols, stats, weight, bias, eps, silu))
 
 

@@ -36,3 +36,11 @@ def test_other_patches_and_cast_copies_keep_the_weight_they_were_given():
     cast = conv.weight.detach().half()            # what ComfyUI's casting hands over for an offloaded weight
     assert state.conv_weight(conv, cast, channels_last) is cast
     assert not state._conv_weights
+
+
+def test_im2col_weights_are_made_for_the_levels_whose_convs_multiply_im2col_rows(monkeypatch):
+    convs = [(level, torch.nn.Conv2d(4, 4, 3)) for level in (0, 1, 2, 0)]
+    state = EditState(plan=None, source=None, dense_from=0, sparse_convs=convs)
+    for layout, levels in (("nhwc", ()), ("nchw", ()), ("im2col", (0, 1, 2, 0)), ("mixed", (1, 2))):
+        monkeypatch.setenv("FISEDIT_PATCH_LAYOUT", layout)
+        assert state.im2col_convs() == [conv for level, conv in convs if level in levels], layout

@@ -1,6 +1,7 @@
 """The host work an edit does once, outside its model calls, by function: on the CPU or a GPU.
 
-    python benchmarks/edit_overhead.py [--model sd21v@768] [--size 256] [--steps 3] [--repeat 3] [--profile [LINES]]
+    python benchmarks/edit_overhead.py [--model sd21v@768] [--size 256] [--steps 3] [--repeat 3] [--new-mask]
+        [--profile [LINES]]
 
 `gpu_timeline.py` showed a warm SD2.1@768 edit on an H200 leaving the GPU idle for about 58 ms before its first
 replayed step and 10 ms after its last, of an edit of about 300 ms: the edit's checks, its recording's setup and its
@@ -9,7 +10,11 @@ matters little to them, so on the CPU a small one keeps the eager sparse steps s
 ComfyUI loads checkpoints (its weights are inference tensors): after a capture and two warm edits, `--repeat` edits
 with the same prompt and mask, each function's wall time (median over the edits) and the edit's wall time outside
 its model calls. `--profile` adds cProfile's table of the repeated edits by own time, model calls included (they
-are the UNet's modules and torch ops; the rest is the host work this script is about).
+are the UNet's modules and torch ops; the rest is the host work this script is about). `--new-mask` moves the mask
+before each edit, so that each builds its plan, its feed's planned moves (and on a GPU their tables and the sparse
+step's graph) anew, and times those too: most of it runs inside the first sparse model call, so it is not in "outside
+its model calls". Which levels run sparse depends on the latent's size (256 positions at least): SD2.1 at 512 px has
+three sparse levels, as at 768.
 """
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def once_per_edit():
             (cache.StepTensors, "missing"), (capture.Recording, "seal"), (edit, "seal")]
 
 
+def once_per_mask():
+    """(owner, name): what an edit with a new mask builds once besides, some of it inside its first sparse model
+    call (the plan, its index maps, the feed's planned moves and their tables, the graph's capture)."""
+    from fisedit_engine import edit, feed, graphs, plan, tiling
+    from fisedit_engine.kernels import fused
+    targets = [(edit, "_build"), (tiling, "choose_tiles"), (plan.EditPlan, "build"), (plan.EditPlan, "prepare"),
+               (feed.EditFeed, "build"), (feed.EditFeed, "_build_plan"), (edit.EditState, "prepare_capture"),
+               (graphs.StepGraph, "_capture")]
+    module = fused.triton_module()
+    return targets + ([(module.RowCopyLaunches, "__init__")] if module is not None else [])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd21v@768", help="arch@size: the architecture (the size is --size's)")
@@ -43,6 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--new-mask", action="store_true",
+                        help="move the mask before each edit (a latent pixel down and right), so that each builds its "
+                             "plan, moves and graph anew, and time what that builds too")
     parser.add_argument("--profile", type=int, nargs="?", const=40, default=0, metavar="LINES",
                         help="also print cProfile's top LINES functions by own time over the repeated edits")
     a = parser.parse_args(argv)
@@ -71,10 +91,15 @@ def main(argv=None) -> int:
         timer = speed.CallTimer()
         patched = model.clone()
         add_apply_model_wrapper(patched, timer)
-        spec = EditSpec(handle, speed.conditioning(arch, 3, a.size), speed.region_mask(lat, a.fraction, "rect"))
+        edits = iter(range(2 + a.repeat))
+
+        def next_spec():  # the same mask every time, or (--new-mask) another one
+            shift = next(edits) if a.new_mask else 0
+            return EditSpec(handle, speed.conditioning(arch, 3, a.size),
+                            speed.region_mask(lat, a.fraction, "rect", shift))
         for _ in range(2):
-            run_edit(patched, spec)
-        once = once_per_edit()
+            run_edit(patched, next_spec())
+        once = once_per_edit() + (once_per_mask() if a.new_mask else [])
         times: dict = {}
         outside, walls = [], []
         wrapped = timed_methods(times, [(owner, name, False) for owner, name in once])
@@ -86,6 +111,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 if profiler is not None:
                     profiler.enable()
+                spec = next_spec()
                 _, result = run_edit(patched, spec)
                 sync()
                 if profiler is not None:
@@ -97,7 +123,8 @@ def main(argv=None) -> int:
                 setattr(cls, name, original)
         api.registry().remove(result.name)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{arch} at {a.size}x{a.size}, {a.steps} steps, mask {100 * a.fraction:.0f}% rectangle, {device}: edit "
+    print(f"{arch} at {a.size}x{a.size}, {a.steps} steps, mask {100 * a.fraction:.0f}% rectangle"
+          f"{', a new one each edit' if a.new_mask else ''}, {device}: edit "
           f"{1000 * statistics.median(walls):.1f} ms, outside its model calls {1000 * statistics.median(outside):.1f} "
           f"ms (medians of {a.repeat})")
     print(f"  {result.edit_summary}")

@@ -210,7 +210,8 @@ class EditState:
         if self.stats_mode == "exact":
             lp = self.plan.levels[self.feed.entries[inputs[0]].level]
             cached = K.exact_group_stats(cached, [self.feed.cached_active(k) for k in inputs],
-                                         R.AtPositions(x.flatten(2), lp.tokens(x.device)), lp.height * lp.width)
+                                         R.AtPositions(x.flatten(2), lp.stat_positions(x.device)[0]),
+                                         lp.height * lp.width)
         ctx.recording.record(f"{gn_path}:stats", ctx, cached)
         return cached
 

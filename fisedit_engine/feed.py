@@ -458,13 +458,13 @@ class EditFeed:
         return self._device[key]
 
     def cached_active(self, key: str) -> R.AtPositions:
-        """The cached values of a map at its level's active positions, where they lie: [rows, C, positions] at the
-        active ones (not gathered: the statistics kernel reads them in place)."""
+        """The cached values of a map at its level's active positions (`stat_positions`), where they lie: [rows, C,
+        positions] at them (not gathered: the statistics kernel reads them in place)."""
         lp = self.plan.levels[self.entries[key].level]
         if self.entries[key].whole:
-            return R.AtPositions(self._device[key].flatten(2), lp.tokens(self._device[key].device))
+            return R.AtPositions(self._device[key].flatten(2), lp.stat_positions(self._device[key].device)[0])
         staged = self._staged[key]  # [rows, P, C]
-        return R.AtPositions(staged.transpose(1, 2), lp.active_in_read(staged.device))
+        return R.AtPositions(staged.transpose(1, 2), lp.stat_positions(staged.device)[1])
 
     def restart(self) -> None:
         """Readies the feed for another edit of its source with the same plan (warm.py): buffers and planned moves

@@ -81,12 +81,19 @@ class Sink:
         self.recorded[key] = rows
 
 
-def make_ctx(mask, sizes, sparse_levels, tile, layout):
+def make_ctx(mask, sizes, sparse_levels, tile, layout, padded=False):
+    """`padded`: the plan's index maps longer than its tiles need, as a graph captured for another mask has them."""
     from fisedit_engine.capture import StepContext
     from fisedit_engine.edit import EditState
     from fisedit_engine.feed import EditFeed
-    from fisedit_engine.plan import EditPlan
+    from fisedit_engine.plan import Capacity, EditPlan
     plan = EditPlan.build(mask, sizes, sparse_levels, tile)
+    if padded:
+        needs = {lvl: lp.needs for lvl, lp in plan.levels.items()}
+        plan = EditPlan.build(mask, sizes, sparse_levels, tile,
+                              {lvl: Capacity(n.tiles + 3, n.tokens + 5, n.read + 7) for lvl, n in needs.items()})
+        for lvl, lp in plan.levels.items():  # padded indeed: the test can fail
+            assert len(lp.tokens("cpu")) > needs[lvl].tokens and len(lp.tiles_on("cpu")) > needs[lvl].tiles
     source = FakeSource()
     state = EditState(plan, source, dense_from=10**9, feed=EditFeed.build(plan, source, layout))
     return StepContext(Sink(), 0, ROWS_CHUNKS, BATCH, state), plan, source
@@ -127,12 +134,19 @@ def patch_layout(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["unpadded", "padded"])
+def index_maps(request):
+    """The plan's index maps as its tiles need them, and padded (plan.py: how a CUDA graph captured for one mask
+    replays another's)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def models(host):
     return {arch: tiny_models.build(arch, seed=4) for arch in tiny_models.ARCHS}
 
 
-def setup_case(models, arch, hw, tile, seed):
+def setup_case(models, arch, hw, tile, seed, index_maps="unpadded"):
     from fisedit_engine.layout import UNetLayout
     unet = models[arch].model.diffusion_model
     layout = UNetLayout.from_unet(unet)
@@ -143,16 +157,16 @@ def setup_case(models, arch, hw, tile, seed):
         r, c = (int(torch.randint(2, n - 4, (1,), generator=gen)) for n in hw)
         mask[b, r:r + 2, c:c + 3] = True
     mask[0, 0, 0] = True  # and a tile at the border, where patches leave the map
-    ctx, plan, source = make_ctx(mask, sizes, [0, 1], tile, layout)
+    ctx, plan, source = make_ctx(mask, sizes, [0, 1], tile, layout, padded=index_maps == "padded")
     assert 0 < plan.levels[0].fraction < 1 and 0 < plan.levels[1].fraction < 1  # partial: the test can fail
     return unet, layout, ctx, plan, source
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_resblock(models, arch, hw, tile, seed, patch_layout):
+def test_resblock(models, arch, hw, tile, seed, patch_layout, index_maps):
     from fisedit_engine.kernels import reference as R
     from fisedit_engine.sparse import SparseResBlock
-    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
+    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed, index_maps)
     for block in [b for b in layout.blocks if b.kind == "resblock" and b.level in plan.levels][:3]:
         m = dict(unet.named_modules())[block.path]
         lp = plan.levels[block.level]
@@ -177,9 +191,9 @@ def test_resblock(models, arch, hw, tile, seed, patch_layout):
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_spatial_transformer(models, arch, hw, tile, seed):
+def test_spatial_transformer(models, arch, hw, tile, seed, index_maps):
     from fisedit_engine.sparse import SparseSpatialTransformer
-    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
+    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed, index_maps)
     ctx_dim = tiny_models.CONFIGS[arch]["context_dim"]
     for block in [b for b in layout.blocks if b.kind == "transformer" and b.level in plan.levels]:
         m = dict(unet.named_modules())[block.path]
@@ -219,9 +233,9 @@ def test_spatial_transformer(models, arch, hw, tile, seed):
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_conv_in_downsample_upsample(models, arch, hw, tile, seed, patch_layout):
+def test_conv_in_downsample_upsample(models, arch, hw, tile, seed, patch_layout, index_maps):
     from fisedit_engine.sparse import SparseConv, SparseDownsample, SparseUpsample
-    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
+    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed, index_maps)
     modules = dict(unet.named_modules())
     for block in [b for b in layout.blocks if b.kind in ("conv_in", "downsample", "upsample") and b.level in plan.levels]:
         m = modules[block.path]
@@ -248,9 +262,9 @@ def test_conv_in_downsample_upsample(models, arch, hw, tile, seed, patch_layout)
 
 
 @pytest.mark.parametrize("arch, hw, tile, seed", CASES)
-def test_output_head(models, arch, hw, tile, seed, patch_layout):
+def test_output_head(models, arch, hw, tile, seed, patch_layout, index_maps):
     from fisedit_engine.sparse import SparseOutput
-    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed)
+    unet, layout, ctx, plan, source = setup_case(models, arch, hw, tile, seed, index_maps)
     lp = plan.levels[0]
     active = lp.active[None, None]
     c = unet.out[0].num_channels

@@ -4,8 +4,10 @@
 
 The same edit as benchmarks/speed.py's end-to-end rows (the probe, sparse sampling with the probe's steps replayed,
 FISEditDecode; the mask a rectangle of `--fraction`: `speed.probed_edit`) on a random-weight model, warm, each edit
-with another prompt: after warm-up edits, one with a new mask (its sparse steps planned and captured) and one with
-that mask again (taking the steps the last edit kept: fisedit_engine/warm.py); the GPU synchronised at each phase's
+with another prompt: after warm-up edits, one with a new mask (its sparse steps planned and captured, FISEDIT_REFIT=0),
+one with a new mask written into the kept steps' index maps (edit.KeptEdit.refit; after an edit with the other mask
+has grown them to hold both) and one with that mask again (taking the steps the last edit kept:
+fisedit_engine/warm.py); the GPU synchronised at each phase's
 end: the probe (FISEditDifferenceMask), the sparse sampling,
 the decode; and within the sampling each model call's wall time (synchronised too), so per-edit setup, the first
 eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. Then
@@ -112,10 +114,12 @@ def main(argv=None) -> int:
         patched, timer = timed(model)
         runs = {}
         # the warm-ups compile the kernels for both masks' tile sizes (the cost model may choose others for each)
-        for name, prompt_seed, shift in (("warm-up", 3, 2), ("warm-up", 4, 0), ("new mask", 5, 2),
-                                         ("the last edit's mask", 6, 2)):
+        for name, prompt_seed, shift, refit in (("warm-up", 3, 2, True), ("warm-up", 4, 0, True),
+                                                ("new mask", 5, 2, False), ("warm-up", 6, 0, True),
+                                                ("new mask, refitted", 7, 2, True), ("the last edit's mask", 8, 2, True)):
             timer.seconds.clear()
-            runs[name] = (*edit(patched, prompt_seed, shift), list(timer.seconds))
+            with speed.refit_switch(refit):
+                runs[name] = (*edit(patched, prompt_seed, shift), list(timer.seconds))
         del runs["warm-up"]
         probe_alone = {}
         for control in (True, False, True, False):  # the second of each: warm

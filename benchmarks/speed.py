@@ -7,8 +7,9 @@ Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 w
   latent, rectangular and blob-shaped; the timed call includes the step's cache upload (feed.py);
 - end to end, 20 euler steps: stock regenerate + VAE decode versus the edit (the probe, sparse sampling with its
   steps replayed, FISEditDecode; the mask a rectangle of the edit size, see `probed_edit`), warm, each edit with
-  another prompt: with a new mask (its sparse steps planned and captured), and with the last edit's mask (the
-  steps that edit kept taken: fisedit_engine/warm.py);
+  another prompt: with a new mask whose sparse steps are planned and captured (FISEDIT_REFIT=0), with a new mask
+  refitted into the steps the last edit kept (edit.KeptEdit.refit; the table says where the mask did not fit and the
+  steps were built instead), and with the last edit's mask (the steps that edit kept taken: fisedit_engine/warm.py);
 - host cache bytes per step, bytes uploaded per sparse step and bytes read from the attention context that the
   capture kept on the GPU (fisedit_engine/resident.py), GPU peak memory of the edit versus stock, and that
   context's size (held from the capture on, within FISEDIT_RESIDENT_BUDGET).
@@ -22,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +185,20 @@ def unet_call_times(model, arch: str, lat: int, repeat: int, batch: int = 2) -> 
     return {"unet_eager_ms": eager, "unet_graph_ms": replay}
 
 
+@contextmanager
+def refit_switch(on: bool):
+    """FISEDIT_REFIT set for the block (fisedit_engine/warm.py), restored after it."""
+    was = os.environ.get("FISEDIT_REFIT")
+    os.environ["FISEDIT_REFIT"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if was is None:
+            del os.environ["FISEDIT_REFIT"]
+        else:
+            os.environ["FISEDIT_REFIT"] = was
+
+
 def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS, end_to_end: bool = True) -> dict:
     import torch
     import comfy.sample
@@ -247,7 +264,7 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
 
         # end to end, warm: stock regenerate + decode versus probe + sparse + FISEditDecode, each edit with another
         # prompt; an edit with the last edit's mask takes the sparse steps it kept, one with a new mask builds its own
-        # (both take the probe graph the last probe kept: fisedit_engine/warm.py)
+        # or refits the kept ones (all take the probe graph the last probe kept: fisedit_engine/warm.py)
         def stock_e2e():
             return vae.decode(generate(model, edited))
 
@@ -271,17 +288,24 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
             stock_e2e()
             _, row["stock_e2e_s"], row["stock_peak_bytes"] = measure(stock_e2e)
         for fraction in fractions if end_to_end else ():
-            times = {}
-            # warm-ups (the kernels compiled for both masks' tile sizes), then a new mask, then the same again
-            for attempt, (prompt_seed, shift) in enumerate(((3, 0), (4, 2), (5, 0), (6, 0))):
-                (_, spec, result), seconds, peak = measure(lambda: edit_e2e(fraction, prompt_seed, shift))
-                times[attempt] = seconds, peak
+            times, refitted = {}, {}
+            # warm-ups (the kernels compiled for both masks' tile sizes); a new mask built and captured; an edit with
+            # the other mask, which refits the kept steps or grows them to hold both; the first mask again, refitted;
+            # and the same mask once more
+            for name, prompt_seed, shift, refit in (("warm-up", 3, 0, True), ("warm-up", 4, 2, True),
+                                                    ("built", 5, 0, False), ("warm-up", 6, 2, True),
+                                                    ("refitted", 7, 0, True), ("same", 8, 0, True)):
+                with refit_switch(refit):
+                    (_, spec, result), seconds, peak = measure(lambda: edit_e2e(fraction, prompt_seed, shift))
+                times[name], refitted[name] = (seconds, peak), "refilled with this mask" in result.edit_summary
                 if result.name != handle.name:  # an empty mask returns the source itself
                     api.registry().remove(result.name)
-            (new, new_peak), (same, same_peak) = times[2], times[3]
+            (new, new_peak), (refit_s, refit_peak), (same, same_peak) = times["built"], times["refitted"], times["same"]
             row["e2e"].append({"edit_size": fraction, "mask_area": float(spec.mask.float().mean()),
-                               "seconds": new, "peak_bytes": max(new_peak, same_peak),
+                               "seconds": new, "peak_bytes": max(new_peak, refit_peak, same_peak),
                                "speedup": row["stock_e2e_s"] / new,
+                               "seconds_refit": refit_s, "speedup_refit": row["stock_e2e_s"] / refit_s,
+                               "refit_taken": refitted["refitted"],
                                "seconds_same_mask": same, "speedup_same_mask": row["stock_e2e_s"] / same})
         api.registry().remove(handle.name)
     del model, vae
@@ -310,18 +334,22 @@ def markdown(result: dict) -> str:
     if not any(r["e2e"] for r in result["rows"]):  # --no-e2e
         return "\n".join(lines) + "\n"
     lines += ["", f"## End to end, {result['rows'][0]['steps']} euler steps (warm)", "",
-              "Each edit with another prompt; a new mask: the sparse steps planned and captured for the edit; the "
-              "last edit's mask: the steps it kept taken (fisedit_engine/warm.py).", "",
+              "Each edit with another prompt; a new mask: the sparse steps planned and captured for the edit; refitted: "
+              "another mask's index maps written into the steps the last edit kept (edit.KeptEdit.refit; \"built\" "
+              "where the mask did not fit them and the steps were built instead); the last edit's mask: the steps it "
+              "kept taken (fisedit_engine/warm.py).", "",
               "| model | stock regenerate + decode, s | edit_size | mask | FISEdit probe + sparse + decode, s: new "
-              "mask | speedup | the last edit's mask, s | speedup | GPU peak, stock / edit | attention context on GPU "
-              "(budget) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "mask | speedup | new mask refitted, s | speedup | the last edit's mask, s | speedup | GPU peak, "
+              "stock / edit | attention context on GPU (budget) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for e in r["e2e"]:
             same = (f"{e['seconds_same_mask']:.2f} | {e['speedup_same_mask']:.2f}" if "seconds_same_mask" in e
                     else "- | -")
+            refit = ("- | -" if "seconds_refit" not in e else f"{e['seconds_refit']:.2f} | {e['speedup_refit']:.2f}"
+                     + ("" if e["refit_taken"] else " (built)"))
             lines.append(f"| {r['model']}@{r['size']} | {r['stock_e2e_s']:.2f} | {e['edit_size']:.0%} | "
-                         f"{100 * e['mask_area']:.1f}% | {e['seconds']:.2f} | {e['speedup']:.2f} | {same} | "
+                         f"{100 * e['mask_area']:.1f}% | {e['seconds']:.2f} | {e['speedup']:.2f} | {refit} | {same} | "
                          f"{r['stock_peak_bytes'] / 2**30:.1f} / {e['peak_bytes'] / 2**30:.1f} GiB | "
                          f"{r.get('resident_bytes', 0) / 2**30:.1f} GiB "
                          f"({r.get('resident_budget_bytes', 0) / 2**30:.0f}) |")

@@ -208,6 +208,21 @@ class Region:
         """Drops the device copies (the region outlives its edit in the result cache)."""
         self._on.clear()
 
+    def handover(self, positions: torch.Tensor) -> "Region":
+        """A region of `positions` (as many as this one's) that takes this one's device copies, with the new
+        positions written into them: what reads them (a kept CUDA graph) reads the new region from then on. This
+        region keeps its positions (a result cache holds it) and makes device copies again when asked."""
+        if positions.shape != self.positions.shape:
+            raise ValueError(f"{len(positions)} positions cannot take over a region of {len(self.positions)}")
+        region = Region(positions)
+        for key, copy in self._on.items():
+            if copy.data_ptr() == self.positions.data_ptr():  # on the positions' own device, the positions: kept
+                continue
+            outside_capture(copy.device, "a region's positions")
+            region._on[key] = copy.copy_(positions)
+        self._on.clear()
+        return region
+
 
 def to_storage(value: torch.Tensor) -> torch.Tensor:
     """A per-step value as the store keeps it: activation maps [B, C, H, W] channels-last ([B, H, W, C]), so that

@@ -36,7 +36,7 @@ from .joined import JoinedLinears
 from .kernels import fused as K
 from .kernels import reference as R
 from .layout import LATENT_KEY, MODEL_OUTPUT_KEY, UNetLayout
-from .plan import EditPlan
+from .plan import Capacity, EditPlan
 from .probe import ProbeState
 from .registry import registry
 from .sparse import SPARSE_FORWARDS, SparseOutput, WholeConv
@@ -229,10 +229,23 @@ class EditState:
         key = (len(ctx.chunks), ctx.batch, str(device))
         if key not in self._mask_rows:
             outside_capture(device, "the edit mask's rows")
-            mask = self.plan.mask
-            mask = mask.expand(ctx.batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-            self._mask_rows[key] = mask.repeat(len(ctx.chunks), 1, 1)[:, None].to(device)
+            self._mask_rows[key] = _rows_of(self.plan.mask, *key[:2]).to(device)
         return self._mask_rows[key]
+
+    def refit(self, plan: EditPlan) -> None:
+        """Takes another mask's plan (one that `self.plan.holds`) into the index maps and mask rows built for this
+        one, in place: a kept CUDA graph reads them where they are."""
+        if self.graph is not None:
+            torch.cuda.synchronize()  # the last replay has read them
+        self.plan.refill(plan)
+        for (chunks, batch, _), rows in self._mask_rows.items():
+            rows.copy_(_rows_of(self.plan.mask, chunks, batch))
+
+
+def _rows_of(mask: torch.Tensor, chunks: int, batch: int) -> torch.Tensor:
+    """A mask [1 or B, H, W] as [chunks * B, 1, H, W]: each batch row's mask, repeated per CFG chunk."""
+    mask = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+    return mask.repeat(chunks, 1, 1)[:, None]
 
 
 class SparseStepWrapper:
@@ -354,12 +367,19 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
     modules = dict(unet.named_modules())
     convs = {path: m for path, m in modules.items() if isinstance(m, torch.nn.Conv2d)} if on_gpu else {}
     key = _kept_key(model, source, spec, tile_size, stats_mode, dense_steps, cuda_graph and on_gpu)
-    kept = warm.take(source, KEPT, key)
+    kept, grown = warm.take(source, KEPT, key), None
+    if kept is not None:
+        refit = warm.refit_enabled()
+        refused = kept.refit(spec.mask, refit)
+        if refused is not None:
+            log.info("FISEdit: not reusing the sparse steps kept from the last edit: %s", refused)
+            kept.close()
+            kept, grown = None, kept.state.plan if refit else None
     if kept is not None:
         kept.restart(spec.probe)
     else:
         kept = _build(model, source, spec, layout, tile_size, stats_mode, s.steps - dense_steps,
-                      cuda_graph and on_gpu, modules, list(convs.values()))
+                      cuda_graph and on_gpu, modules, list(convs.values()), grown)
     state, plan, graph = kept.state, kept.state.plan, kept.state.graph
 
     name = f"{source.name}>edit-{conditioning_fingerprint(spec.positive)[:8]}-{_mask_id(spec.mask)}"
@@ -401,14 +421,51 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
 KEPT = "sparse steps"  # warm.py: what a finished edit keeps for the next edit of its source
 
 
+REFIT_WASTE = 1.5  # a kept plan's padded maps may compute up to this many times the MACs a new mask needs: a
+# guess until timed (a new mask's capture and planning took about 0.14 s at SD2.1@768 on an H200, its 16 sparse steps
+# 0.13 s)
+
+
 @dataclass
 class KeptEdit:
     """An edit's sparse steps as built (plan, feed, CUDA graph, what the graph reads), for the next edit of the same
-    source whose key is equal (warm.py): such an edit changes only the prompt, which the graph copies in per step."""
+    source whose key is equal (warm.py): such an edit changes the prompt, which the graph copies in per step, and may
+    change the mask, whose index maps `refit` writes into the plan's (plan.py)."""
     state: EditState
-    regions: dict[str, Region]   # the result's delta regions, whose device positions the graph reads
-    costs: dict                  # for the summary
+    level_regions: dict[int, Region]  # per level, the result's delta region, whose device positions the graph reads
+    region_levels: dict[str, int]     # the result's recorded keys with a region, and their levels
+    costs: dict                       # for the summary and the padding's waste
     tile_note: str
+
+    @property
+    def regions(self) -> dict[str, Region]:
+        """The result's delta regions by key."""
+        return {key: self.level_regions[lvl] for key, lvl in self.region_levels.items()}
+
+    def refit(self, mask: torch.Tensor, enabled: bool = True) -> str | None:
+        """Takes another edit's mask into the kept steps: its plan with the kept tile sizes, written into the kept
+        plan's index maps (which its tiles must fit, padded to compute at most REFIT_WASTE times what they need),
+        and the result's regions handed over to the new positions. Returns why it cannot, or None. The same mask
+        takes them as they are; another one only where `enabled` (warm.refit_enabled)."""
+        plan = self.state.plan
+        if plan.mask.shape == mask.shape and torch.equal(plan.mask, mask):
+            return None
+        if not enabled:
+            return "built for another mask (FISEDIT_REFIT=0)"
+        other = EditPlan.build(mask, plan.level_sizes, list(plan.levels), {l: lp.tile for l, lp in plan.levels.items()})
+        if not plan.holds(other):
+            return (f"built for another mask, whose index maps ({_lengths_note(plan.lengths())}) this mask's tiles "
+                    f"({_lengths_note({l: lp.needs for l, lp in other.levels.items()})}) do not fit")
+        waste = _padding_waste(plan.lengths(), other, self.costs)
+        if waste > REFIT_WASTE:
+            return (f"built for another mask, whose index maps would compute {waste:.1f}x what this mask needs "
+                    f"(at most {REFIT_WASTE}x)")
+        self.state.refit(other)
+        self.level_regions = {lvl: region.handover(plan.levels[lvl].tokens("cpu").clone())
+                              for lvl, region in self.level_regions.items()}
+        self.state.regions = list(self.level_regions.values())
+        self.tile_note = "the tile sizes of the sparse steps kept from the last edit, refilled with this mask"
+        return None
 
     def restart(self, probe: ProbeState | None) -> None:
         self.state.probe = probe
@@ -421,9 +478,10 @@ class KeptEdit:
 
 
 def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile_size, stats_mode: str,
-           dense_from: int, cuda_graph: bool, modules: dict, convs: list) -> KeptEdit:
+           dense_from: int, cuda_graph: bool, modules: dict, convs: list, grown: EditPlan | None = None) -> KeptEdit:
     """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state.
-    `modules`: the UNet's named modules."""
+    `modules`: the UNet's named modules; `grown`: a plan kept for another mask that this one's did not fit, whose
+    index maps' lengths this plan's grow from (`_grown_capacity`)."""
     s, unet = source.settings, model.model.diffusion_model
     level_sizes = layout.level_sizes(*s.latent_shape[-2:])
     context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
@@ -436,6 +494,9 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
     else:
         tile_note = "tile sizes set by the edit"
     plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size)
+    capacity = _grown_capacity(grown, plan, costs) if grown is not None else None
+    if capacity is not None:
+        plan = EditPlan.build(spec.mask, level_sizes, s.sparse_levels, tile_size, capacity)
     graph = SparseStepGraph(model.load_device) if cuda_graph else None
     sparse_blocks = [b for b in layout.blocks if b.level in plan.levels]
     sparse = [modules[b.path] for b in sparse_blocks]
@@ -449,22 +510,50 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
                       self_attention=tuple((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v) for b in blocks),
                       cross_kv=tuple(m for b in blocks if b.attn2 is not None for m in (b.attn2.to_k, b.attn2.to_v)),
                       emb_linears=tuple(e[1] for e in emb_layers if len(e) == 2 and type(e[0]) is torch.nn.SiLU))
-    regions = _result_regions(plan, layout, s)
-    state.regions = list(regions.values())
-    return KeptEdit(state, regions, costs, tile_note)
+    level_regions, region_levels = _result_regions(plan, layout, s)
+    state.regions = list(level_regions.values())
+    return KeptEdit(state, level_regions, region_levels, costs, tile_note)
+
+
+def _grown_capacity(kept: EditPlan, plan: EditPlan, costs: dict[int, cost.LevelCost]) -> dict[int, Capacity] | None:
+    """The index-map lengths of a plan kept for another mask, grown to hold `plan`'s at the levels where both have
+    the same tile size, so that the next mask of about these sizes fits (KeptEdit.refit); None where that would
+    compute more than REFIT_WASTE times what `plan` needs, or no level can grow."""
+    lengths = {}
+    for lvl, lp in plan.levels.items():
+        old = kept.levels.get(lvl)
+        if old is not None and old.tile == lp.tile and not (old.full or lp.full):
+            a, b = old.lengths, lp.needs
+            lengths[lvl] = Capacity(max(a.tiles, b.tiles), max(a.tokens, b.tokens), max(a.read, b.read))
+    if not lengths or _padding_waste(lengths, plan, costs) > REFIT_WASTE:
+        return None
+    return lengths
+
+
+def _padding_waste(lengths: dict[int, Capacity], plan: EditPlan, costs: dict[int, cost.LevelCost]) -> float:
+    """The MACs of `plan`'s sparse levels with their index maps at `lengths` (a level left out: unpadded) over those
+    its tiles need."""
+    sparse = [(lvl, lp) for lvl, lp in plan.levels.items() if not lp.full]
+    needed = sum(costs[lvl].macs(lp.needs.tokens) for lvl, lp in sparse)
+    padded = sum(costs[lvl].macs(lengths[lvl].tokens if lvl in lengths else lp.needs.tokens) for lvl, lp in sparse)
+    return padded / needed if needed > 0 else 1.0
+
+
+def _lengths_note(lengths: dict[int, Capacity]) -> str:
+    return "; ".join(f"level {lvl}: {c.tiles} tiles, {c.tokens} positions, {c.read} read"
+                     for lvl, c in sorted(lengths.items()))
 
 
 def _kept_key(model, source: FisEditCache, spec: EditSpec, tile_size, stats_mode: str, dense_steps: int,
               cuda_graph: bool) -> tuple:
     """What an edit's sparse steps are built from, besides the prompt's values (warm.py)."""
     kept = source.resident
-    mask = spec.mask.to(torch.uint8).cpu()
     return warm.key(
         source=warm.same(source.store),
         resident=None if kept is None else (warm.same(kept), kept.generation, len(kept.tensors)),
         device=str(torch.device(model.load_device)),
         prompt_shapes=warm.conditioning_shapes(spec.positive),
-        mask=(tuple(mask.shape), mask.numpy().tobytes()),
+        mask_shape=tuple(spec.mask.shape),  # the mask itself: KeptEdit.refit
         tiles=(tuple(sorted(tile_size.items())) if isinstance(tile_size, dict) else tile_size if tile_size is not None
                else tiling.calibration_for(model.load_device)),
         options=(stats_mode, dense_steps, cuda_graph, K.mode(), K.patch_layout(), feeds.UPLOAD_PROGRAMS))
@@ -495,7 +584,7 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
     if graph.failure is not None:
         return f"eager (no CUDA graph: {graph.failure})"
     if graph.runs > 1:
-        start = f"kept from the last edit of this cache with the same mask, now in its edit {graph.runs}"
+        start = f"kept from the last edit of this cache, now in its edit {graph.runs}"
     elif graph.failed_captures:
         start = f"after an eager step, as the first capture failed ({graph.failed_captures[0]})"
     elif graph.eager_steps:
@@ -507,11 +596,12 @@ def _graph_note(graph: SparseStepGraph | None) -> str:
     return f"{graph.replays} sparse steps replayed as a CUDA graph ({start})"
 
 
-def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> dict[str, Region]:
-    """Per recorded key of a sparse level that is not wholly active: its level's active positions, where the edit's
-    result differs from the source (everything else is the source's)."""
-    per_level = {lvl: Region(lp.tokens("cpu")) for lvl, lp in plan.levels.items() if not lp.full}
-    return {t.key: per_level[t.level] for t in layout.targets(s.sparse_levels) if t.level in per_level}
+def _result_regions(plan: EditPlan, layout: UNetLayout, s) -> tuple[dict[int, Region], dict[str, int]]:
+    """Per sparse level that is not wholly active, its active positions (padded like the plan's maps, which the
+    graph's recording reads), where the edit's result differs from the source (everything else is the source's); and
+    the recorded keys at those levels. A copy of the plan's map: a refit rewrites that, the result keeps its region."""
+    per_level = {lvl: Region(lp.tokens("cpu").clone()) for lvl, lp in plan.levels.items() if not lp.full}
+    return per_level, {t.key: t.level for t in layout.targets(s.sparse_levels) if t.level in per_level}
 
 
 def _mask_id(mask: torch.Tensor) -> str:

@@ -204,7 +204,7 @@ class LevelPlan:
                              f"a plan of tile {self.tile} on {self.height}x{self.width}")
         if not self.lengths.holds(other.needs):
             raise ValueError(f"level {self.level}: {other.needs} does not fit the capacity {self.lengths}")
-        other.capacity = self.lengths
+        self.capacity = other.capacity = self.lengths  # before the tiles change: the maps keep their lengths
         for (key, _), value in self._maps.items():
             outside_capture(_device_of(value), f"level {self.level}'s index map {key}")
             new = other._make(key)

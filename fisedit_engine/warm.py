@@ -1,22 +1,25 @@
 """What an edit builds once and can hand to the next edit of the same source: the sparse steps' plan, feed and CUDA
 graph (edit.py), and the probe's graph (probe.py).
 
-Users change a few words and edit again, often with the same mask (a painted one). Planning the sparse steps and
-capturing their graph took about 0.15 s of a 0.57 s edit at SD2.1@768 (H200, benchmarks/step_phases.py), and the
-probe's capture another 40 ms; none of it depends on the prompt. So a finished edit keeps them, under a key of
+Users change a few words and edit again, with the same mask (a painted one) or, with an automatic mask, one of
+about the same size. Planning the sparse steps and capturing their graph took about 0.15 s of a 0.57 s edit at
+SD2.1@768 (H200, benchmarks/step_phases.py), and the probe's capture another 40 ms; none of it depends on the prompt,
+and of the mask only the index maps' values. So a finished edit keeps them, under a key of
 everything they were built from, and the next edit takes them when its key is equal; otherwise they are closed and
 the edit builds its own.
 
 A key must name everything the kept objects read that is not copied in again per step: the source's store and
 resident attention context (by address: kernels.row_copies' tables) and the kept objects' own buffers. So keys hold
 the source's store and resident context as objects (compared by identity, held so their addresses cannot be reused),
-the resident context's generation, the mask's bytes and every option and input shape the building read. A kept CUDA
+the resident context's generation and every option and input shape the building read; not the mask, whose index
+maps a kept plan takes in where they fit (edit.KeptEdit.refit, plan.py). A kept CUDA
 graph also reads the model's weights at the addresses they had at its capture; ComfyUI may move them between two
 edits (it unloads a model, reloads it, patches it), and only within sampling are they where the run reads them, so
 the graph itself checks them at the first call of each run (`weights_key`, graphs.StepGraph.check_weights).
 
 Kept objects hold GPU memory (a graph's pool, the feed's buffers, index maps): only one source keeps any at a time,
-and the registry closes them when it lets the source go. FISEDIT_KEEP_GRAPHS=0 turns keeping off.
+and the registry closes them when it lets the source go. FISEDIT_KEEP_GRAPHS=0 turns keeping off, FISEDIT_REFIT=0
+only the refit for another mask.
 """
 from __future__ import annotations
 
@@ -36,10 +39,20 @@ _owner: weakref.ref | None = None  # the source cache whose `kept` holds somethi
 
 
 def enabled() -> bool:
-    value = os.environ.get("FISEDIT_KEEP_GRAPHS", "1").strip().lower()
+    return _switch("FISEDIT_KEEP_GRAPHS", "set 1 to keep an edit's graphs for the next edit of the same source (the "
+                   "default), or 0 to build them for every edit")
+
+
+def refit_enabled() -> bool:
+    """Whether an edit with another mask may take the kept sparse steps, its index maps written into theirs."""
+    return _switch("FISEDIT_REFIT", "set 1 to let an edit with another mask take the kept sparse steps where its "
+                   "tiles fit them (the default), or 0 to build them anew for every new mask")
+
+
+def _switch(name: str, meaning: str) -> bool:
+    value = os.environ.get(name, "1").strip().lower()
     if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
-        raise ValueError(f"FISEDIT_KEEP_GRAPHS={value!r}: set 1 to keep an edit's graphs for the next edit of the "
-                         f"same source (the default), or 0 to build them for every edit")
+        raise ValueError(f"{name}={value!r}: {meaning}")
     return value in ("1", "true", "on", "yes")
 
 

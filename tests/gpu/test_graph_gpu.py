@@ -92,6 +92,47 @@ def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
                     assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
 
 
+def test_another_mask_refits_the_kept_graph_and_replays_it(host, caplog):
+    """KeptEdit.refit on a GPU: an edit whose mask's tiles fit the index maps kept from the last edit writes its maps
+    into them and replays the kept CUDA graph from its first sparse step, capturing nothing; it gives the eager
+    edit that refits the same way (the same padded maps) bit for bit, result cache included, and keeps I4."""
+    from fisedit_engine import api
+    from fisedit_engine.edit import EditSpec, run_edit
+    arch, steps = "sd15", 6
+    model = tiny_models.build(arch, seed=6, dtype=torch.float16)
+    captured, handle = api.capture(model, "gpu-refit-graph")
+    original = sample(captured, arch, batch=2, cfg=6.0, sampler="dpmpp_2m", size=64, steps=steps)
+    api.store(handle, {"samples": original})
+    first = torch.zeros(2, 64, 64, dtype=torch.bool)
+    first[:, 20:36, 8:30] = True
+    second = first.clone()
+    second[1, :, 22:] = False  # fewer tiles, within the first mask's maps
+
+    def edit(mask, prompt_seed, graph):
+        with torch.inference_mode():
+            return run_edit(model, EditSpec(handle, tiny_models.conditioning(arch, prompt_seed, 2), mask),
+                            tile_size=4, cuda_graph=graph)
+
+    runs = {}
+    for graph in (False, True):
+        edit(first, 30, graph)
+        with caplog.at_level("INFO", logger="FISEdit"):
+            runs[graph] = edit(second, 31, graph)
+        assert "not reusing" not in caplog.text
+        assert "refilled with this mask" in runs[graph][1].edit_summary
+    (eager, eager_result), (replayed, result) = runs[False], runs[True]
+    assert result.graph_replays == steps and "kept from the last edit" in result.edit_summary
+    assert "captured" not in result.edit_summary
+    assert torch.equal(replayed, eager)
+    outside = ~second[:, None].expand_as(replayed)
+    assert torch.equal(replayed[outside], original[outside]) and not torch.equal(replayed, original)
+    a, b = eager_result.get(), result.get()
+    for key in a.keys():
+        for chunk in a.settings.chunks:
+            for step in range(a.cached_steps(key, chunk)):
+                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+
+
 def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     """The feed moves each step with its planned copies (one launch per element size, the GPU reading the pinned
     cache in place); moved key by key (a gather launch per map), or gathered on the host, the edit and its result

@@ -14,12 +14,12 @@ def test_e2e_phases_reports_phases_and_calls(host):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"stock regenerate \+ decode: [\d.]+ s  sample [\d.]+, decode [\d.]+", out), out[:2000]
-    for name in ("new mask", "the last edit's mask"):
+    for name in ("new mask", "new mask, refitted", "the last edit's mask"):
         assert re.search(rf"FISEdit edit, {name}: [\d.]+ s \([\d.]+x\)  mask \(probe\) [\d.]+, probe inside "
                          r"[\d.]+, sparse sampling [\d.]+, decode [\d.]+", out), out[:2000]
     calls = re.findall(r"model calls during the edit \((\d+);", out)
     # the probe's 1 step (20% of 5) and the 5 sampling steps, the first of them replayed from the probe
-    assert len(calls) == 2 and all(int(n) >= 5 for n in calls), out[:2000]
+    assert len(calls) == 3 and all(int(n) >= 5 for n in calls), out[:2000]
     for control in ("on", "off"):
         assert re.search(rf"FISEditDifferenceMask alone, attention control {control}: [\d.]+ s \(probe [\d.]+ s, "
                          r"[\d.]+ ms per probe step\)", out), out[:3000]

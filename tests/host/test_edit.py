@@ -357,6 +357,83 @@ def test_an_edit_with_the_last_edits_mask_reuses_its_steps_and_equals_a_fresh_ed
         registry().put(cache)  # the module's other tests read this source
 
 
+def result_values(handle) -> dict:
+    cache = handle.get()
+    return {(k, c, s): cache.read(k, s, c).clone() for k in cache.keys() for c in cache.settings.chunks
+            for s in range(cache.cached_steps(k, c))}
+
+
+def test_an_edit_with_another_mask_refits_the_kept_steps_and_equals_a_fresh_edit(models, source, monkeypatch,
+                                                                                  caplog):
+    """plan.py, KeptEdit.refit: an edit whose mask's tiles fit the index maps kept from the last edit (with the
+    kept tile sizes) writes its maps into them and takes the kept steps (on a GPU, the kept CUDA graph). It gives
+    what an edit built afresh gives: I4 exactly, the inside and the result cache within I3's bound (the padded
+    statistics sum in another order). The last edit's result keeps its own region. A mask that does not fit builds
+    anew, its maps grown to hold both (so the first mask fits again); one that would compute more than REFIT_WASTE
+    times what it needs builds anew, unpadded."""
+    from fisedit_engine.edit import KEPT, REFIT_WASTE
+    handle, original = source("sd15", "dpmpp_2m", 2, 7.0, (16, 24))
+    cache = handle.get()
+    first = blob_mask(2, (16, 24))
+    inner = first.clone()
+    inner[1, :, 4:] = False  # a part of it, on fewer tiles: they fit the first mask's maps
+    with monkeypatch.context() as m:
+        m.setenv("FISEDIT_KEEP_GRAPHS", "0")
+        fresh, fresh_result = run_edit(models["sd15"], handle, "sd15", 2, inner, EDITED_SEED + 2)
+    _, first_result = run_edit(models["sd15"], handle, "sd15", 2, first, EDITED_SEED)
+    first_values = result_values(first_result)
+    kept = cache.kept[KEPT][1]
+    lengths = kept.state.plan.lengths()
+    with caplog.at_level("INFO", logger="FISEdit"):
+        refit, refit_result = run_edit(models["sd15"], handle, "sd15", 2, inner, EDITED_SEED + 2)
+    assert "not reusing" not in caplog.text and cache.kept[KEPT][1] is kept
+    assert kept.state.plan.lengths() == lengths and torch.equal(kept.state.plan.mask, inner)
+    assert any(lp.needs != lengths[lvl] for lvl, lp in kept.state.plan.levels.items())  # padded: the test can fail
+    assert "refilled with this mask" in refit_result.edit_summary
+    assert_i4(refit, original, inner)
+    bound = 1e-5 * max(1.0, fresh.abs().max().item())
+    assert (refit - fresh).abs().max().item() <= bound
+    refit_values, fresh_values = result_values(refit_result), result_values(fresh_result)
+    assert refit_values.keys() == fresh_values.keys()
+    for k, v in fresh_values.items():
+        assert (refit_values[k] - v).abs().max().item() <= 1e-5 * max(1.0, v.abs().max().item()), k
+    after = result_values(first_result)
+    assert all(torch.equal(after[k], v) for k, v in first_values.items())  # the first result kept its region
+
+    larger = first.clone()
+    larger[:, 12:15, 14:22] = True
+    caplog.clear()
+    with caplog.at_level("INFO", logger="FISEdit"):
+        _, larger_result = run_edit(models["sd15"], handle, "sd15", 2, larger, EDITED_SEED)
+    assert "not reusing the sparse steps kept from the last edit: built for another mask, whose index maps" in caplog.text
+    grown = cache.kept[KEPT][1]
+    assert grown is not kept and all(grown.state.plan.lengths()[lvl].holds(lengths[lvl]) for lvl in lengths)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="FISEdit"):
+        run_edit(models["sd15"], handle, "sd15", 2, first, EDITED_SEED)  # fits the grown maps
+    assert "not reusing" not in caplog.text and cache.kept[KEPT][1] is grown
+
+    speck = torch.zeros_like(first)
+    speck[:, 4, 6] = True
+    caplog.clear()
+    with caplog.at_level("INFO", logger="FISEdit"):
+        speck_latent, _ = run_edit(models["sd15"], handle, "sd15", 2, speck, EDITED_SEED)
+    assert "would compute" in caplog.text and f"(at most {REFIT_WASTE}x)" in caplog.text
+    assert cache.kept[KEPT][1].state.plan.levels[0].capacity is None  # built unpadded
+    assert_i4(speck_latent, original, speck)
+
+    run_edit(models["sd15"], handle, "sd15", 2, first, EDITED_SEED)
+    kept = cache.kept[KEPT][1]
+    with monkeypatch.context() as m, caplog.at_level("INFO", logger="FISEdit"):
+        m.setenv("FISEDIT_REFIT", "0")
+        caplog.clear()
+        run_edit(models["sd15"], handle, "sd15", 2, first, EDITED_SEED + 1)  # the same mask: taken as it is
+        assert "not reusing" not in caplog.text and cache.kept[KEPT][1] is kept
+        run_edit(models["sd15"], handle, "sd15", 2, inner, EDITED_SEED + 1)
+        assert "built for another mask (FISEDIT_REFIT=0)" in caplog.text
+        assert cache.kept[KEPT][1] is not kept and cache.kept[KEPT][1].state.plan.levels[0].capacity is None
+
+
 def test_a_replaced_results_store_is_reused_by_the_next_and_changes_nothing(models, source, monkeypatch):
     """registry.py's spare block: the same edit three times. The second result replaces the first at its seal, whose
     planned block the third result's store takes over (the second recorded while the first was still registered).

@@ -115,3 +115,14 @@ def test_a_whole_level_is_not_padded():
     whole = torch.ones(1, *SIZES[0], dtype=torch.bool)
     lp = EditPlan.build(whole, SIZES, [0], 4, {0: Capacity(100, 1000, 1000)}).levels[0]
     assert lp.full and len(lp.tokens("cpu")) == len(lp.stat_positions("cpu")[0]) == 16 * 20
+
+
+def test_a_plan_built_unpadded_keeps_its_lengths_when_a_smaller_mask_refills_it():
+    kept = EditPlan.build(box(2, 2, 8, 9), SIZES, [0, 1], 4)
+    lengths = kept.lengths()
+    every_map(kept)
+    smaller = EditPlan.build(box(3, 3, 4, 4), SIZES, [0, 1], 4)
+    needs = smaller.lengths()
+    kept.refill(smaller)
+    assert kept.lengths() == lengths != needs
+    assert all(len(lp.tokens("cpu")) == lengths[lvl].tokens for lvl, lp in kept.levels.items())

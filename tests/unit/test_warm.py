@@ -69,6 +69,15 @@ def test_keeping_turned_off_closes_instead(monkeypatch):
         warm.enabled()
 
 
+def test_the_refit_switch(monkeypatch):
+    assert warm.refit_enabled()
+    monkeypatch.setenv("FISEDIT_REFIT", "0")
+    assert not warm.refit_enabled()
+    monkeypatch.setenv("FISEDIT_REFIT", "maybe")
+    with pytest.raises(ValueError, match="FISEDIT_REFIT='maybe': set 1 to let an edit with another mask"):
+        warm.refit_enabled()
+
+
 def test_the_weights_key_follows_addresses_and_in_place_changes():
     module = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.GroupNorm(1, 3))
     before = warm.weights_key(module)

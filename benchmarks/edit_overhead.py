@@ -11,8 +11,9 @@ ComfyUI loads checkpoints (its weights are inference tensors): after a capture a
 with the same prompt and mask, each function's wall time (median over the edits) and the edit's wall time outside
 its model calls. `--profile` adds cProfile's table of the repeated edits by own time, model calls included (they
 are the UNet's modules and torch ops; the rest is the host work this script is about). `--new-mask` moves the mask
-before each edit, so that each builds its plan, its feed's planned moves (and on a GPU their tables and the sparse
-step's graph) anew, and times those too: most of it runs inside the first sparse model call, so it is not in "outside
+before each edit, so that each refits the kept steps with it (edit.KeptEdit.refit) or, where it does not fit them or
+with FISEDIT_REFIT=0, builds its plan, its feed's planned moves (and on a GPU their tables and the sparse step's
+graph) anew, and times those too: most of building runs inside the first sparse model call, so it is not in "outside
 its model calls". Which levels run sparse depends on the latent's size (256 positions at least): SD2.1 at 512 px has
 three sparse levels, as at 768.
 """
@@ -46,7 +47,8 @@ def once_per_mask():
     call (the plan, its index maps, the feed's planned moves and their tables, the graph's capture)."""
     from fisedit_engine import edit, feed, graphs, plan, tiling
     from fisedit_engine.kernels import fused
-    targets = [(edit, "_build"), (tiling, "choose_tiles"), (plan.EditPlan, "build"), (plan.EditPlan, "prepare"),
+    targets = [(edit.KeptEdit, "refit"), (plan.EditPlan, "refill"), (edit, "_build"), (tiling, "choose_tiles"),
+               (plan.EditPlan, "build"), (plan.EditPlan, "prepare"),
                (feed.EditFeed, "build"), (feed.EditFeed, "_build_plan"), (edit.EditState, "prepare_capture"),
                (graphs.StepGraph, "_capture")]
     module = fused.triton_module()
@@ -130,7 +132,11 @@ def main(argv=None) -> int:
     print(f"  {result.edit_summary}")
     for owner, name in once:
         values = times.get(label_of(owner, name), [])
-        if values:
+        if values and len(values) % a.repeat:  # not in every edit (--new-mask: a refit, or a build where it failed)
+            print(f"  {label_of(owner, name):34s} {len(values)} call(s) in the {a.repeat} edits, "
+                  f"{statistics.median(values):7.2f} ms each (median), {sum(values) / a.repeat:7.2f} ms per edit "
+                  f"(mean)")
+        elif values:
             n = len(values) // a.repeat
             per_edit = [sum(values[i * n:(i + 1) * n]) for i in range(a.repeat)]
             print(f"  {label_of(owner, name):34s} {n} call(s) per edit, "

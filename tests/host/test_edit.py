@@ -146,6 +146,27 @@ def test_chained_edit(models, source):
     assert second_handle.get().store.written  # the chained result is a complete cache again
 
 
+def test_a_chained_edit_refits_the_kept_steps_like_a_first_edit(models, source, monkeypatch, caplog):
+    """KeptEdit.refit with an edit's result as the source, whose values the feed assembles on the host and moves key
+    by key: a second mask whose tiles fit the kept maps refits them, keeps I4 against the first result, and gives a
+    fresh edit's latent within I3's bound."""
+    handle, _ = source("sd15", "dpmpp_2m", 1, 7.0, (16, 24))
+    first, first_handle = run_edit(models["sd15"], handle, "sd15", 1, blob_mask(1, (16, 24)), EDITED_SEED + 3)
+    wide = torch.zeros(1, 16, 24, dtype=torch.bool)
+    wide[:, 2:10, 4:14] = True
+    narrow = wide.clone()
+    narrow[:, 8:10, 12:14] = False  # one tile fewer
+    run_edit(models["sd15"], first_handle, "sd15", 1, wide, EDITED_SEED + 4)
+    with caplog.at_level("INFO", logger="FISEdit"):
+        refit, refit_result = run_edit(models["sd15"], first_handle, "sd15", 1, narrow, EDITED_SEED + 5)
+    assert "not reusing" not in caplog.text and "refilled with this mask" in refit_result.edit_summary
+    assert_i4(refit, first, narrow)
+    with monkeypatch.context() as m:
+        m.setenv("FISEDIT_KEEP_GRAPHS", "0")
+        fresh, _ = run_edit(models["sd15"], first_handle, "sd15", 1, narrow, EDITED_SEED + 5)
+    assert (refit - fresh).abs().max().item() <= 1e-5 * max(1.0, fresh.abs().max().item())
+
+
 def test_an_edits_result_records_the_fingerprint_and_layout_of_the_clone_it_sampled(models, source, monkeypatch):
     """An edit's result takes its source's model fingerprint instead of fingerprinting the clone it samples: the
     clone is the checked model plus FISEdit's own patches and wrappers, which fingerprints leave out. That premise,

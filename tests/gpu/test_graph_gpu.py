@@ -8,6 +8,16 @@ import tiny_models
 from tiny_models import sample
 
 
+def assert_same_caches(expected, actual, name="") -> None:
+    """Two edits' result caches hold the same keys and the same values at every step, bit for bit."""
+    a, b = expected.get(), actual.get()
+    assert a.keys() == b.keys(), name
+    for key in a.keys():
+        for chunk in a.settings.chunks:
+            for step in range(a.cached_steps(key, chunk)):
+                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
+
+
 def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
     """Three ways into the graph, each the eager edit bit for bit: the first edit on a device warms up (an eager
     step, then the capture); a later one captures its first sparse step; one whose capture meets an index map not
@@ -38,15 +48,9 @@ def test_graph_replay_equals_the_eager_sparse_steps(host, monkeypatch, caplog):
     assert "could not be captured as a CUDA graph without a warm-up step (NotPrepared" in caplog.text
     replays = {name: result.graph_replays for name, (_, result) in runs.items()}
     assert replays == {"warm-up": steps - 1, "captured first": steps, "capture failed": steps - 1}
-    a = eager_result.get()
     for name, (replayed, result) in runs.items():
         assert torch.equal(replayed, eager), name
-        b = result.get()
-        assert a.keys() == b.keys()
-        for key in a.keys():
-            for chunk in a.settings.chunks:
-                for step in range(a.cached_steps(key, chunk)):
-                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
+        assert_same_caches(eager_result, result, name)
 
 
 def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
@@ -82,14 +86,9 @@ def test_the_next_edit_with_the_same_mask_replays_the_kept_graph(host, caplog):
     summary = runs["weights moved"][1].edit_summary
     assert re.search(r"captured at the first sparse step in \d+ ms: recording \d+ \(allocating \d+ segments, "
                      r"\d+ MiB\), ending \d+, instantiating \d+", summary), summary
-    a = eager_result.get()
     for name, (latent, result) in runs.items():
         assert torch.equal(latent, eager), name
-        b = result.get()
-        for key in a.keys():
-            for chunk in a.settings.chunks:
-                for step in range(a.cached_steps(key, chunk)):
-                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (name, key, chunk, step)
+        assert_same_caches(eager_result, result, name)
 
 
 def test_another_mask_refits_the_kept_graph_and_replays_it(host, caplog):
@@ -126,11 +125,7 @@ def test_another_mask_refits_the_kept_graph_and_replays_it(host, caplog):
     assert torch.equal(replayed, eager)
     outside = ~second[:, None].expand_as(replayed)
     assert torch.equal(replayed[outside], original[outside]) and not torch.equal(replayed, original)
-    a, b = eager_result.get(), result.get()
-    for key in a.keys():
-        for chunk in a.settings.chunks:
-            for step in range(a.cached_steps(key, chunk)):
-                assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+    assert_same_caches(eager_result, result)
 
 
 def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
@@ -167,15 +162,10 @@ def test_the_device_gather_feeds_what_the_host_gather_feeds(host, monkeypatch):
     assert device_result.feed_stats.host_gathers == 0 < host_result.feed_stats.host_gathers
     assert device_result.feed_stats.planned_steps == host_result.feed_stats.planned_steps == 0
     assert not torch.equal(planned_latent, original)
-    a = planned_result.get()
     for latent, result in runs:
         assert result.feed_stats.bytes_uploaded == stats.bytes_uploaded
         assert torch.equal(latent, planned_latent)
-        b = result.get()
-        for key in a.keys():
-            for chunk in a.settings.chunks:
-                for step in range(a.cached_steps(key, chunk)):
-                    assert torch.equal(a.read(key, step, chunk), b.read(key, step, chunk)), (key, chunk, step)
+        assert_same_caches(planned_result, result)
     chained, chained_result = edit(planned_result, 7)
     assert chained_result.feed_stats.host_gathers > 0
     outside = ~mask[:, None].expand_as(chained)

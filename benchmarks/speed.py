@@ -4,7 +4,9 @@ Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 w
 - per UNet call (one CFG step, 2 rows), medians over the sampling steps: the stock KSampler path (eager, timed
   around ComfyUI's apply_model), the same UNet called eagerly, and replayed as one CUDA graph;
 - FISEdit's sparse step, eager and replayed as a CUDA graph, with user masks (no probe) of 5%, 15% and 30% of the
-  latent, rectangular and blob-shaped; the timed call includes the step's cache upload (feed.py);
+  latent, rectangular and blob-shaped; the timed call includes the step's cache upload (feed.py); and for the
+  rectangles, replayed in the kept maps of a rectangle of REFIT_AREA times the area (edit.KeptEdit.refit): what a
+  refit's padding costs per step;
 - end to end, 20 euler steps: stock regenerate + VAE decode versus the edit (the probe, sparse sampling with its
   steps replayed, FISEditDecode; the mask a rectangle of the edit size, see `probed_edit`), warm, each edit with
   another prompt: with a new mask whose sparse steps are planned and captured (FISEDIT_REFIT=0), with a new mask
@@ -36,6 +38,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
 
 DEFAULT_MODELS = "sd15@512,sd21v@768,sd21v@1024,sdxl@1024"
 FRACTIONS = (0.05, 0.15, 0.30)
+REFIT_AREA = 1.3  # the per-step rows' refit: into the maps of a rectangle this many times the mask's area
 CONTEXT = {"sd15": 768, "sd15-small": 768, "sd21v": 1024, "sdxl": 2048}
 
 
@@ -241,6 +244,19 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
         row["resident_bytes"] = source.resident.nbytes if source.resident is not None else 0
         row["resident_budget_bytes"] = resident.budget().limit(torch.device("cuda"))
 
+        def refit_step_ms(fraction, mask):
+            """The step of `mask` replayed in the kept maps of a rectangle of REFIT_AREA times its area, which the
+            edit before it built (KeptEdit.refit); None where the mask did not refit them."""
+            larger = region_mask(lat, min(1.0, fraction * REFIT_AREA), "rect")
+            _, result = run_edit(model, EditSpec(handle, edited, larger), cuda_graph=True)
+            api.registry().remove(result.name)
+            patched, timer = timed(model)
+            _, result = run_edit(patched, EditSpec(handle, edited, mask), cuda_graph=True)
+            api.registry().remove(result.name)
+            if "refilled with this mask" not in result.edit_summary:
+                return None
+            return 1000 * statistics.median(timer.seconds[2:])
+
         row["sparse"] = []
         for fraction in fractions:
             for shape in ("rect", "blob"):
@@ -260,6 +276,8 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
                     entry["graph_replays" if graph else "eager_steps"] = result.graph_replays or len(timer.seconds)
                     api.registry().remove(result.name)
                 entry["step_ms"] = min(entry["step_ms_graph"], entry["step_ms_eager"])
+                if shape == "rect":
+                    entry["step_ms_refit"] = refit_step_ms(fraction, mask)
                 row["sparse"].append(entry)
 
         # end to end, warm: stock regenerate + decode versus probe + sparse + FISEditDecode, each edit with another
@@ -313,13 +331,22 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
     return row
 
 
+def _refit_cell(sparse: dict) -> str:
+    """The per-step row's refitted step: ms, "not refitted" where the mask did not refit the larger one's maps, or
+    "-" where it was not measured (blobs, earlier results)."""
+    if "step_ms_refit" not in sparse:
+        return "-"
+    ms = sparse["step_ms_refit"]
+    return "not refitted" if ms is None else f"{ms:.1f}"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# FISEdit speed on {result['gpu']}", "", result["setup"], "",
              "## Per UNet call (one CFG step), ms (median)", "",
              "| model | stock KSampler step | UNet eager | UNet CUDA graph | mask | FISEdit sparse step, eager | "
              "FISEdit sparse step, CUDA graph | x stock | x graph | uploaded / step | read on GPU / step | "
-             "cache / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"cache / step | refitted into a {REFIT_AREA}x rectangle's maps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for s in r["sparse"]:
             lines.append(
@@ -330,7 +357,7 @@ def markdown(result: dict) -> str:
                 f"{s['bytes_uploaded_per_step'] / 2**20:.0f} MiB "
                 f"({100 * s['bytes_uploaded_per_step'] / r['cache_bytes_per_step']:.0f}%) | "
                 f"{s.get('bytes_resident_per_step', 0) / 2**20:.0f} MiB | "
-                f"{r['cache_bytes_per_step'] / 2**20:.0f} MiB |")
+                f"{r['cache_bytes_per_step'] / 2**20:.0f} MiB | {_refit_cell(s)} |")
     if not any(r["e2e"] for r in result["rows"]):  # --no-e2e
         return "\n".join(lines) + "\n"
     lines += ["", f"## End to end, {result['rows'][0]['steps']} euler steps (warm)", "",

@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
 
 DEFAULT_MODELS = "sd15@512,sd21v@768,sd21v@1024,sdxl@1024"
 FRACTIONS = (0.05, 0.15, 0.30)
-REFIT_AREA = 1.3  # the per-step rows' refit: into the maps of a rectangle this many times the mask's area
+REFIT_AREA = 1.2  # the per-step rows' refit: into the maps of a rectangle this many times the mask's area
 CONTEXT = {"sd15": 768, "sd15-small": 768, "sd21v": 1024, "sdxl": 2048}
 
 

@@ -363,6 +363,9 @@ class EditPlan:
         return not all(lp.full for lp in self.levels.values())
 
     def describe(self) -> str:
-        parts = [f"level {l} ({p.width}x{p.height}, tile {p.tile}): {p.n_tiles} tiles, {p.fraction:.0%}"
+        """Per sparse level its tiles and active share; where the maps are padded (a refit into another mask's, or
+        grown to hold both), how many tiles they compute."""
+        parts = [f"level {l} ({p.width}x{p.height}, tile {p.tile}): {p.n_tiles} tiles"
+                 f"{f' in maps of {p.lengths.tiles}' if p.lengths.tiles != p.n_tiles else ''}, {p.fraction:.0%}"
                  for l, p in sorted(self.levels.items())]
         return "; ".join(parts) or "no sparse level (every level is under the smallest sparse size): each step runs dense"

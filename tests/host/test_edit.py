@@ -411,6 +411,7 @@ def test_an_edit_with_another_mask_refits_the_kept_steps_and_equals_a_fresh_edit
     assert kept.state.plan.lengths() == lengths and torch.equal(kept.state.plan.mask, inner)
     assert any(lp.needs != lengths[lvl] for lvl, lp in kept.state.plan.levels.items())  # padded: the test can fail
     assert "refilled with this mask" in refit_result.edit_summary
+    assert f"{kept.state.plan.levels[0].n_tiles} tiles in maps of {lengths[0].tiles}," in refit_result.edit_summary
     assert_i4(refit, original, inner)
     bound = 1e-5 * max(1.0, fresh.abs().max().item())
     assert (refit - fresh).abs().max().item() <= bound

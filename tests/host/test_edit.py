@@ -426,7 +426,7 @@ def test_an_edit_with_another_mask_refits_the_kept_steps_and_equals_a_fresh_edit
     larger[:, 12:15, 14:22] = True
     caplog.clear()
     with caplog.at_level("INFO", logger="FISEdit"):
-        _, larger_result = run_edit(models["sd15"], handle, "sd15", 2, larger, EDITED_SEED)
+        run_edit(models["sd15"], handle, "sd15", 2, larger, EDITED_SEED)
     assert "not reusing the sparse steps kept from the last edit: built for another mask, whose index maps" in caplog.text
     grown = cache.kept[KEPT][1]
     assert grown is not kept and all(grown.state.plan.lengths()[lvl].holds(lengths[lvl]) for lvl in lengths)

@@ -421,6 +421,11 @@ def run_edit(model, spec: EditSpec, dense_tail: float = 0.0, stats_mode: str = "
 KEPT = "sparse steps"  # warm.py: what a finished edit keeps for the next edit of its source
 
 
+KEEP_TILES = 1.2  # a mask that did not fit the kept steps is planned with their tile sizes where the cost model
+# predicts its sparse levels at most this much slower with them, so that the next mask can be refitted: at SD2.1@768 a
+# 5% rectangle's best tiles went from (2, 16, 8) to (4, 2, 8) when it moved by 2 latent pixels, each predicted within
+# 16% of the other's best (the H200's calibration)
+
 REFIT_WASTE = 1.5  # a kept plan's padded maps may compute up to this many times the MACs a new mask needs: a
 # guess until timed (a new mask's capture and planning took about 0.14 s at SD2.1@768 on an H200, its 16 sparse steps
 # 0.13 s)
@@ -481,7 +486,8 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
            dense_from: int, cuda_graph: bool, modules: dict, convs: list, grown: EditPlan | None = None) -> KeptEdit:
     """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state.
     `modules`: the UNet's named modules; `grown`: a plan kept for another mask that this one's did not fit, whose
-    index maps' lengths this plan's grow from (`_grown_capacity`)."""
+    tile sizes this plan keeps where the cost model allows (KEEP_TILES) and whose index maps' lengths it grows from
+    (`_grown_capacity`)."""
     s, unet = source.settings, model.model.diffusion_model
     level_sizes = layout.level_sizes(*s.latent_shape[-2:])
     context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
@@ -489,7 +495,9 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
     if tile_size is None:
         work = tiling.level_work(unet, layout, costs, s.sparse_levels)
         choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work,
-                                     s.latent_shape[0] * len(s.chunks), *tiling.calibration_for(model.load_device))
+                                     s.latent_shape[0] * len(s.chunks), *tiling.calibration_for(model.load_device),
+                                     kept=None if grown is None else {l: lp.tile for l, lp in grown.levels.items()},
+                                     kept_within=KEEP_TILES)
         tile_size, tile_note = choice.tiles, choice.note
     else:
         tile_note = "tile sizes set by the edit"

@@ -131,8 +131,11 @@ def calibration_for(device, table: dict[str, Calibration] | None = None) -> tupl
 
 def choose_tiles(mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_levels, work: dict[int, LevelWork],
                  rows: int, calibration: Calibration | None, note: str = "",
-                 candidates=CANDIDATES) -> TileChoice:
-    """The tile size per sparse level of least predicted step time (DEFAULT_TILE everywhere without calibration)."""
+                 candidates=CANDIDATES, kept: dict[int, int] | None = None, kept_within: float = 1.0) -> TileChoice:
+    """The tile size per sparse level of least predicted step time (DEFAULT_TILE everywhere without calibration),
+    or `kept` (the tile sizes of steps kept for another mask) where they are predicted at most `kept_within` times
+    that: near-equal choices flip with the mask's alignment, and a mask planned with the kept sizes can be written
+    into the kept steps' index maps (edit.KeptEdit.refit)."""
     levels = sorted(sparse_levels)
     default = {lvl: DEFAULT_TILE for lvl in levels}
     if calibration is None:
@@ -155,7 +158,17 @@ def choose_tiles(mask: torch.Tensor, level_sizes: list[tuple[int, int]], sparse_
             search(lvl + 1, nxt, {**chosen, lvl: t}, seconds + cost)
 
     search(0, mask.any(dim=0) if mask.dim() == 3 else mask, {}, 0.0)
-    default_s = calibration.predict(plan_features(work, active_tiles(mask, level_sizes, levels, default), rows))
+
+    def predicted(tiles: dict[int, int]) -> float:
+        return calibration.predict(plan_features(work, active_tiles(mask, level_sizes, levels, tiles), rows))
+    default_s = predicted(default)
+    if kept is not None and sorted(kept) == levels:
+        kept_s = predicted(kept)
+        if kept_s <= kept_within * best[0]:
+            return TileChoice(dict(kept), kept_s, default_s,
+                              f"the tile sizes of the sparse steps kept from the last edit ({note}): predicted "
+                              f"{1e3 * kept_s:.2f} ms per step for the sparse levels, the cost model's best "
+                              f"{1e3 * best[0]:.2f} ms")
     return TileChoice(best[1], best[0], default_s,
                       f"tiles by the cost model ({note}): predicted {1e3 * best[0]:.2f} ms per step for the sparse "
                       f"levels, {1e3 * default_s:.2f} ms at tile {DEFAULT_TILE}")

@@ -71,6 +71,28 @@ def test_the_search_finds_the_combination_of_least_predicted_time(sd15, seed):
     assert choice.default_s == pytest.approx(every[(4, 4)], rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_tile_sizes_are_taken_within_their_margin_of_the_best(sd15, seed):
+    """choose_tiles(kept=...): the sizes of steps kept for another mask where predicted at most `kept_within` times
+    the best, else the best."""
+    from fisedit_engine import plan, tiling
+    levels = [0, 1]
+    work, sizes = work_of(sd15, (32, 40), levels)
+    calibration = tiling.Calibration("test", "cpu", (1e-12, 1e-12, 1e-12, 1e-9), "")
+    mask = random_mask((32, 40), seed)
+    best = tiling.choose_tiles(mask, sizes, levels, work, 2, calibration)
+    kept = dict(zip(levels, max(itertools.product(tiling.CANDIDATES, repeat=2), key=lambda combo: calibration.predict(
+        tiling.plan_features(work, plan.active_tiles(mask, sizes, levels, dict(zip(levels, combo))), 2)))))
+    taken = tiling.choose_tiles(mask, sizes, levels, work, 2, calibration, kept=kept, kept_within=100.0)
+    ratio = taken.predicted_s / best.predicted_s
+    assert taken.tiles == kept and 1.0 < ratio <= 100.0
+    assert taken.note.startswith("the tile sizes of the sparse steps kept from the last edit")
+    assert tiling.choose_tiles(mask, sizes, levels, work, 2, calibration, kept=kept,
+                               kept_within=ratio * 1.001).tiles == kept
+    assert tiling.choose_tiles(mask, sizes, levels, work, 2, calibration, kept=kept,
+                               kept_within=ratio * 0.999) == best
+
+
 def test_halos_favour_large_tiles_and_masks_favour_small_ones(sd15):
     from fisedit_engine import tiling
     levels = [0, 1]
@@ -158,4 +180,46 @@ def test_an_edit_without_a_tile_size_takes_the_cost_models_tiles(sd15, monkeypat
     assert torch.equal(edited[outside], original[outside])
     assert not torch.equal(edited[~outside], original[~outside])
     for h in (default, result, handle):
+        registry().remove(h.name)
+
+
+def test_a_mask_that_does_not_fit_the_kept_steps_keeps_their_tile_sizes_so_that_the_next_refits(sd15, monkeypatch,
+                                                                                                 tmp_path, caplog):
+    """edit.KEEP_TILES: the cost model's best sizes flip between near-equal choices as a mask moves. A larger mask
+    that does not fit the kept steps is planned with their sizes where they are predicted near the best (here
+    within 0.1%: (2, 2) against its best (4, 2)), its maps grown to hold both masks, so the first mask, edited
+    again, is written into them instead of built."""
+    from fisedit_engine import api, tiling
+    from fisedit_engine.capture import CacheHandle, attach_capture
+    from fisedit_engine.edit import EditSpec, run_edit
+    from fisedit_engine.registry import registry
+    path = tmp_path / "tile_costs.json"
+    path.write_text(json.dumps({"cpu": {"kind": "cpu", "seconds": [1e-12, 1e-12, 1e-12, 0.0],
+                                        "fitted": "test: MACs and gathers"}}))
+    monkeypatch.setattr(tiling, "CALIBRATIONS", path)
+    handle = CacheHandle("kept-tiles-src", registry(), min_sparse_positions=64)
+    captured = attach_capture(sd15, handle)
+    api.store(handle, {"samples": tiny_models.sample(captured, "sd15", size=24)})
+    first, larger = (torch.zeros(1, 24, 24, dtype=torch.bool) for _ in range(2))
+    first[0, 4:13, 5:16] = True
+    larger[0, 4:15, 4:15] = True
+    work, sizes = work_of(sd15, (24, 24), [0, 1])
+    calibration = tiling.calibrations()["cpu"]
+    assert tiling.choose_tiles(first, sizes, [0, 1], work, 2, calibration).tiles == {0: 2, 1: 2}
+    assert tiling.choose_tiles(larger, sizes, [0, 1], work, 2, calibration).tiles == {0: 4, 1: 2}  # the flip
+
+    def edit(mask, seed):
+        caplog.clear()
+        with torch.inference_mode(), caplog.at_level("INFO", logger="FISEdit"):
+            return run_edit(sd15, EditSpec(handle, tiny_models.conditioning("sd15", seed), mask))[1]
+    results = [edit(first, 99)]
+    assert "tiles by the cost model (calibrated on this cpu)" in results[-1].edit_summary
+    results.append(edit(larger, 98))
+    assert "not reusing the sparse steps kept from the last edit" in caplog.text
+    assert "the tile sizes of the sparse steps kept from the last edit (calibrated on this cpu)" in \
+        results[-1].edit_summary
+    assert "level 1 (12x12, tile 2)" in results[-1].edit_summary
+    results.append(edit(first, 97))
+    assert "not reusing" not in caplog.text and "refilled with this mask" in results[-1].edit_summary
+    for h in (*results, handle):
         registry().remove(h.name)

@@ -8,7 +8,8 @@ with another prompt: after warm-up edits, one with a new mask (its sparse steps 
 one with a new mask written into the kept steps' index maps (edit.KeptEdit.refit; after an edit with the other mask
 has grown them to hold both) and one with that mask again (taking the steps the last edit kept:
 fisedit_engine/warm.py); the GPU synchronised at each phase's
-end: the probe (FISEditDifferenceMask), the sparse sampling,
+end: the probe (FISEditDifferenceMask), the sparse sampling (with the logged reason where an edit did not take
+the kept steps),
 the decode; and within the sampling each model call's wall time (synchronised too), so per-edit setup, the first
 eager step, the graph capture and the replays show apart. The stock regenerate is split the same way. Then
 FISEditDifferenceMask alone: with attention control on and off, and with the VAE (the Otsu cut along the original
@@ -19,8 +20,10 @@ time by function, cumulative and own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
+import logging
 import pstats
 import statistics
 import sys
@@ -29,6 +32,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "benchmarks")]
+
+
+@contextlib.contextmanager
+def kept_steps_refusals():
+    """Collects the edit's log lines on why it did not take the steps kept from the last edit (INFO, which the
+    host's log leaves out); warnings still reach the host's log."""
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                logging.getLogger().handle(record)
+            elif "not reusing" in record.getMessage():
+                lines.append(record.getMessage())
+    logger, handler = logging.getLogger("FISEdit"), Collect()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])  # setLevel: it clears the loggers' cached levels
+        logger.propagate = saved[1]
 
 
 def main(argv=None) -> int:
@@ -99,7 +127,9 @@ def main(argv=None) -> int:
     def edit(patcher, prompt_seed, shift):
         prompt = speed.conditioning(arch, prompt_seed, size)
         spec, t_mask = synced(lambda: speed.probed_edit(patcher, handle, prompt, lat, a.fraction, shift))
-        (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 0))
+        with kept_steps_refusals() as refusals:
+            (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 0))
+        result.kept_steps_refusals = refusals
         _, t_decode = synced(lambda: api.decode(vae, samples, spec))
         if result.name != handle.name:
             api.registry().remove(result.name)
@@ -160,6 +190,8 @@ def main(argv=None) -> int:
         print(f"FISEdit edit, {name}: {edit_total:.3f} s ({stock_total / edit_total:.2f}x)  "
               + ", ".join(f"{k} {v:.3f}" for k, v in edit_phases.items()))
         print(f"  {result.edit_summary}")
+        for refusal in result.kept_steps_refusals:  # why a new mask did not refit (the summary says where it did)
+            print(f"  {refusal}")
         fs = result.feed_stats
         print(f"  feed: {fs.steps} steps staged, {fs.bytes_per_step / 2**20:.1f} MiB uploaded per step, host staging "
               f"{1000 * fs.stage_seconds / max(fs.steps, 1):.2f} ms per step, {fs.host_gathers} maps gathered on the "

@@ -17,6 +17,9 @@ def test_e2e_phases_reports_phases_and_calls(host):
     for name in ("new mask", "new mask, refitted", "the last edit's mask"):
         assert re.search(rf"FISEdit edit, {name}: [\d.]+ s \([\d.]+x\)  mask \(probe\) [\d.]+, probe inside "
                          r"[\d.]+, sparse sampling [\d.]+, decode [\d.]+", out), out[:2000]
+    # the edit with FISEDIT_REFIT=0 says why it built: the line that shows a refit's failure on a device
+    assert "  FISEdit: not reusing the sparse steps kept from the last edit: built for another mask (FISEDIT_REFIT=0)" \
+        in out, out[:3000]
     calls = re.findall(r"model calls during the edit \((\d+);", out)
     # the probe's 1 step (20% of 5) and the 5 sampling steps, the first of them replayed from the probe
     assert len(calls) == 3 and all(int(n) >= 5 for n in calls), out[:2000]

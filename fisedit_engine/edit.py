@@ -486,18 +486,24 @@ def _build(model, source: FisEditCache, spec: EditSpec, layout: UNetLayout, tile
            dense_from: int, cuda_graph: bool, modules: dict, convs: list, grown: EditPlan | None = None) -> KeptEdit:
     """Plans the edit's sparse steps (tiles by the cost model unless `tile_size` is given) and builds its state.
     `modules`: the UNet's named modules; `grown`: a plan kept for another mask that this one's did not fit, whose
-    tile sizes this plan keeps where the cost model allows (KEEP_TILES) and whose index maps' lengths it grows from
-    (`_grown_capacity`)."""
+    tile sizes this plan keeps where the cost model allows (KEEP_TILES) and the grown maps would still take its mask
+    (`_holds_both`), and whose index maps' lengths it grows from (`_grown_capacity`)."""
     s, unet = source.settings, model.model.diffusion_model
     level_sizes = layout.level_sizes(*s.latent_shape[-2:])
     context = spec.positive[0][0].shape[1] if spec.positive and spec.positive[0][0] is not None else 77
     costs = cost.level_costs(unet, layout, level_sizes, context)  # the cost model's and the summary's
     if tile_size is None:
         work = tiling.level_work(unet, layout, costs, s.sparse_levels)
-        choice = tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work,
-                                     s.latent_shape[0] * len(s.chunks), *tiling.calibration_for(model.load_device),
-                                     kept=None if grown is None else {l: lp.tile for l, lp in grown.levels.items()},
-                                     kept_within=KEEP_TILES)
+        rows, (calibration, note) = s.latent_shape[0] * len(s.chunks), tiling.calibration_for(model.load_device)
+
+        def choose(kept: dict[int, int] | None) -> tiling.TileChoice:
+            return tiling.choose_tiles(spec.mask, level_sizes, s.sparse_levels, work, rows, calibration, note,
+                                       kept=kept, kept_within=KEEP_TILES)
+        kept_tiles = None if grown is None else {l: lp.tile for l, lp in grown.levels.items()}
+        choice = choose(kept_tiles)
+        if kept_tiles is not None and choice.tiles == kept_tiles and not _holds_both(
+                grown, EditPlan.build(spec.mask, level_sizes, s.sparse_levels, kept_tiles), costs):
+            choice = choose(None)
         tile_size, tile_note = choice.tiles, choice.note
     else:
         tile_note = "tile sizes set by the edit"
@@ -536,6 +542,15 @@ def _grown_capacity(kept: EditPlan, plan: EditPlan, costs: dict[int, cost.LevelC
     if not lengths or _padding_waste(lengths, plan, costs) > REFIT_WASTE:
         return None
     return lengths
+
+
+def _holds_both(kept: EditPlan, plan: EditPlan, costs: dict[int, cost.LevelCost]) -> bool:
+    """Whether index maps grown to hold `plan` (with the kept plan's tile sizes) would still take the kept plan's
+    mask within REFIT_WASTE: keeping the tile sizes is for masks that come back. Coarse tiles can fail it: at
+    SD2.1@768 a rectangle of 18% planned with a 15% one's tiles (8, 4, 2) covered 40 level-0 tiles against 24, so
+    the 15% mask in its maps would compute 1.66x what it needs (speed.py's per-step refit row at 15%)."""
+    capacity = _grown_capacity(kept, plan, costs)
+    return capacity is not None and _padding_waste(capacity, kept, costs) <= REFIT_WASTE
 
 
 def _padding_waste(lengths: dict[int, Capacity], plan: EditPlan, costs: dict[int, cost.LevelCost]) -> float:

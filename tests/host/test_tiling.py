@@ -223,3 +223,26 @@ def test_a_mask_that_does_not_fit_the_kept_steps_keeps_their_tile_sizes_so_that_
     assert "not reusing" not in caplog.text and "refilled with this mask" in results[-1].edit_summary
     for h in (*results, handle):
         registry().remove(h.name)
+
+
+def test_kept_tile_sizes_are_kept_only_where_the_grown_maps_would_still_take_the_kept_mask(sd15):
+    """edit._holds_both: keeping the tile sizes is for masks that come back. A 16x16 corner planned with tiles of 8
+    covers 4 level-0 tiles of a 32x32 latent, an 18x18 one 9: maps grown to hold the larger would compute far more
+    than the smaller needs. With tiles of 2 (64 against 81) they hold both within REFIT_WASTE."""
+    from fisedit_engine.cost import level_costs
+    from fisedit_engine.edit import REFIT_WASTE, _grown_capacity, _holds_both, _padding_waste
+    from fisedit_engine.layout import UNetLayout
+    from fisedit_engine.plan import EditPlan
+    unet = sd15.model.diffusion_model
+    layout = UNetLayout.from_unet(unet)
+    sizes = layout.level_sizes(32, 32)
+    costs = level_costs(unet, layout, sizes, 77)
+    kept_mask, larger = (torch.zeros(1, 32, 32, dtype=torch.bool) for _ in range(2))
+    kept_mask[0, :16, :16] = True
+    larger[0, :18, :18] = True
+    for tile, holds in ((2, True), (8, False)):
+        kept, plan = (EditPlan.build(m, sizes, [0, 1], {0: tile, 1: tile}) for m in (kept_mask, larger))
+        capacity = _grown_capacity(kept, plan, costs)
+        assert capacity is not None  # the larger mask itself fits its grown maps: the kept one is what fails
+        assert (_padding_waste(capacity, kept, costs) <= REFIT_WASTE) is holds
+        assert _holds_both(kept, plan, costs) is holds

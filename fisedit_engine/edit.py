@@ -549,6 +549,8 @@ def _holds_both(kept: EditPlan, plan: EditPlan, costs: dict[int, cost.LevelCost]
     mask within REFIT_WASTE: keeping the tile sizes is for masks that come back. Coarse tiles can fail it: at
     SD2.1@768 a rectangle of 18% planned with a 15% one's tiles (8, 4, 2) covered 40 level-0 tiles against 24, so
     the 15% mask in its maps would compute 1.66x what it needs (speed.py's per-step refit row at 15%)."""
+    if any(lp.full != plan.levels[lvl].full for lvl, lp in kept.levels.items()):  # EditPlan.holds refuses those
+        return False
     capacity = _grown_capacity(kept, plan, costs)
     return capacity is not None and _padding_waste(capacity, kept, costs) <= REFIT_WASTE
 

@@ -129,12 +129,11 @@ def main(argv=None) -> int:
         spec, t_mask = synced(lambda: speed.probed_edit(patcher, handle, prompt, lat, a.fraction, shift))
         with kept_steps_refusals() as refusals:
             (samples, result), t_sample = synced(lambda: api.sparse_sample(patcher, spec, 0.0, "exact", 0))
-        result.kept_steps_refusals = refusals
         _, t_decode = synced(lambda: api.decode(vae, samples, spec))
         if result.name != handle.name:
             api.registry().remove(result.name)
         return {"mask (probe)": t_mask, "probe inside": spec.probe.seconds, "sparse sampling": t_sample,
-                "decode": t_decode}, result
+                "decode": t_decode}, result, refusals
 
     with torch.inference_mode():
         captured, handle = api.capture(model, "e2e-phases")
@@ -185,12 +184,12 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{device}, {a.model}, {a.steps} euler steps, mask {a.fraction:.0%}")
     print(f"stock regenerate + decode: {stock_total:.3f} s  " + ", ".join(f"{k} {v:.3f}" for k, v in stock_phases.items()))
-    for name, (edit_phases, result, calls) in runs.items():
+    for name, (edit_phases, result, refusals, calls) in runs.items():
         edit_total = sum(v for k, v in edit_phases.items() if k != "probe inside")
         print(f"FISEdit edit, {name}: {edit_total:.3f} s ({stock_total / edit_total:.2f}x)  "
               + ", ".join(f"{k} {v:.3f}" for k, v in edit_phases.items()))
         print(f"  {result.edit_summary}")
-        for refusal in result.kept_steps_refusals:  # why a new mask did not refit (the summary says where it did)
+        for refusal in refusals:  # why a new mask did not refit (the summary says where it did)
             print(f"  {refusal}")
         fs = result.feed_stats
         print(f"  feed: {fs.steps} steps staged, {fs.bytes_per_step / 2**20:.1f} MiB uploaded per step, host staging "

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     times: dict = {}
     wrapped = step_phases.timed_methods(times, [(torch.cuda.CUDAGraph, "replay", True)])
-    replays = times.setdefault("replay (GPU)", [])
+    replays = times.setdefault(f"{step_phases.label_of(torch.cuda.CUDAGraph, 'replay')} (GPU)", [])
     rng = random.Random(0)
     benches, samples = [], []
     a.out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
             if on_gpu:
                 end.record()
                 end.synchronize()
-                times.setdefault(f"{label} (GPU)", []).append(start.elapsed_time(end))
+                times.setdefault(gpu_label_of(cls, name), []).append(start.elapsed_time(end))
             return out
         setattr(cls, name, timed)
         return original
@@ -50,6 +50,11 @@ def timed_methods(times: dict, targets: list[tuple[type, str, bool]]):
 def label_of(owner, name: str) -> str:
     """'Class.method' or 'module.function'."""
     return f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
+
+
+def gpu_label_of(owner, name: str) -> str:
+    """Where timed_methods puts a wrapped method's CUDA-event times."""
+    return f"{label_of(owner, name)} (GPU)"
 
 
 def once_per_edit():

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     times: dict = {}
     wrapped = step_phases.timed_methods(times, [(torch.cuda.CUDAGraph, "replay", True)])
-    replays = times.setdefault(f"{step_phases.label_of(torch.cuda.CUDAGraph, 'replay')} (GPU)", [])
+    replays = times.setdefault(step_phases.gpu_label_of(torch.cuda.CUDAGraph, "replay"), [])
     rng = random.Random(0)
     benches, samples = [], []
     a.out.mkdir(parents=True, exist_ok=True)

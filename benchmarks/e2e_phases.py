@@ -152,10 +152,11 @@ def main(argv=None) -> int:
         del runs["warm-up"]
         probe_alone = {}
         for control in (True, False, True, False):  # the second of each: warm
-            spec, seconds = synced(lambda: api.difference_mask(model, handle, edited, "auto", dilate=0,
+            timer.seconds.clear()
+            spec, seconds = synced(lambda: api.difference_mask(patched, handle, edited, "auto", dilate=0,
                                                                threshold="edit_size", edit_size=a.fraction,
                                                                attention_control=control)[0])
-            probe_alone[control] = (spec.probe.steps, spec.probe.seconds, seconds)
+            probe_alone[control] = (spec.probe.steps, spec.probe.seconds, seconds, list(timer.seconds))
         # With the VAE the Otsu cut follows the original image's edges; the edit above has decoded the original
         # already (it is kept with the cache), so this adds the filter over the image's pixels to the probe
         for _ in range(2):
@@ -200,9 +201,10 @@ def main(argv=None) -> int:
         if len(calls) > 4:
             print(f"  median of the last {len(calls) - 4}: {1000 * statistics.median(calls[4:]):.1f} ms; "
                   f"sum of all calls {sum(calls):.3f} s")
-    for control, (steps, probe_s, total_s) in probe_alone.items():
+    for control, (steps, probe_s, total_s, calls) in probe_alone.items():
         print(f"FISEditDifferenceMask alone, attention control {'on' if control else 'off'}: {total_s:.3f} s "
-              f"(probe {probe_s:.3f} s, {1000 * probe_s / steps:.1f} ms per probe step)")
+              f"(probe {probe_s:.3f} s, {1000 * probe_s / steps:.1f} ms per probe step; model calls, synchronised: "
+              + " ".join(f"{1000 * s:.1f}" for s in calls) + " ms)")
     if unet_alone is not None:
         print(f"the UNet alone, a probe step's batch of 1 (speed.unet_call_times): eager "
               f"{unet_alone['unet_eager_ms']:.1f} ms, one CUDA-graph replay {unet_alone['unet_graph_ms']:.1f} ms")

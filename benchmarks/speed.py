@@ -18,7 +18,11 @@ Random-weight full-size models (fp16, as ComfyUI loads them on a GPU), batch 1 w
 Writes benchmarks/results/<gpu>.json, <gpu>.md and <gpu>.png (speedup versus edit size).
 
     python benchmarks/speed.py [--models sd15@512,sd21v@768,sd21v@1024,sdxl@1024] [--steps 20] [--fractions F,...]
-                               [--no-e2e]
+                               [--no-e2e] [--min-sparse N]
+
+`--min-sparse N` captures with another smallest sparse level (in positions; default
+layout.DEFAULT_MIN_SPARSE_POSITIONS); with FISEDIT_PATCH_LAYOUT set too, runs of this script time the sparse step's
+options side by side. The result's setup line names both.
 """
 from __future__ import annotations
 
@@ -202,7 +206,8 @@ def refit_switch(on: bool):
             os.environ["FISEDIT_REFIT"] = was
 
 
-def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS, end_to_end: bool = True) -> dict:
+def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS, end_to_end: bool = True,
+             min_sparse_positions: int | None = None) -> dict:
     import torch
     import comfy.sample
     from fisedit_engine import api, resident
@@ -236,10 +241,13 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
         timer.seconds.clear()
         generate(stock, positive)
         row["stock_step_ms"] = 1000 * statistics.median(timer.seconds[1:])
-        captured, handle = api.capture(model, f"bench-{arch}-{size}")
+        captured, handle = api.capture(model, f"bench-{arch}-{size}",
+                                       **({} if min_sparse_positions is None else
+                                          {"min_sparse_positions": min_sparse_positions}))
         api.store(handle, {"samples": generate(captured, positive)})
         source = handle.get()
         row["cache_bytes_per_step"] = source.bytes_per_step()
+        row["sparse_levels"] = list(source.settings.sparse_levels)
         # the capture's attention context kept on the GPU for the edits (fisedit_engine/resident.py)
         row["resident_bytes"] = source.resident.nbytes if source.resident is not None else 0
         row["resident_budget_bytes"] = resident.budget().limit(torch.device("cuda"))
@@ -391,12 +399,16 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="edit sizes (comma-separated)")
     parser.add_argument("--no-e2e", action="store_true", help="per-step rows only (no end-to-end edits)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--min-sparse", type=int, help="the smallest sparse level in positions (default: the "
+                        "capture's, layout.DEFAULT_MIN_SPARSE_POSITIONS)")
     parser.add_argument("--append", type=Path, help="a JSON of an earlier run on the same GPU whose rows come first")
     a = parser.parse_args(argv)
 
     import comfy_host
     comfy_host.boot()
     import torch
+    from fisedit_engine.kernels import fused
+    from fisedit_engine.layout import DEFAULT_MIN_SPARSE_POSITIONS
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU times: run it on a machine with CUDA")
     gpu = torch.cuda.get_device_name()
@@ -405,7 +417,7 @@ def main(argv=None) -> int:
         arch, size = spec.split("@")
         t0 = time.perf_counter()
         rows.append(run_case(arch, int(size), a.steps, a.repeat, tuple(map(float, a.fractions.split(","))),
-                             not a.no_e2e))
+                             not a.no_e2e, a.min_sparse))
         print(f"{spec}: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.append is not None:
         earlier = json.loads(a.append.read_text())
@@ -414,7 +426,9 @@ def main(argv=None) -> int:
         rows = earlier["rows"] + rows
     result = {"gpu": gpu, "rows": rows,
               "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; FISEdit tile sizes "
-                       f"by the cost model (fisedit_engine/tile_costs.json), exact GroupNorm statistics"}
+                       f"by the cost model (fisedit_engine/tile_costs.json), exact GroupNorm statistics, patch layout "
+                       f"{fused.patch_layout()}, sparse levels of at least "
+                       f"{a.min_sparse or DEFAULT_MIN_SPARSE_POSITIONS} positions"}
     a.out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

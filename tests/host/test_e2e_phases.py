@@ -24,8 +24,9 @@ def test_e2e_phases_reports_phases_and_calls(host):
     # the probe's 1 step (20% of 5) and the 5 sampling steps, the first of them replayed from the probe
     assert len(calls) == 3 and all(int(n) >= 5 for n in calls), out[:2000]
     for control in ("on", "off"):
+        # and the probe's model calls (one probe step: the call it stops inside raises before it is timed)
         assert re.search(rf"FISEditDifferenceMask alone, attention control {control}: [\d.]+ s \(probe [\d.]+ s, "
-                         r"[\d.]+ ms per probe step\)", out), out[:3000]
+                         r"[\d.]+ ms per probe step; model calls, synchronised: [\d.]+( [\d.]+)* ms\)", out), out[:3000]
     assert re.search(r"FISEditDifferenceMask alone, otsu along the original image's edges \(vae\): [\d.]+ s \(probe "
                      r"[\d.]+ s; the edge filter over 64x64 pixels alone [\d.]+ ms\)", out), out[:3000]
     assert "Ordered by: cumulative time" in out and "Ordered by: internal time" in out

@@ -206,8 +206,8 @@ def refit_switch(on: bool):
             os.environ["FISEDIT_REFIT"] = was
 
 
-def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS, end_to_end: bool = True,
-             min_sparse_positions: int | None = None) -> dict:
+def run_case(arch: str, size: int, steps: int, repeat: int, min_sparse_positions: int, fractions=FRACTIONS,
+             end_to_end: bool = True) -> dict:
     import torch
     import comfy.sample
     from fisedit_engine import api, resident
@@ -241,9 +241,7 @@ def run_case(arch: str, size: int, steps: int, repeat: int, fractions=FRACTIONS,
         timer.seconds.clear()
         generate(stock, positive)
         row["stock_step_ms"] = 1000 * statistics.median(timer.seconds[1:])
-        captured, handle = api.capture(model, f"bench-{arch}-{size}",
-                                       **({} if min_sparse_positions is None else
-                                          {"min_sparse_positions": min_sparse_positions}))
+        captured, handle = api.capture(model, f"bench-{arch}-{size}", min_sparse_positions)
         api.store(handle, {"samples": generate(captured, positive)})
         source = handle.get()
         row["cache_bytes_per_step"] = source.bytes_per_step()
@@ -411,13 +409,14 @@ def main(argv=None) -> int:
     from fisedit_engine.layout import DEFAULT_MIN_SPARSE_POSITIONS
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU times: run it on a machine with CUDA")
+    min_sparse = DEFAULT_MIN_SPARSE_POSITIONS if a.min_sparse is None else a.min_sparse
     gpu = torch.cuda.get_device_name()
     rows = []
     for spec in a.models.split(","):
         arch, size = spec.split("@")
         t0 = time.perf_counter()
-        rows.append(run_case(arch, int(size), a.steps, a.repeat, tuple(map(float, a.fractions.split(","))),
-                             not a.no_e2e, a.min_sparse))
+        rows.append(run_case(arch, int(size), a.steps, a.repeat, min_sparse,
+                             tuple(map(float, a.fractions.split(","))), not a.no_e2e))
         print(f"{spec}: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.append is not None:
         earlier = json.loads(a.append.read_text())
@@ -428,7 +427,7 @@ def main(argv=None) -> int:
               "setup": f"{gpu}, torch {torch.__version__}, fp16, batch 1 with CFG, random weights; FISEdit tile sizes "
                        f"by the cost model (fisedit_engine/tile_costs.json), exact GroupNorm statistics, patch layout "
                        f"{fused.patch_layout()}, sparse levels of at least "
-                       f"{a.min_sparse or DEFAULT_MIN_SPARSE_POSITIONS} positions"}
+                       f"{min_sparse} positions"}
     a.out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
